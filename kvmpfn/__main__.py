@@ -1,0 +1,3 @@
+from kvmpfn.cli import main
+
+main()
