@@ -1,0 +1,325 @@
+"""The host kernel as KVM sees it: frames, vmas, ``get_user_pages``, guest memory contents, remapping.
+
+mm/memory.c ``get_user_pages`` and ``follow_pfn`` (VM_PFNMAP), mm/hugetlb.c, mm/mmu_notifier.c's
+``invalidate_range_start`` point, and the guest-physical accessors of kvm_main.c (``kvm_read_guest``,
+``kvm_write_guest``). Every operation is O(1) or O(log slots), apart from hugetlb's 512-frame blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from kvmpfn.host.errors import HostError
+from kvmpfn.host.frames import BAD_PFN, DEFAULT_FIRST_PFN, Frame, FrameAllocator, pfn_valid
+from kvmpfn.host.memslots import HvaWindow, Memslot, MemslotTable
+from kvmpfn.kvm.defs import KVM_PAGES_PER_HPAGE, PAGE_SHIFT, PAGE_SIZE
+
+_OFFSET_MASK = PAGE_SIZE - 1
+_HPAGE_MASK = KVM_PAGES_PER_HPAGE - 1
+
+InvalidateHook = Callable[[int, int], None]
+
+
+class MemoryImage(Protocol):
+    """Initial guest-physical contents (e.g. an ELF core): ``read_page(gfn)`` gives 4 KiB or None."""
+
+    def read_page(self, gfn: int) -> bytes | None: ...
+
+
+class Host:
+    """Host frames by pfn, the memslots and vmas behind guest memory, and guest memory contents.
+
+    :param first_pfn: the first frame the allocator hands out (trace header ``host.first_pfn``).
+    :param memory_image: initial contents of untouched guest pages, looked up by gfn.
+    """
+
+    def __init__(self, first_pfn: int = DEFAULT_FIRST_PFN, memory_image: MemoryImage | None = None) -> None:
+        self.allocator = FrameAllocator(first_pfn)
+        self.frames: dict[int, Frame] = {}
+        self.memory_image = memory_image
+        self._slots = MemslotTable()
+        self._invalidate_hooks: list[InvalidateHook] = []
+        # kvm_init: bad_page = alloc_page(GFP_KERNEL | __GFP_ZERO); the allocation's reference is the host's.
+        self.bad_pfn = BAD_PFN
+        self.frames[BAD_PFN] = Frame(BAD_PFN, host_mapped=True)
+
+    # -- frames -------------------------------------------------------------------------------------------
+    def frame(self, pfn: int) -> Frame:
+        """``pfn_to_page``: the frame for ``pfn``, created on demand (free RAM, or a device frame)."""
+        f = self.frames.get(pfn)
+        if f is None:
+            f = self.frames[pfn] = Frame(pfn, struct_page=pfn_valid(pfn))
+        return f
+
+    @staticmethod
+    def pfn_valid(pfn: int) -> bool:
+        """``pfn_valid``: ``pfn`` has a struct page."""
+        return pfn_valid(pfn)
+
+    def free_if_unused(self, pfn: int) -> bool:
+        """The last ``put_page``: forget a RAM frame that neither the host maps nor KVM references.
+
+        The allocator never reuses a pfn, so a forgotten frame reads back from ``frame()`` as free RAM.
+        """
+        f = self.frames.get(pfn)
+        if f is None or f.count != 0 or f.host_mapped or not f.struct_page or pfn == BAD_PFN:
+            return False
+        del self.frames[pfn]
+        return True
+
+    # -- memslots ----------------------------------------------------------------------------------------
+    def set_memslot(self, slot: int, gfn: int, npages: int, backing: str) -> None:
+        """``KVM_SET_USER_MEMORY_REGION``: create, move or resize ``slot``; ``npages`` 0 deletes it.
+
+        :raises HostError: overlap with another slot, deleting an absent slot, negative ``npages``, an
+            unknown backing, or a range outside the 52-bit gpa space.
+        """
+        dropped = self._slots.set(slot, gfn, npages, backing)
+        if dropped is not None:
+            self._unmap_window(dropped)
+
+    @property
+    def memslots(self) -> list[Memslot]:
+        """The memslots in slot-id order."""
+        return self._slots.in_slot_order()
+
+    def memslot(self, slot: int) -> Memslot | None:
+        """The memslot with id ``slot``, or None."""
+        return self._slots.get(slot)
+
+    def gfn_to_memslot(self, gfn: int) -> Memslot | None:
+        """``gfn_to_memslot``: the slot holding ``gfn`` (bisect plus a one-entry cache), or None."""
+        return self._slots.gfn_to_memslot(gfn)
+
+    def gfn_to_hva(self, gfn: int) -> int | None:
+        """``gfn_to_hva``: the userspace address of ``gfn``; None where the kernel returns ``bad_hva()``."""
+        ms = self._slots.gfn_to_memslot(gfn)
+        if ms is None:
+            return None
+        return ms.window.base + ((gfn - ms.window_gfn) << PAGE_SHIFT)
+
+    def hva_to_gfn(self, hva: int) -> int | None:
+        """The gfn whose memslot maps ``hva`` (what ``kvm_handle_hva`` computes per slot), or None."""
+        w = self._slots.hva_to_window(hva)
+        if w is None or w.slot is None:
+            return None
+        ms = w.slot
+        gfn = ms.window_gfn + ((hva - w.base) >> PAGE_SHIFT)
+        return gfn if ms.base_gfn <= gfn < ms.base_gfn + ms.npages else None
+
+    def slot_backing(self, gfn: int) -> str | None:
+        """The backing of ``gfn``'s slot (``"ram"``, ``"hugetlb"``, ``"reserved"``, ``"mmio"``), or None."""
+        ms = self._slots.gfn_to_memslot(gfn)
+        return None if ms is None else ms.backing
+
+    def is_hugetlb(self, gfn: int) -> bool:
+        """``is_vm_hugetlb_page(find_vma(gfn_to_hva(gfn)))``."""
+        ms = self._slots.gfn_to_memslot(gfn)
+        return ms is not None and ms.backing == "hugetlb"
+
+    # -- get_user_pages and friends ----------------------------------------------------------------------
+    def get_user_pages(self, hva: int) -> int | None:
+        """``get_user_pages(.., addr, 1, write=1, force=1, ..)``: the pfn at ``hva``, faulted in if untouched.
+
+        None where it fails: VM_PFNMAP (device) vmas and hvas in no vma. Takes no KVM reference: the caller
+        (``gfn_to_pfn``) counts it.
+        """
+        w = self._slots.hva_to_window(hva)
+        if w is None or w.dev_base is not None:
+            return None
+        off = (hva - w.base) >> PAGE_SHIFT
+        pfn = w.pages.get(off)
+        if pfn is None:
+            pfn = self._fault_in(w, off)
+        return pfn
+
+    def follow_pfnmap(self, hva: int) -> int | None:
+        """The device pfn of a VM_PFNMAP ``hva`` (``(addr - vm_start) / 4096 + vm_pgoff``), or None."""
+        w = self._slots.hva_to_window(hva)
+        if w is None or w.dev_base is None:
+            return None
+        return w.dev_base + ((hva - w.base) >> PAGE_SHIFT)
+
+    def peek_pfn(self, gfn: int) -> int | None:
+        """What ``gfn`` maps to now, with no side effect: its frame, its device pfn, or None if untouched."""
+        ms = self._slots.gfn_to_memslot(gfn)
+        if ms is None:
+            return None
+        w = ms.window
+        off = gfn - ms.window_gfn
+        if w.dev_base is not None:
+            return w.dev_base + off
+        return w.pages.get(off)
+
+    def _fault_in(self, w: HvaWindow, off: int) -> int:
+        """Anonymous / hugetlb page fault: give the page (or its 2 MiB block) fresh frames."""
+        if w.backing == "hugetlb":
+            block = off & ~_HPAGE_MASK
+            first = self.allocator.alloc(KVM_PAGES_PER_HPAGE, KVM_PAGES_PER_HPAGE)
+            for i in range(KVM_PAGES_PER_HPAGE):
+                self._install(w, block + i, first + i, self._image_page(w, block + i))
+            return first + (off - block)
+        pfn = self.allocator.alloc()
+        self._install(w, off, pfn, self._image_page(w, off))
+        return pfn
+
+    def _install(self, w: HvaWindow, off: int, pfn: int, data: bytes | bytearray | None) -> None:
+        f = Frame(pfn, reserved=w.backing == "reserved", host_mapped=True)
+        if data is not None:
+            f.data = bytearray(data[:PAGE_SIZE].ljust(PAGE_SIZE, b"\0"))
+        self.frames[pfn] = f
+        w.pages[off] = pfn
+
+    def _image_page(self, w: HvaWindow, off: int) -> bytes | None:
+        ms = w.slot
+        if self.memory_image is None or ms is None:
+            return None
+        gfn = ms.window_gfn + off
+        if not ms.base_gfn <= gfn < ms.base_gfn + ms.npages:
+            return None
+        return self.memory_image.read_page(gfn)
+
+    def _unmap_window(self, w: HvaWindow) -> None:
+        """munmap: drop the host's mapping reference of every frame in the window."""
+        for pfn in w.pages.values():
+            self.frames[pfn].host_mapped = False
+            self.free_if_unused(pfn)
+        w.pages.clear()
+
+    # -- host_remap: swap-out + swap-in, migration, KSM -------------------------------------------------
+    def add_invalidate_hook(self, fn: InvalidateHook) -> None:
+        """Register ``fn(hva_start, hva_end)`` (end exclusive), called at ``invalidate_range_start``."""
+        self._invalidate_hooks.append(fn)
+
+    def host_remap(self, gfn: int) -> tuple[int | None, int | None]:
+        """The host moves the memory behind ``gfn`` to a new frame; returns ``(old_pfn, new_pfn)``.
+
+        The invalidate hooks run first, over the page (hugetlb: its 2 MiB region), while the old frames are
+        still mapped; then new frames are allocated, contents copied, and the old frames lose the host's
+        mapping reference (freed unless KVM still holds references). An untouched gfn has nothing to move:
+        ``(None, None)``. A device pfn never moves: ``(pfn, pfn)``.
+
+        :raises HostError: ``gfn`` is in no memslot.
+        """
+        ms = self._slots.gfn_to_memslot(gfn)
+        if ms is None:
+            raise HostError("gfn", f"host_remap of gfn {gfn:#x}, which no memslot holds")
+        w = ms.window
+        off = gfn - ms.window_gfn
+        if w.dev_base is not None:
+            return w.dev_base + off, w.dev_base + off
+        old_pfn = w.pages.get(off)
+        if old_pfn is None:
+            return None, None
+        n = KVM_PAGES_PER_HPAGE if w.backing == "hugetlb" else 1
+        block = off & ~(n - 1)
+        hva_start = w.base + (block << PAGE_SHIFT)
+        for hook in list(self._invalidate_hooks):
+            hook(hva_start, hva_start + (n << PAGE_SHIFT))
+        first = self.allocator.alloc(n, n)
+        for i in range(n):
+            old = self.frames[w.pages[block + i]]
+            self._install(w, block + i, first + i, old.data)
+            old.host_mapped = False
+            self.free_if_unused(old.pfn)
+        return old_pfn, first + (off - block)
+
+    # -- guest-physical memory contents ------------------------------------------------------------------
+    def _read_page(self, gfn: int) -> bytes | bytearray | None:
+        """The current contents of ``gfn`` without allocating (None: zeros)."""
+        ms = self._slots.gfn_to_memslot(gfn)
+        if ms is None:
+            return None
+        w = ms.window
+        off = gfn - ms.window_gfn
+        if w.dev_base is not None:
+            f = self.frames.get(w.dev_base + off)
+            return None if f is None else f.data
+        pfn = w.pages.get(off)
+        if pfn is not None:
+            return self.frames[pfn].data
+        if self.memory_image is not None:
+            return self.memory_image.read_page(gfn)
+        return None
+
+    def _write_page(self, gfn: int) -> bytearray | None:
+        """The contents of ``gfn`` for a store, faulting the page in; None outside every slot."""
+        ms = self._slots.gfn_to_memslot(gfn)
+        if ms is None:
+            return None
+        w = ms.window
+        off = gfn - ms.window_gfn
+        if w.dev_base is not None:
+            f = self.frame(w.dev_base + off)
+        else:
+            pfn = w.pages.get(off)
+            f = self.frames[pfn if pfn is not None else self._fault_in(w, off)]
+        if f.data is None:
+            f.data = bytearray(PAGE_SIZE)
+        return f.data
+
+    def read_guest(self, gpa: int, size: int) -> int:
+        """``kvm_read_guest``: ``size`` bytes at ``gpa``, little endian. Never allocates.
+
+        Untouched pages read from ``memory_image`` or as zeros; gpas outside every slot read as zeros.
+        """
+        off = gpa & _OFFSET_MASK
+        if off + size <= PAGE_SIZE:
+            data = self._read_page(gpa >> PAGE_SHIFT)
+            return 0 if data is None else int.from_bytes(data[off : off + size], "little")
+        return int.from_bytes(self.read_bytes(gpa, size), "little")
+
+    def read_bytes(self, gpa: int, n: int) -> bytes:
+        """``n`` bytes at ``gpa`` (may cross pages), without allocating."""
+        out = bytearray()
+        while n > 0:
+            off = gpa & _OFFSET_MASK
+            chunk = min(n, PAGE_SIZE - off)
+            data = self._read_page(gpa >> PAGE_SHIFT)
+            piece = b"" if data is None else data[off : off + chunk]
+            out += piece
+            out += bytes(chunk - len(piece))
+            gpa += chunk
+            n -= chunk
+        return bytes(out)
+
+    def write_bytes(self, gpa: int, data: bytes | bytearray) -> bool:
+        """``kvm_write_guest``: store ``data`` at ``gpa``; False if a part fell outside every slot."""
+        ok = True
+        pos = 0
+        while pos < len(data):
+            off = gpa & _OFFSET_MASK
+            chunk = min(len(data) - pos, PAGE_SIZE - off)
+            buf = self._write_page(gpa >> PAGE_SHIFT)
+            if buf is None:
+                ok = False
+            else:
+                buf[off : off + chunk] = data[pos : pos + chunk]
+            gpa += chunk
+            pos += chunk
+        return ok
+
+    def write_guest(self, gpa: int, val: int, size: int) -> bool:
+        """Store the low ``size`` bytes of ``val`` at ``gpa``, little endian, faulting the page in.
+
+        Returns False (the store is dropped) outside every slot.
+        """
+        data = (val & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        off = gpa & _OFFSET_MASK
+        if off + size <= PAGE_SIZE:
+            buf = self._write_page(gpa >> PAGE_SHIFT)
+            if buf is None:
+                return False
+            buf[off : off + size] = data
+            return True
+        return self.write_bytes(gpa, data)
+
+    def cmpxchg_guest(self, gpa: int, size: int, old: int, new: int) -> bool:
+        """Compare-and-exchange ``size`` bytes at ``gpa`` (``cmpxchg_gpte``); True if the store happened."""
+        if self._slots.gfn_to_memslot(gpa >> PAGE_SHIFT) is None:
+            return False
+        mask = (1 << (8 * size)) - 1
+        if self.read_guest(gpa, size) != old & mask:
+            return False
+        return self.write_guest(gpa, new, size)

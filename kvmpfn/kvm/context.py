@@ -1,0 +1,328 @@
+"""The vcpu side of the MMU: context setup (``init_kvm_mmu``, ``kvm_mmu_reset_context``, ``kvm_set_cr3``),
+``kvm_mmu_page_fault``, and the simulated CPU that turns a guest ``access`` into hits, exits and guest
+faults (TRACE_FORMAT "The simulated CPU"). Reference §2.1, §2.13.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmpfn.kvm.defs import (
+    INVALID_PAGE,
+    PAGE_SHIFT,
+    PFERR_FETCH_MASK,
+    PFERR_PRESENT_MASK,
+    PFERR_USER_MASK,
+    PFERR_WRITE_MASK,
+    PT32_ROOT_LEVEL,
+    PT32E_ROOT_LEVEL,
+    PT64_NX_MASK,
+    PT64_ROOT_LEVEL,
+    PT_ACCESSED_MASK,
+    PT_PAGE_SIZE_MASK,
+    PT_USER_MASK,
+    PT_WRITABLE_MASK,
+)
+from kvmpfn.kvm.mmu import (
+    TDP_ROOT_LEVEL,
+    kvm_mmu_load,
+    mmu_free_roots,
+    nonpaging_page_fault,
+    nonpaging_prefetch_page,
+    page_header,
+    pt64_index,
+    root_table,
+    tdp_page_fault,
+)
+from kvmpfn.kvm.paging import paging_page_fault, prefetch_page
+from kvmpfn.kvm.pte_write import kvm_mmu_pte_write
+from kvmpfn.kvm.spte import NOTRAP, TRAP, spte_to_pfn
+from kvmpfn.kvm.vm import Kvm, Vcpu
+from kvmpfn.kvm.walker import GuestCpu, load_pdptrs, walk_addr
+
+ROOT_LEVEL = {"none": 0, "32": PT32_ROOT_LEVEL, "pae": PT32E_ROOT_LEVEL, "64": PT64_ROOT_LEVEL}
+
+
+def init_kvm_mmu(vcpu: Vcpu, kvm: Kvm) -> None:
+    """``init_kvm_mmu``: ``update_pte.pfn = bad_pfn`` (the seed), then ``init_kvm_tdp_mmu`` or the softmmu
+    context of the guest's mode (``nonpaging``, ``paging32``, ``paging32E``, ``paging64``)."""
+    vcpu.update_pte_pfn = kvm.api.bad_pfn
+    paging = vcpu.cpu.paging
+    vcpu.root_hpa = INVALID_PAGE
+    vcpu.root_level = ROOT_LEVEL[paging]
+    if kvm.tdp_enabled:
+        vcpu.page_fault = tdp_page_fault
+        vcpu.prefetch_page = nonpaging_prefetch_page
+        vcpu.shadow_root_level = TDP_ROOT_LEVEL
+        vcpu.new_cr3 = None
+    elif paging == "none":
+        vcpu.page_fault = nonpaging_page_fault
+        vcpu.prefetch_page = nonpaging_prefetch_page
+        vcpu.shadow_root_level = PT32E_ROOT_LEVEL
+        vcpu.new_cr3 = None
+    else:
+        vcpu.page_fault = paging_page_fault
+        vcpu.prefetch_page = prefetch_page
+        vcpu.shadow_root_level = PT64_ROOT_LEVEL if paging == "64" else PT32E_ROOT_LEVEL
+        vcpu.new_cr3 = mmu_free_roots  # paging_new_cr3
+
+
+def kvm_mmu_reset_context(vcpu: Vcpu, kvm: Kvm) -> None:
+    """``kvm_mmu_reset_context``: free the roots (shadow pages stay cached), re-init for the new mode."""
+    mmu_free_roots(vcpu, kvm)
+    init_kvm_mmu(vcpu, kvm)
+
+
+def kvm_set_cr3(vcpu: Vcpu, kvm: Kvm, cr3: int) -> bool:
+    """``kvm_set_cr3``: in PAE paging load the PDPTEs first (False = #GP, CR3 unchanged); then
+    ``mmu.new_cr3`` (``paging_new_cr3`` frees the roots; a no-op for real mode and TDP)."""
+    cpu = vcpu.cpu
+    if cpu.paging == "pae":
+        pdptrs = load_pdptrs(cr3, kvm.host, cpu.maxphyaddr)
+        if pdptrs is None:
+            return False
+        cpu.pdptrs = pdptrs
+    cpu.cr3 = cr3
+    if vcpu.new_cr3 is not None:
+        vcpu.new_cr3(vcpu, kvm)
+    return True
+
+
+def kvm_mmu_reload(vcpu: Vcpu, kvm: Kvm) -> int:
+    """Guest entry (``vcpu_enter_guest``): honour ``KVM_REQ_MMU_RELOAD`` (``kvm_mmu_unload``), then
+    ``kvm_mmu_load`` when the root is invalid."""
+    if vcpu.mmu_reload_requested:
+        vcpu.mmu_reload_requested = False
+        mmu_free_roots(vcpu, kvm)
+    if vcpu.root_hpa == INVALID_PAGE:
+        return kvm_mmu_load(vcpu, kvm)
+    return 0
+
+
+def new_vcpu(kvm: Kvm, vcpu_id: int, guest) -> Vcpu:
+    """``kvm_arch_vcpu_create`` + ``kvm_mmu_setup``: the guest state from the header, a fresh context.
+
+    The first vcpu sets ``n_free_mmu_pages = n_alloc`` (``alloc_mmu_pages``); later ones leave it alone,
+    as QEMU creates every vcpu before the guest runs.
+    """
+    cpu = GuestCpu(
+        paging=guest.paging,
+        cr3=guest.cr3,
+        cr0_wp=guest.cr0_wp,
+        efer_nx=guest.efer_nx,
+        cr4_pse=guest.cr4_pse,
+        cr4_smep=guest.cr4_smep,
+        cr4_smap=guest.cr4_smap,
+        maxphyaddr=guest.maxphyaddr,
+        gbpages=guest.gbpages,
+    )
+    if cpu.paging == "pae":
+        cpu.pdptrs = load_pdptrs(cpu.cr3, kvm.host, cpu.maxphyaddr) or [0, 0, 0, 0]
+    vcpu = Vcpu(vcpu_id, cpu)
+    if not kvm.vcpus:
+        kvm.n_free_mmu_pages = kvm.n_requested_mmu_pages or kvm.n_alloc_mmu_pages
+    kvm.vcpus[vcpu_id] = vcpu
+    init_kvm_mmu(vcpu, kvm)
+    return vcpu
+
+
+# --- faults ------------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class FaultOutcome:
+    """What one fault decided, for the outcome record."""
+
+    result: str  # mapped | mmio | emulated | guest_fault | error
+    gpa: int | None = None
+    err: int | None = None
+    set_accessed: list | None = None
+    set_dirty: int | None = None
+
+
+def kvm_mmu_page_fault(vcpu: Vcpu, kvm: Kvm, cr2: int, error_code: int, pte_len: int) -> FaultOutcome:
+    """``kvm_mmu_page_fault``: run ``mmu.page_fault``; 0 = fixed (or a guest #PF was injected); 1 = emulate:
+    MMIO, or a write to a shadowed guest page table, which the emulator performs as a write of the value
+    already in memory at the aligned pte address through ``kvm_mmu_pte_write``; <0 = error."""
+    vcpu.fault_mmio = False
+    vcpu.fault_err = None
+    vcpu.fault_walker = None
+    vcpu.fault_gpa = cr2 if vcpu.page_fault is not paging_page_fault else None
+    r = vcpu.page_fault(vcpu, kvm, cr2, error_code)
+    walker = vcpu.fault_walker
+    out = FaultOutcome("mapped", vcpu.fault_gpa)
+    if walker is not None:
+        out.set_accessed = walker.set_accessed
+        out.set_dirty = walker.set_dirty
+    if r < 0:
+        out.result = "error"
+    elif vcpu.fault_err is not None:
+        out.result = "guest_fault"
+        out.err = vcpu.fault_err
+    elif r == 1 and vcpu.fault_mmio:
+        out.result = "mmio"
+    elif r == 1:
+        out.result = "emulated"
+        gpa = out.gpa & ~(pte_len - 1)
+        kvm_mmu_pte_write(vcpu, kvm, gpa, kvm.host.read_guest(gpa, pte_len), pte_len)
+    return out
+
+
+# --- the simulated CPU -------------------------------------------------------------------------------------
+
+
+def guest_error_code(cpu: GuestCpu, present: bool, write: bool, user: bool, fetch: bool) -> int:
+    """The #PF error code the architecture gives in the guest's own mode (FETCH only with NX or SMEP)."""
+    err = PFERR_PRESENT_MASK if present else 0
+    if write:
+        err |= PFERR_WRITE_MASK
+    if user:
+        err |= PFERR_USER_MASK
+    if fetch and ((cpu.efer_nx and cpu.paging in ("pae", "64")) or cpu.cr4_smep):
+        err |= PFERR_FETCH_MASK
+    return err
+
+
+def shadow_walk(vcpu: Vcpu, kvm: Kvm, addr: int) -> tuple[list[tuple], int]:
+    """The hardware walk of the shadow (or TDP) tables from the vcpu's root: the present entries used, in
+    order, and the value that ended the walk (a leaf, trap, or notrap; NOTRAP for an absent PAE root)."""
+    sp, level = root_table(vcpu, kvm, addr)
+    path: list[tuple] = []
+    if sp is None:
+        return path, NOTRAP
+    while True:
+        index = pt64_index(addr, level)
+        ent = sp.spt[index]
+        if ent == TRAP or ent == NOTRAP:
+            return path, ent
+        path.append((sp, index))
+        if level == 1 or ent & PT_PAGE_SIZE_MASK:
+            return path, ent
+        sp = page_header(kvm, ent)
+        level -= 1
+
+
+def leaf_allows(cpu: GuestCpu, path: list[tuple], write: bool, user: bool, fetch: bool, ac: bool) -> bool:
+    """The host CPU's permission check over the sptes used (CR0.WP=1, EFER.NX=1, the guest's SMEP/SMAP)."""
+    w = u = True
+    nx = False
+    for sp, index in path:
+        ent = sp.spt[index]
+        w = w and bool(ent & PT_WRITABLE_MASK)
+        u = u and bool(ent & PT_USER_MASK)
+        nx = nx or bool(ent & PT64_NX_MASK)
+    if write and not w:
+        return False
+    if user and not u:
+        return False
+    if fetch and nx:
+        return False
+    if not user and u:
+        if fetch and cpu.cr4_smep:
+            return False
+        if not fetch and cpu.cr4_smap and not ac:
+            return False
+    return True
+
+
+@dataclass(slots=True)
+class AccessOutcome:
+    """The outcome of one guest ``access`` (TRACE_FORMAT outcome record fields)."""
+
+    result: str
+    gpa: int | None = None
+    pfn: int | None = None
+    spte: int | None = None
+    err: int | None = None
+    set_accessed: list | None = None
+    set_dirty: int | None = None
+
+
+def leaf_of(path: list[tuple], addr: int) -> tuple[int, int, int]:
+    """(gpa, pfn, spte) of the leaf a walk ended on: the leaf's gfn plus the offset, and the 4K frame reached
+    (for a large spte, its base frame plus the 4K index within)."""
+    sp, index = path[-1]
+    spte = sp.spt[index]
+    mask = (1 << 21) - 1 if spte & PT_PAGE_SIZE_MASK and sp.level == 2 else 0xFFF
+    return (sp.gfns[index] << PAGE_SHIFT) | (addr & mask), spte_to_pfn(spte) + ((addr & mask) >> PAGE_SHIFT), spte
+
+
+def guest_access(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool) -> AccessOutcome:
+    """One guest memory access on the simulated CPU (TRACE_FORMAT "The simulated CPU").
+
+    Shadow: walk the sptes; a hit sets A in the sptes used; trap or a denying spte exits to
+    ``kvm_mmu_page_fault`` and the access is retried; notrap or an absent PAE root is a guest #PF without an
+    exit. TDP: the guest walk runs in hardware (guest A/D written directly), then the gpa goes through the
+    TDP tables, a miss or a denial being a TDP fault on the gpa. Paging off: the address is the gpa.
+    """
+    cpu = vcpu.cpu
+    set_accessed: list = []
+    set_dirty = None
+    tdp_addr = addr
+    if kvm.tdp_enabled and cpu.paging != "none":
+        ok, w = walk_addr(cpu, kvm.host, addr, write, user, fetch, ac=ac, set_ad=True)
+        if not ok:
+            return AccessOutcome("guest_fault", err=w.error_code, set_accessed=[])
+        set_accessed, set_dirty = list(w.set_accessed), w.set_dirty
+        tdp_addr = w.gfn << PAGE_SHIFT | (addr & 0xFFF)
+    pte_len = 4 if cpu.paging == "32" else 8
+    result = None
+    gpa = None
+    for _attempt in range(3):
+        if kvm_mmu_reload(vcpu, kvm):
+            return AccessOutcome("error", set_accessed=set_accessed, set_dirty=set_dirty)
+        path, end = shadow_walk(vcpu, kvm, tdp_addr)
+        if end == NOTRAP and not kvm.tdp_enabled:
+            err = guest_error_code(cpu, False, write, user, fetch)
+            return AccessOutcome("guest_fault", err=err, set_accessed=set_accessed)
+        if end not in (TRAP, NOTRAP) and (
+            all(sp.spt[i] & PT_WRITABLE_MASK for sp, i in path) or not write
+            if kvm.tdp_enabled
+            else leaf_allows(cpu, path, write, user, fetch, ac)
+        ):
+            for sp, index in path:
+                sp.spt[index] |= PT_ACCESSED_MASK
+            leaf_gpa, pfn, spte = leaf_of(path, tdp_addr)
+            if result is None:
+                return AccessOutcome("hit", leaf_gpa, pfn, spte, set_accessed=set_accessed, set_dirty=set_dirty)
+            return AccessOutcome(result, gpa, pfn, spte, set_accessed=set_accessed, set_dirty=set_dirty)
+        error_code = (PFERR_PRESENT_MASK if end != TRAP else 0) | (PFERR_WRITE_MASK if write else 0)
+        error_code |= (PFERR_USER_MASK if user else 0) | (PFERR_FETCH_MASK if fetch else 0)
+        vcpu.fault_ac = ac
+        out = kvm_mmu_page_fault(vcpu, kvm, tdp_addr, error_code, pte_len)
+        if out.set_accessed:
+            set_accessed.extend(out.set_accessed)
+        if out.set_dirty is not None:
+            set_dirty = out.set_dirty
+        if kvm.consumed_failure or out.result == "error":
+            return AccessOutcome("error", set_accessed=set_accessed, set_dirty=set_dirty)
+        if out.result == "guest_fault":
+            return AccessOutcome("guest_fault", err=out.err, set_accessed=set_accessed)
+        if out.result in ("mmio", "emulated"):
+            return AccessOutcome(out.result, out.gpa, set_accessed=set_accessed, set_dirty=set_dirty)
+        result, gpa = "mapped", out.gpa
+    path, end = shadow_walk(vcpu, kvm, tdp_addr)
+    if path and end not in (TRAP, NOTRAP):
+        _, pfn, spte = leaf_of(path, tdp_addr)
+        return AccessOutcome("mapped", gpa, pfn, spte, set_accessed=set_accessed, set_dirty=set_dirty)
+    return AccessOutcome("mapped", gpa, set_accessed=set_accessed, set_dirty=set_dirty)
+
+
+def recorded_fault(vcpu: Vcpu, kvm: Kvm, addr: int, err: int) -> AccessOutcome:
+    """A ``pf`` event: the fault as recorded, straight into ``kvm_mmu_page_fault`` (no CPU walk)."""
+    pte_len = 4 if vcpu.cpu.paging == "32" else 8
+    if kvm_mmu_reload(vcpu, kvm):
+        return AccessOutcome("error", set_accessed=[])
+    vcpu.fault_ac = False
+    out = kvm_mmu_page_fault(vcpu, kvm, addr, err, pte_len)
+    sa = list(out.set_accessed or [])
+    if kvm.consumed_failure or out.result == "error":
+        return AccessOutcome("error", set_accessed=sa, set_dirty=out.set_dirty)
+    if out.result == "guest_fault":
+        return AccessOutcome("guest_fault", err=out.err, set_accessed=sa)
+    if out.result == "mapped":
+        path, end = shadow_walk(vcpu, kvm, addr)
+        if path and end not in (TRAP, NOTRAP):
+            _, pfn, spte = leaf_of(path, addr)
+            return AccessOutcome("mapped", out.gpa, pfn, spte, set_accessed=sa, set_dirty=out.set_dirty)
+    return AccessOutcome(out.result, out.gpa, set_accessed=sa, set_dirty=out.set_dirty)

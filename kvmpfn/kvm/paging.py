@@ -1,0 +1,284 @@
+"""Shadow paging: arch/x86/kvm/paging_tmpl.h of v2.6.26 (``FNAME(page_fault)``, ``FNAME(fetch)``,
+``FNAME(prefetch_page)``, ``FNAME(update_pte)``), parameterised by the shadow page's guest format instead of
+the ``PTTYPE`` template (``sp.glevels == 2``: 32-bit ptes). The guest walk itself is walker.walk_addr.
+Reference §2.5–§2.7, §2.9, §2.10.
+"""
+
+from __future__ import annotations
+
+from kvmpfn.kvm.defs import (
+    ACC_EXEC_MASK,
+    ACC_WRITE_MASK,
+    KVM_PAGES_PER_HPAGE,
+    PAGE_SHIFT,
+    PFERR_FETCH_MASK,
+    PFERR_USER_MASK,
+    PFERR_WRITE_MASK,
+    PT32_ROOT_LEVEL,
+    PT64_BASE_ADDR_MASK,
+    PT64_NX_MASK,
+    PT_ACCESSED_MASK,
+    PT_DIRTY_MASK,
+    PT_PRESENT_MASK,
+    PT_USER_MASK,
+    PT_WRITABLE_MASK,
+)
+from kvmpfn.kvm.mmu import (
+    is_largepage_backed,
+    kvm_mmu_audit,
+    kvm_mmu_free_some_pages,
+    kvm_mmu_get_page,
+    kvm_mmu_put_page,
+    mark_page_dirty,
+    mmu_notifier_retry,
+    mmu_set_spte,
+    mmu_topup_memory_caches,
+    page_header,
+    pt64_index,
+    root_table,
+)
+from kvmpfn.kvm.rmap import rmap_remove
+from kvmpfn.kvm.spte import NOTRAP, TRAP, is_large_pte, is_shadow_present_pte
+from kvmpfn.kvm.walker import walk_addr
+
+PT32_BASE_ADDR_MASK = 0xFFFFF000
+
+
+def gpte_to_gfn(gpte: int, glevels: int) -> int:
+    """``FNAME(gpte_to_gfn)``: the 4K frame bits of a guest pte (PT32 or PT64 base mask)."""
+    mask = PT32_BASE_ADDR_MASK if glevels == PT32_ROOT_LEVEL else PT64_BASE_ADDR_MASK
+    return (gpte & mask) >> PAGE_SHIFT
+
+
+def gpte_access(cpu, gpte: int, glevels: int) -> int:
+    """``FNAME(gpte_access)``: W and U from the gpte, EXEC unless NX (PTTYPE 64 with EFER.NX)."""
+    access = (gpte & (PT_WRITABLE_MASK | PT_USER_MASK)) | ACC_EXEC_MASK
+    if glevels != PT32_ROOT_LEVEL and cpu.efer_nx and gpte & PT64_NX_MASK:
+        access &= ~ACC_EXEC_MASK
+    return access
+
+
+def pte_size(glevels: int) -> int:
+    return 4 if glevels == PT32_ROOT_LEVEL else 8
+
+
+class GuestMemory:
+    """Guest memory as the shadow walker sees it: reads with ``kvm_read_guest``; A/D updates with
+    ``FNAME(cmpxchg_gpte)``, which maps the guest page table with ``gfn_to_page`` (+1) and releases it dirty
+    (−1), so the ledger sees that pair."""
+
+    __slots__ = ("kvm",)
+
+    def __init__(self, kvm) -> None:
+        self.kvm = kvm
+
+    def read_guest(self, gpa: int, size: int) -> int:
+        return self.kvm.host.read_guest(gpa, size)
+
+    def cmpxchg_guest(self, gpa: int, size: int, old: int, new: int) -> bool:
+        api = self.kvm.api
+        pfn = api.gfn_to_page(gpa >> PAGE_SHIFT, "cmpxchg_gpte")
+        if api.is_error_pfn(pfn):
+            # bad_page holds zeros: the compare fails and the walk restarts (§5.20)
+            api.kvm_release_pfn_clean(pfn, "cmpxchg_gpte")
+            return False
+        ok = self.kvm.host.cmpxchg_guest(gpa, size, old, new)
+        api.kvm_release_pfn_dirty(pfn, "cmpxchg_gpte")
+        return ok
+
+
+def paging_walk(vcpu, kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool = False):
+    """``FNAME(walk_addr)`` as KVM runs it: A/D updates through ``cmpxchg_gpte``, ``mark_page_dirty`` on the
+    table, and the ``kvm_mmu_pte_write`` resync after setting D."""
+    from kvmpfn.kvm.pte_write import kvm_mmu_pte_write
+
+    return walk_addr(
+        vcpu.cpu,
+        GuestMemory(kvm),
+        addr,
+        write,
+        user,
+        fetch,
+        ac=ac,
+        set_ad=True,
+        mark_page_dirty=lambda gfn: mark_page_dirty(kvm, gfn),
+        pte_write=lambda gpa, val, size: kvm_mmu_pte_write(vcpu, kvm, gpa, val, size),
+    )
+
+
+def paging_page_fault(vcpu, kvm, addr: int, error_code: int) -> int:
+    """``FNAME(page_fault)``: walk the guest tables (a failed walk injects #PF with the walker's error code),
+    choose a large spte when the guest pde is large and the host backs it, R(pfn) from ``gfn_to_pfn`` (error
+    pfn: release, return 1 = MMIO), then ``FNAME(fetch)``; returns ``*ptwrite`` (1 = emulate the write)."""
+    write_fault = bool(error_code & PFERR_WRITE_MASK)
+    user_fault = bool(error_code & PFERR_USER_MASK)
+    fetch_fault = bool(error_code & PFERR_FETCH_MASK)
+    kvm_mmu_audit(vcpu, kvm, "pre page fault")
+    r = mmu_topup_memory_caches(vcpu, kvm)
+    if r:
+        return r
+    ok, walker = paging_walk(vcpu, kvm, addr, write_fault, user_fault, fetch_fault, vcpu.fault_ac)
+    vcpu.fault_walker = walker
+    if not ok:
+        vcpu.fault_err = walker.error_code  # inject_page_fault
+        vcpu.last_pt_write_count = 0
+        return 0
+    gfn = walker.gfn
+    vcpu.fault_gpa = gfn << PAGE_SHIFT | (addr & 0xFFF)
+    largepage = 0
+    if walker.level == 2:
+        large_gfn = gfn & ~(KVM_PAGES_PER_HPAGE - 1)
+        if is_largepage_backed(vcpu, kvm, large_gfn):
+            gfn = large_gfn
+            largepage = 1
+    mmu_seq = kvm.mmu_notifier_seq
+    api = kvm.api
+    pfn = api.gfn_to_pfn(gfn, "page_fault")
+    if api.is_error_pfn(pfn):
+        if "error-pfn-no-release" not in kvm.bugs:
+            api.kvm_release_pfn_clean(pfn, "page_fault")
+        vcpu.fault_mmio = True
+        return 1
+    if kvm.notifiers and mmu_notifier_retry(kvm, mmu_seq):
+        api.kvm_release_pfn_clean(pfn, "page_fault")
+        return 0
+    kvm_mmu_free_some_pages(vcpu, kvm)
+    write_pt = fetch(vcpu, kvm, addr, walker, user_fault, write_fault, largepage, gfn, pfn)
+    if not write_pt:
+        vcpu.last_pt_write_count = 0
+    kvm_mmu_audit(vcpu, kvm, "post page fault (fixed)")
+    return write_pt
+
+
+def fetch(vcpu, kvm, addr: int, walker, user_fault: bool, write_fault: bool, largepage: int, gfn: int, pfn: int) -> int:
+    """``FNAME(fetch)``: walk the shadow from the root by ``addr``, creating the shadow page of each guest
+    table on the way (``kvm_mmu_get_page``: write-protects it), re-reading the guest entry after protecting
+    its table and bailing out if it changed (R released), then ``mmu_set_spte`` at the leaf. Returns
+    ``*ptwrite``.
+
+    Guest large pages are split into metaphysical level-1 pages (W dropped from the role while the guest pde
+    is not dirty); guest 1 GiB pages likewise one level up (TRACE_FORMAT's deviation). Differs from the
+    kernel: the child's ``role.access`` is the AND of the guest entries above it only (the 2021 fix;
+    ``--bug sp-access-inherit`` uses the whole walk's); a large spte in the way is ``rmap_remove``d and then
+    set to trap (v2.6.30 order; ``--bug large-spte-remove-order`` stores trap first, §5.11); the bail-out
+    unlinks the new page from its parent (v2.6.28 fix; ``--bug fetch-bailout-parent``, §5.9).
+    """
+    glevels = vcpu.root_level
+    leaf_level = walker.level
+    access = walker.pt_access
+    sp, level = root_table(vcpu, kvm, addr)
+    if sp is None:
+        kvm.api.kvm_release_pfn_clean(pfn, "fetch")
+        return 0
+    while True:
+        index = pt64_index(addr, level)
+        if level == 1 or (largepage and level == 2):
+            break
+        ent = sp.spt[index]
+        if is_shadow_present_pte(ent) and not is_large_pte(ent):
+            sp = page_header(kvm, ent)
+            level -= 1
+            continue
+        if is_shadow_present_pte(ent) and is_large_pte(ent):
+            if "large-spte-remove-order" in kvm.bugs:
+                sp.spt[index] = TRAP
+                rmap_remove(kvm, (sp, index))  # returns at once: the spte is no longer present
+            else:
+                rmap_remove(kvm, (sp, index))
+                sp.spt[index] = TRAP
+            kvm.stat["lpages"] -= 1
+        if "sp-access-inherit" not in kvm.bugs:
+            access = walker.access_at[level - 1]
+        if level - 1 < leaf_level:
+            metaphysical = 1
+            if not walker.ptes[leaf_level - 1] & PT_DIRTY_MASK:
+                access &= ~ACC_WRITE_MASK
+            base = gpte_to_gfn(walker.ptes[leaf_level - 1], glevels)
+            if leaf_level == 3:
+                base &= ~((1 << 18) - 1)
+                table_gfn = base if level - 1 == 2 else base + ((addr >> 21) & 511) * KVM_PAGES_PER_HPAGE
+            else:
+                table_gfn = base
+        else:
+            metaphysical = 0
+            table_gfn = walker.table_gfn[level - 2]
+        child = kvm_mmu_get_page(vcpu, kvm, table_gfn, addr, level - 1, metaphysical, access, (sp, index))
+        if not metaphysical:
+            gpa = walker.pte_gpa[level - 2]
+            curr = kvm.host.read_guest(gpa, pte_size(glevels))
+            if kvm.consume("pte_race"):
+                curr ^= PT_ACCESSED_MASK
+            if curr != walker.ptes[level - 2]:
+                if "fetch-bailout-parent" not in kvm.bugs:
+                    kvm_mmu_put_page(child, (sp, index))
+                kvm.api.kvm_release_pfn_clean(pfn, "fetch")
+                return 0
+        sp.spt[index] = child.hpa << PAGE_SHIFT | PT_PRESENT_MASK | PT_ACCESSED_MASK | PT_WRITABLE_MASK | PT_USER_MASK
+        sp = child
+        level -= 1
+    dirty = walker.ptes[leaf_level - 1] & PT_DIRTY_MASK
+    pt_write = mmu_set_spte(
+        vcpu,
+        kvm,
+        (sp, index),
+        access,
+        walker.pte_access & access,
+        user_fault,
+        write_fault,
+        dirty,
+        largepage,
+        gfn,
+        pfn,
+        False,
+    )
+    vcpu.fault_sptep = (sp, index)
+    return pt_write
+
+
+def prefetch_page(vcpu, kvm, sp) -> None:
+    """``FNAME(prefetch_page)``: metaphysical pages, and 32-bit-guest pages above level 1, stay all trap;
+    otherwise an entry is notrap where the guest pte is not present (the guest takes that #PF without an
+    exit) and trap where it is."""
+    if sp.metaphysical or (sp.glevels == PT32_ROOT_LEVEL and sp.level > 1):
+        return
+    size = pte_size(sp.glevels)
+    base = sp.gfn << PAGE_SHIFT
+    if sp.glevels == PT32_ROOT_LEVEL:
+        base += (sp.quadrant << 9) * size
+    read = kvm.host.read_guest
+    spt = sp.spt
+    for i in range(512):
+        spt[i] = TRAP if read(base + i * size, size) & PT_PRESENT_MASK else NOTRAP
+
+
+def update_pte(vcpu, kvm, sp, sptep: tuple, gpte: int) -> None:
+    """``FNAME(update_pte)``: after a guest pte write, install the new translation speculatively if it is
+    present and accessed and matches the gfn ``mmu_guess_page_from_pte_write`` resolved; takes its own
+    reference (``kvm_get_pfn``, +1) for the new spte. A non-present gpte makes the spte notrap.
+
+    Differs from the kernel: a gpte with reserved bits set is left trap (later kernels'
+    ``prefetch_invalid_gpte``), so the guest's next access faults with RSVD.
+    """
+    from kvmpfn.kvm.walker import gpte_reserved
+
+    if not (gpte & PT_PRESENT_MASK and gpte & PT_ACCESSED_MASK):
+        if not gpte & PT_PRESENT_MASK:
+            sptep[0].spt[sptep[1]] = NOTRAP
+        return
+    if gpte_reserved(vcpu.cpu, gpte, sp.level, sp.glevels):
+        return
+    pte_access = sp.access & gpte_access(vcpu.cpu, gpte, sp.glevels)
+    gfn = gpte_to_gfn(gpte, sp.glevels)
+    if gfn != vcpu.update_pte_gfn:
+        return
+    pfn = vcpu.update_pte_pfn
+    api = kvm.api
+    if api.is_error_pfn(pfn):
+        return
+    if kvm.notifiers and mmu_notifier_retry(kvm, vcpu.update_pte_mmu_seq):
+        return
+    api.kvm_get_pfn(pfn, "update_pte")
+    mmu_set_spte(
+        vcpu, kvm, sptep, sp.access, pte_access, 0, 0, gpte & PT_DIRTY_MASK, vcpu.update_pte_largepage, gfn, pfn, True
+    )
+

@@ -1,0 +1,180 @@
+"""KVM's state: ``struct kvm`` (arch part), ``struct kvm_vcpu`` (MMU part), ``struct kvm_mmu_page`` and the
+KVM side of a memslot (rmaps, lpage_info, dirty bitmap). Functions that act on it live in mmu.py, rmap.py,
+paging.py and pte_write.py, named after their kernel counterparts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kvmpfn.kvm.defs import INVALID_PAGE, PT64_ENT_PER_PAGE, SHADOW_TRAP_NONPRESENT_PTE
+
+# First pfn of the host pages that hold shadow page tables (``sp->spt``): kernel memory, far from the guest
+# RAM allocator (first_pfn, 0x100000 by default) and the mmio windows, and below 2^52 >> 12.
+SHADOW_PAGE_FIRST_PFN = 0x40000000
+
+
+def role_word(glevels: int, level: int, quadrant: int, metaphysical: int, access: int, invalid: int, cr0_wp: int) -> int:
+    """``union kvm_mmu_page_role`` packed as in v2.6.26 (glevels 0-3, level 4-7, quadrant 8-9,
+    metaphysical 16, access 17-19, invalid 20). Bit 21 holds ``cr0_wp``, the role bit v2.6.35 added."""
+    return (
+        glevels
+        | level << 4
+        | quadrant << 8
+        | metaphysical << 16
+        | access << 17
+        | invalid << 20
+        | cr0_wp << 21
+    )
+
+
+class KvmMmuPage:
+    """``struct kvm_mmu_page``: one shadow page table of 512 sptes.
+
+    ``parent_ptes`` holds the upper sptes ``(sp, index)`` that point here; the kernel's single-pointer /
+    ``kvm_pte_chain`` encoding (``multimapped``) is a plain list here. ``slot_bitmap`` is a set of slot ids.
+    """
+
+    __slots__ = (
+        "gfn",
+        "role",
+        "level",
+        "glevels",
+        "quadrant",
+        "metaphysical",
+        "access",
+        "cr0_wp",
+        "invalid",
+        "spt",
+        "gfns",
+        "parent_ptes",
+        "root_count",
+        "slot_bitmap",
+        "hpa",
+        "id",
+    )
+
+    def __init__(self, sp_id: int, hpa: int) -> None:
+        self.id = sp_id
+        self.hpa = hpa  # __pa(sp->spt)
+        self.gfn = 0
+        self.role = 0
+        self.level = 0
+        self.glevels = 0
+        self.quadrant = 0
+        self.metaphysical = 0
+        self.access = 0
+        self.cr0_wp = 0
+        self.invalid = 0
+        self.spt = [SHADOW_TRAP_NONPRESENT_PTE] * PT64_ENT_PER_PAGE
+        self.gfns = [0] * PT64_ENT_PER_PAGE
+        self.parent_ptes: list[tuple[KvmMmuPage, int]] = []
+        self.root_count = 0
+        self.slot_bitmap: set[int] = set()
+
+    def set_invalid(self) -> None:
+        self.invalid = 1
+        self.role |= 1 << 20
+
+    def __repr__(self) -> str:
+        return f"<sp#{self.id} gfn={self.gfn:#x} level={self.level} role={self.role:#x}>"
+
+
+@dataclass(slots=True)
+class KvmSlot:
+    """The KVM side of ``struct kvm_memory_slot``: ``lpage_info[].write_count`` and the dirty bitmap.
+
+    The per-gfn ``rmap[]`` and ``lpage_info[].rmap_pde`` arrays are kept by gfn in ``Kvm.rmap`` and
+    ``Kvm.rmap_pde`` so that, before v2.6.27, the sptes a deleted slot leaves behind stay reachable.
+    """
+
+    slot: int
+    base_gfn: int
+    npages: int
+    write_count: dict[int, int] = field(default_factory=dict)  # lpage index -> count
+    dirty_bitmap: set[int] | None = None  # gfns; None while dirty logging is off
+
+
+@dataclass(slots=True)
+class Vcpu:
+    """The MMU part of ``struct kvm_vcpu`` (``vcpu->arch.mmu`` and its neighbours, reference §1.8)."""
+
+    vcpu_id: int
+    cpu: object  # walker.GuestCpu
+    root_hpa: int = INVALID_PAGE
+    root_level: int = 0
+    shadow_root_level: int = 0
+    pae_root: list[int] = field(default_factory=lambda: [INVALID_PAGE] * 4)
+    page_fault: Callable | None = None
+    gva_to_gpa: Callable | None = None
+    prefetch_page: Callable | None = None
+    new_cr3: Callable | None = None
+    free: Callable | None = None
+    last_pt_write_gfn: int = -1
+    last_pt_write_count: int = 0
+    last_pte_updated: tuple | None = None
+    last_pte_gfn: int = 0
+    update_pte_gfn: int = 0
+    update_pte_pfn: int = 0
+    update_pte_largepage: int = 0
+    update_pte_mmu_seq: int = 0
+    mmu_reload_requested: bool = False
+    # what the last fault decided, for outcome records (the kernel returns only 0/1/-errno)
+    fault_mmio: bool = False
+    fault_gpa: int | None = None
+    fault_err: int | None = None
+    fault_walker: object = None
+    fault_sptep: tuple | None = None
+    fault_ac: bool = False
+
+
+class Kvm:
+    """The arch part of ``struct kvm`` for the MMU: shadow-page hash and active list, budget, rmaps, slots."""
+
+    def __init__(self, host, api, *, kernel: str, tdp: bool, bugs: frozenset[str] = frozenset()) -> None:
+        self.host = host
+        self.api = api
+        self.kernel = kernel
+        self.notifiers = kernel == "notifier"
+        self.tdp_enabled = tdp
+        self.bugs = bugs
+        self.mmu_page_hash: dict[int, list[KvmMmuPage]] = {}
+        # active_mmu_pages: dict order is list order from tail (first) to head (last)
+        self.active_mmu_pages: dict[int, KvmMmuPage] = {}
+        self.page_header: dict[int, KvmMmuPage] = {}
+        self.n_alloc_mmu_pages = 0
+        self.n_free_mmu_pages = 0
+        self.n_requested_mmu_pages = 0
+        self.rmap: dict[int, object] = {}
+        self.rmap_pde: dict[int, object] = {}
+        self.slots: dict[int, KvmSlot] = {}
+        self.vcpus: dict[int, Vcpu] = {}
+        self.mmu_notifier_seq = 0
+        self.mmu_notifier_count = 0
+        self.next_sp_id = 0
+        self.inject = {"enomem": 0, "gup_fail": 0, "pte_race": 0}
+        self.consumed_failure = False
+        self.stat = {
+            "mmu_shadow_zapped": 0,
+            "mmu_cache_miss": 0,
+            "mmu_recycled": 0,
+            "mmu_flooded": 0,
+            "mmu_pte_write": 0,
+            "mmu_pte_updated": 0,
+            "mmu_pde_zapped": 0,
+            "lpages": 0,
+            "remote_tlb_flush": 0,
+        }
+        # observers (the auditor's ledger): called when an spte takes/drops ownership of its reference
+        self.on_rmap_add: Callable | None = None
+        self.on_rmap_remove: Callable | None = None
+        self.audit_point: Callable | None = None  # kvm_mmu_audit(vcpu, msg) at the kernel's audit points
+
+    def consume(self, fault: str) -> bool:
+        """Take one injected failure of this kind, if any is pending (TRACE_FORMAT ``inject``)."""
+        if self.inject[fault]:
+            self.inject[fault] -= 1
+            self.consumed_failure = True
+            return True
+        return False

@@ -1,0 +1,343 @@
+"""Replay a trace through the simulated KVM: build the VM from the header, apply each event, emit outcome
+records (TRACE_FORMAT "Outcome records"), run audits at checkpoints and collect findings. The vcpu run loop's
+counterpart.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from kvmpfn.host import Host, HostError
+from kvmpfn.kvm.context import guest_access, kvm_mmu_reset_context, kvm_set_cr3, new_vcpu, recorded_fault
+from kvmpfn.kvm.defs import KVM_MAX_VCPUS, PAGE_SHIFT
+from kvmpfn.kvm.mmu import (
+    kvm_arch_destroy_vm,
+    kvm_mmu_calculate_mmu_pages,
+    kvm_mmu_change_mmu_pages,
+    kvm_mmu_lookup_page,
+    kvm_mmu_notifier_invalidate_range,
+    kvm_mmu_slot_remove_write_access,
+    kvm_mmu_zap_all,
+    kvm_slot_init,
+    mark_page_dirty,
+)
+from kvmpfn.kvm.pfn import PfnApi
+from kvmpfn.kvm.pte_write import kvm_mmu_pte_write
+from kvmpfn.kvm.rmap import KernelBug
+from kvmpfn.kvm.spte import is_last_spte, is_shadow_present_pte
+from kvmpfn.kvm.vm import Kvm
+from kvmpfn.kvm.walker import gva_in_range, load_pdptrs
+from kvmpfn.trace import events as ev
+from kvmpfn.trace.reader import TraceError, open_trace
+
+KVM_MEMORY_SLOTS = 32
+TDP_GPA_BITS = 48  # a 4-level TDP table maps 48 bits of guest-physical address
+
+
+def hexs(value: int) -> str:
+    return f"{value:#x}"
+
+
+@dataclass
+class ReplayOptions:
+    """Command-line overrides and audit settings (``kvmpfn replay`` options)."""
+
+    mmu: str | None = None
+    kernel: str | None = None
+    audit_every: int = 0
+    bugs: frozenset[str] = frozenset()
+
+
+@dataclass
+class ReplayResult:
+    """What a replay produced; ``error`` is the one-line input error that stopped it, if any."""
+
+    trace: str
+    events: int = 0
+    findings: list[dict] = field(default_factory=list)
+    results: Counter = field(default_factory=Counter)
+    error: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        by_code = Counter(f["code"] for f in self.findings)
+        return {
+            "results": dict(sorted(self.results.items())),
+            "by_code": dict(sorted(by_code.items())),
+            **self.stats,
+        }
+
+
+class InputError(Exception):
+    """An event the VM cannot take (wrong address range, unknown slot, event after teardown ...)."""
+
+    def __init__(self, field_name: str | None, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+        self.message = message
+
+
+class Replayer:
+    """One VM and the state of one replay."""
+
+    def __init__(self, header: ev.Header, options: ReplayOptions) -> None:
+        self.header = header
+        self.mmu = options.mmu or header.mmu
+        self.kernel = options.kernel or header.kernel
+        self.options = options
+        self.host = Host(first_pfn=header.host.first_pfn)
+        self.api = PfnApi(self.host, self.kernel)
+        self.kvm = Kvm(self.host, self.api, kernel=self.kernel, tdp=self.mmu == "tdp", bugs=options.bugs)
+        self.torn_down = False
+        self.seq = -1
+        self.line = 0
+        if self.kvm.notifiers:
+            self.host.add_invalidate_hook(self._invalidate_range)
+        for ms in header.memslots:
+            self._check_slot_id(ms.slot, f"memslots[{ms.slot}].slot")
+            self.kvm_set_memory_region(ms.slot, ms.gfn, ms.npages, ms.backing)
+        self.dispatch = {
+            ev.Access: self.do_access,
+            ev.Pf: self.do_pf,
+            ev.Write: self.do_write,
+            ev.PteWrite: self.do_pte_write,
+            ev.Cr3: self.do_cr3,
+            ev.Paging: self.do_paging,
+            ev.Invlpg: self.do_invlpg,
+            ev.MemslotEvent: self.do_memslot,
+            ev.DirtyLog: self.do_dirty_log,
+            ev.HostRemap: self.do_host_remap,
+            ev.Inject: self.do_inject,
+            ev.Audit: self.do_audit,
+            ev.Teardown: self.do_teardown,
+        }
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+
+    def vcpu(self, vcpu_id: int):
+        vcpu = self.kvm.vcpus.get(vcpu_id)
+        if vcpu is None:
+            if not 0 <= vcpu_id < KVM_MAX_VCPUS:
+                raise InputError("vcpu", f"must be below {KVM_MAX_VCPUS}")
+            vcpu = new_vcpu(self.kvm, vcpu_id, self.header.guest)
+        return vcpu
+
+    def _check_slot_id(self, slot: int, name: str = "slot") -> None:
+        if slot >= KVM_MEMORY_SLOTS:
+            raise InputError(name, f"slot {slot} is not below KVM_MEMORY_SLOTS ({KVM_MEMORY_SLOTS})")
+
+    def _check_addr(self, vcpu, addr: int, is_gpa: bool) -> None:
+        paging = vcpu.cpu.paging
+        if is_gpa:
+            limit = min(vcpu.cpu.maxphyaddr, TDP_GPA_BITS)
+            if addr >> limit:
+                raise InputError("addr", f"gpa {addr:#x} is beyond the guest's {limit}-bit physical address space")
+        elif paging == "none":
+            if addr >> 32:
+                raise InputError("addr", f"{addr:#x} is beyond 4 GiB with paging off")
+        elif not gva_in_range(paging, addr):
+            what = "not canonical" if paging == "64" else "beyond 4 GiB"
+            raise InputError("addr", f"gva {addr:#x} is {what} in {paging}-bit paging")
+
+    def _invalidate_range(self, start: int, end: int) -> None:
+        kvm_mmu_notifier_invalidate_range(self.kvm, start, end)
+
+    def kvm_set_memory_region(self, slot: int, gfn: int, npages: int, backing: str) -> None:
+        """``__kvm_set_memory_region`` + ``kvm_arch_set_memory_region``: deletion zaps everything first under
+        ``notifier`` (``kvm_arch_flush_shadow``, v2.6.27) and nothing before it (v2.6.26: sptes stay); then
+        the shadow-page budget is recomputed and the slot's sptes lose write access."""
+        kvm = self.kvm
+        if npages == 0:
+            if self.host.memslot(slot) is None:
+                raise InputError("slot", f"slot {slot} does not exist")
+            if kvm.notifiers and "memslot-delete-no-flush" not in kvm.bugs:
+                kvm_mmu_zap_all(kvm)
+            self.host.set_memslot(slot, gfn, 0, backing)
+            kvm.slots.pop(slot, None)
+        else:
+            self.host.set_memslot(slot, gfn, npages, backing)
+            old = kvm.slots.get(slot)
+            kvm.slots[slot] = kvm_slot_init(kvm, slot, gfn, npages)
+            if old is not None:
+                kvm.slots[slot].dirty_bitmap = old.dirty_bitmap
+        if not kvm.n_requested_mmu_pages:
+            kvm_mmu_change_mmu_pages(kvm, kvm_mmu_calculate_mmu_pages(kvm))
+        kvm_mmu_slot_remove_write_access(kvm, slot)
+
+    # -- events ----------------------------------------------------------------------------------------------
+
+    def do_access(self, e: ev.Access) -> dict:
+        vcpu = self.vcpu(e.vcpu)
+        self._check_addr(vcpu, e.addr, False)
+        out = guest_access(vcpu, self.kvm, e.addr, bool(e.write), bool(e.user), bool(e.fetch), bool(e.ac))
+        return self._fault_record(out)
+
+    def do_pf(self, e: ev.Pf) -> dict:
+        vcpu = self.vcpu(e.vcpu)
+        self._check_addr(vcpu, e.addr, self.kvm.tdp_enabled)
+        return self._fault_record(recorded_fault(vcpu, self.kvm, e.addr, e.err))
+
+    def _fault_record(self, out) -> dict:
+        rec: dict[str, Any] = {"result": out.result}
+        if out.result == "guest_fault":
+            rec["err"] = hexs(out.err)
+        elif out.result in ("mapped", "hit", "mmio", "emulated") and out.gpa is not None:
+            rec["gpa"] = hexs(out.gpa)
+            if out.result in ("mapped", "hit") and out.pfn is not None:
+                rec["pfn"] = hexs(out.pfn)
+                rec["spte"] = hexs(out.spte)
+        rec["set_accessed"] = [hexs(g) for g in out.set_accessed or ()]
+        if out.set_dirty is not None:
+            rec["set_dirty"] = hexs(out.set_dirty)
+        return rec
+
+    def _guest_store(self, vcpu, gpa: int, val: int, nbytes: int, always_emulate: bool) -> dict:
+        kvm = self.kvm
+        self.host.write_guest(gpa, val, nbytes)
+        mark_page_dirty(kvm, gpa >> PAGE_SHIFT)
+        if always_emulate or kvm_mmu_lookup_page(kvm, gpa >> PAGE_SHIFT) is not None:
+            kvm_mmu_pte_write(vcpu, kvm, gpa, val, nbytes)
+            return {"result": "emulated"}
+        return {"result": "ok"}
+
+    def do_write(self, e: ev.Write) -> dict:
+        return self._guest_store(self.vcpu(e.vcpu), e.gpa, e.val, e.len, False)
+
+    def do_pte_write(self, e: ev.PteWrite) -> dict:
+        return self._guest_store(self.vcpu(e.vcpu), e.gpa, e.val, e.len, True)
+
+    def do_cr3(self, e: ev.Cr3) -> dict:
+        vcpu = self.vcpu(e.vcpu)
+        if not kvm_set_cr3(vcpu, self.kvm, e.val):
+            return {"result": "guest_fault", "vector": "gp"}
+        return {"result": "ok"}
+
+    def do_paging(self, e: ev.Paging) -> dict:
+        vcpu = self.vcpu(e.vcpu)
+        cpu = vcpu.cpu
+        if e.paging == "pae" and cpu.paging != "pae":
+            pdptrs = load_pdptrs(cpu.cr3, self.host, e.maxphyaddr or cpu.maxphyaddr)
+            if pdptrs is None:
+                return {"result": "guest_fault", "vector": "gp"}
+            cpu.pdptrs = pdptrs
+        for name in ("paging", "cr0_wp", "efer_nx", "cr4_pse", "cr4_smep", "cr4_smap", "maxphyaddr", "gbpages"):
+            value = getattr(e, name)
+            if value is not None:
+                setattr(cpu, name, value)
+        kvm_mmu_reset_context(vcpu, self.kvm)
+        return {"result": "ok"}
+
+    def do_invlpg(self, e: ev.Invlpg) -> dict:
+        """INVLPG is not intercepted in v2.6.26/27 (reference §2.14): no MMU work."""
+        self._check_addr(self.vcpu(e.vcpu), e.addr, False)
+        return {"result": "ok"}
+
+    def do_memslot(self, e: ev.MemslotEvent) -> dict:
+        self._check_slot_id(e.slot)
+        self.kvm_set_memory_region(e.slot, e.gfn, e.npages, e.backing)
+        return {"result": "ok"}
+
+    def do_dirty_log(self, e: ev.DirtyLog) -> dict:
+        """KVM_GET_DIRTY_LOG (TRACE_FORMAT ``dirty_log``): logging on at the first call, the bitmap returned and
+        cleared, the slot's sptes write-protected; ``stop`` switches logging off."""
+        slot = self.kvm.slots.get(e.slot)
+        if slot is None:
+            raise InputError("slot", f"slot {e.slot} does not exist")
+        if slot.dirty_bitmap is None:
+            slot.dirty_bitmap = set()
+        slot.dirty_bitmap.clear()
+        kvm_mmu_slot_remove_write_access(self.kvm, e.slot)
+        if e.stop:
+            slot.dirty_bitmap = None
+        return {"result": "ok"}
+
+    def do_host_remap(self, e: ev.HostRemap) -> dict:
+        if self.host.gfn_to_memslot(e.gfn) is None:
+            raise InputError("gfn", f"gfn {e.gfn:#x} is outside every memslot")
+        self.host.host_remap(e.gfn)
+        return {"result": "ok"}
+
+    def do_inject(self, e: ev.Inject) -> dict:
+        if e.fault == "gup_fail":
+            self.api.inject_gup_fail(e.count)
+        else:
+            self.kvm.inject[e.fault] += e.count
+        return {"result": "ok"}
+
+    def do_audit(self, e: ev.Audit) -> dict:
+        return {"result": "ok"}
+
+    def do_teardown(self, e: ev.Teardown | None = None) -> dict:
+        self.final_stats = self.stats()
+        kvm_arch_destroy_vm(self.kvm)
+        self.torn_down = True
+        return {"result": "ok"}
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def apply(self, seq: int, line: int, e) -> dict:
+        if self.torn_down:
+            raise InputError(None, "event after teardown")
+        self.seq, self.line = seq, line
+        self.kvm.consumed_failure = False
+        self.api.consumed_failure = False
+        rec = self.dispatch[type(e)](e)
+        if (self.kvm.consumed_failure or self.api.consumed_failure) and rec["result"] not in ("error",):
+            if type(e) in (ev.Access, ev.Pf, ev.Write, ev.PteWrite):
+                rec = {"result": "error", **{k: v for k, v in rec.items() if k == "set_accessed"}}
+        out = {"seq": seq, "line": line, "op": e.__struct_config__.tag, **rec}
+        if e.t is not None:
+            out["t"] = e.t
+        if e.x is not None:
+            out["x"] = e.x
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        kvm = self.kvm
+        leaves = 0
+        for sp in kvm.active_mmu_pages.values():
+            for ent in sp.spt:
+                if is_shadow_present_pte(ent) and is_last_spte(ent, sp.level):
+                    leaves += 1
+        referenced = sum(1 for f in self.host.frames.values() if f.count)
+        return {
+            "shadow_pages": len(kvm.active_mmu_pages),
+            "sptes": leaves,
+            "frames_referenced": referenced,
+        }
+
+
+def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] | None = None) -> ReplayResult:
+    """Replay the trace at ``path``; an input error stops the replay and is returned in ``result.error``
+    with everything found up to that line."""
+    options = options or ReplayOptions()
+    result = ReplayResult(trace=path)
+    try:
+        with open_trace(path) as reader:
+            try:
+                rp = Replayer(reader.header, options)
+            except (HostError, InputError) as err:
+                raise TraceError(path, reader.header_line, err.message, field=err.field, context="header") from None
+            seq = -1
+            for line, e in reader:
+                seq += 1
+                try:
+                    rec = rp.apply(seq, line, e)
+                except (HostError, InputError) as err:
+                    op = e.__struct_config__.tag
+                    raise TraceError(path, line, err.message, field=err.field, context=f'event "{op}"') from None
+                except KernelBug as bug:
+                    raise TraceError(path, line, f"simulated kernel BUG: {bug}", context="kernel") from None
+                result.events += 1
+                result.results[rec["result"]] += 1
+                if emit is not None:
+                    emit.write(json.dumps(rec, separators=(", ", ": ")) + "\n")
+            result.stats = rp.final_stats if rp.torn_down else rp.stats()
+            if reader.header.teardown and not rp.torn_down:
+                rp.do_teardown()
+    except TraceError as err:
+        result.error = str(err)
+    return result
