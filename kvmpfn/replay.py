@@ -6,6 +6,7 @@ counterpart.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -331,6 +332,11 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
                     raise TraceError(path, line, err.message, field=err.field, context=f'event "{op}"') from None
                 except KernelBug as bug:
                     raise TraceError(path, line, f"simulated kernel BUG: {bug}", context="kernel") from None
+                except Exception as exc:  # a defect in kvmpfn itself: report it on one line, keep the findings
+                    if os.environ.get("KVMPFN_DEBUG"):
+                        raise
+                    msg = f"internal error: {type(exc).__name__}: {exc} (KVMPFN_DEBUG=1 shows the traceback)"
+                    raise TraceError(path, line, msg) from None
                 result.events += 1
                 result.results[rec["result"]] += 1
                 if emit is not None:

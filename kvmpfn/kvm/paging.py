@@ -19,6 +19,7 @@ from kvmpfn.kvm.defs import (
     PT64_NX_MASK,
     PT_ACCESSED_MASK,
     PT_DIRTY_MASK,
+    PT_PAGE_SIZE_MASK,
     PT_PRESENT_MASK,
     PT_USER_MASK,
     PT_WRITABLE_MASK,
@@ -39,7 +40,7 @@ from kvmpfn.kvm.mmu import (
 )
 from kvmpfn.kvm.rmap import rmap_remove
 from kvmpfn.kvm.spte import NOTRAP, TRAP, is_large_pte, is_shadow_present_pte
-from kvmpfn.kvm.walker import walk_addr
+from kvmpfn.kvm.walker import _rsvd_masks, walk_addr
 
 PT32_BASE_ADDR_MASK = 0xFFFFF000
 
@@ -60,6 +61,20 @@ def gpte_access(cpu, gpte: int, glevels: int) -> int:
 
 def pte_size(glevels: int) -> int:
     return 4 if glevels == PT32_ROOT_LEVEL else 8
+
+
+GLEVELS_PAGING = {2: "32", 3: "pae", 4: "64"}
+
+
+def is_rsvd_bits_set(cpu, gpte: int, level: int, glevels: int) -> bool:
+    """``is_rsvd_bits_set`` (a later kernel's): reserved bits of a guest entry at ``level`` in the paging mode
+    of ``glevels``, with the vcpu's EFER.NX, CR4.PSE, MAXPHYADDR and 1 GiB support."""
+    nonleaf, large = _rsvd_masks(
+        GLEVELS_PAGING[glevels], cpu.maxphyaddr, cpu.efer_nx, cpu.cr4_pse, cpu.gbpages
+    )[level - 1]
+    if large is not None and gpte & PT_PAGE_SIZE_MASK:
+        return bool(gpte & large)
+    return bool(gpte & nonleaf)
 
 
 class GuestMemory:
@@ -259,13 +274,11 @@ def update_pte(vcpu, kvm, sp, sptep: tuple, gpte: int) -> None:
     Differs from the kernel: a gpte with reserved bits set is left trap (later kernels'
     ``prefetch_invalid_gpte``), so the guest's next access faults with RSVD.
     """
-    from kvmpfn.kvm.walker import gpte_reserved
-
     if not (gpte & PT_PRESENT_MASK and gpte & PT_ACCESSED_MASK):
         if not gpte & PT_PRESENT_MASK:
             sptep[0].spt[sptep[1]] = NOTRAP
         return
-    if gpte_reserved(vcpu.cpu, gpte, sp.level, sp.glevels):
+    if is_rsvd_bits_set(vcpu.cpu, gpte, sp.level, sp.glevels):
         return
     pte_access = sp.access & gpte_access(vcpu.cpu, gpte, sp.glevels)
     gfn = gpte_to_gfn(gpte, sp.glevels)
