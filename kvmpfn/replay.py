@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from kvmpfn.audit import Auditor
 from kvmpfn.host import Host, HostError
 from kvmpfn.kvm.context import guest_access, kvm_mmu_reset_context, kvm_set_cr3, new_vcpu, recorded_fault
 from kvmpfn.kvm.defs import KVM_MAX_VCPUS, PAGE_SHIFT
@@ -50,6 +51,7 @@ class ReplayOptions:
     kernel: str | None = None
     audit_every: int = 0
     bugs: frozenset[str] = frozenset()
+    kernel_audit: bool = False  # also audit at the kernel's own four kvm_mmu_audit() points
 
 
 @dataclass
@@ -92,6 +94,8 @@ class Replayer:
         self.host = Host(first_pfn=header.host.first_pfn)
         self.api = PfnApi(self.host, self.kernel)
         self.kvm = Kvm(self.host, self.api, kernel=self.kernel, tdp=self.mmu == "tdp", bugs=options.bugs)
+        self.auditor = Auditor(self.kvm, kernel_points=options.kernel_audit)
+        self.findings = self.auditor.findings
         self.torn_down = False
         self.seq = -1
         self.line = 0
@@ -269,11 +273,15 @@ class Replayer:
         return {"result": "ok"}
 
     def do_audit(self, e: ev.Audit) -> dict:
+        self.auditor.full_audit("audit" if e.label is None else f"audit {e.label}")
         return {"result": "ok"}
 
     def do_teardown(self, e: ev.Teardown | None = None) -> dict:
+        """``kvm_arch_destroy_vm``: a full audit first, then every reference still held is a leak."""
         self.final_stats = self.stats()
+        self.auditor.full_audit("teardown")
         kvm_arch_destroy_vm(self.kvm)
+        self.auditor.after_teardown()
         self.torn_down = True
         return {"result": "ok"}
 
@@ -283,12 +291,17 @@ class Replayer:
         if self.torn_down:
             raise InputError(None, "event after teardown")
         self.seq, self.line = seq, line
+        f = self.findings
+        f.seq, f.line, f.point = seq, line, e.__struct_config__.tag
         self.kvm.consumed_failure = False
         self.api.consumed_failure = False
         rec = self.dispatch[type(e)](e)
         if (self.kvm.consumed_failure or self.api.consumed_failure) and rec["result"] not in ("error",):
             if type(e) in (ev.Access, ev.Pf, ev.Write, ev.PteWrite):
                 rec = {"result": "error", **{k: v for k, v in rec.items() if k == "set_accessed"}}
+        every = self.options.audit_every
+        if every and (seq + 1) % every == 0 and not self.torn_down:
+            self.auditor.full_audit(f"audit-every {every}")
         out = {"seq": seq, "line": line, "op": e.__struct_config__.tag, **rec}
         if e.t is not None:
             out["t"] = e.t
@@ -316,6 +329,7 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
     with everything found up to that line."""
     options = options or ReplayOptions()
     result = ReplayResult(trace=path)
+    rp = None
     try:
         with open_trace(path) as reader:
             try:
@@ -341,9 +355,12 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
                 result.results[rec["result"]] += 1
                 if emit is not None:
                     emit.write(json.dumps(rec, separators=(", ", ": ")) + "\n")
-            result.stats = rp.final_stats if rp.torn_down else rp.stats()
             if reader.header.teardown and not rp.torn_down:
+                rp.findings.seq, rp.findings.point = seq + 1, "teardown"
                 rp.do_teardown()
+            result.stats = rp.final_stats if rp.torn_down else rp.stats()
     except TraceError as err:
         result.error = str(err)
+    if rp is not None:
+        result.findings = rp.findings.items
     return result

@@ -1,4 +1,4 @@
-"""kvmpfn.kvm.walker: FNAME(walk_addr) over 32-bit, PAE and 4-level guest tables, against architectural tables.
+"""kvmpfn.kvm.walker: FNAME(walk_addr) over 32-bit, PAE and 4-level guest tables, against the architecture.
 
 The expectations are written from the SDM and kvm-unit-tests x86/access.c (its ``ac_emulate_access`` rules),
 independently of the walker's own tables.
@@ -7,6 +7,7 @@ independently of the walker's own tables.
 from __future__ import annotations
 
 import itertools
+import random
 from dataclasses import dataclass
 
 import pytest
@@ -45,7 +46,13 @@ from kvmpfn.kvm.walker import (
 P, W, U, A, D, PS = 1 << 0, 1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 7
 G = 1 << 8
 NX = 1 << 63
-EP, EW, EU, ER, EF = (PFERR_PRESENT_MASK, PFERR_WRITE_MASK, PFERR_USER_MASK, PFERR_RSVD_MASK, PFERR_FETCH_MASK)
+EP, EW, EU, ER, EF = (
+    PFERR_PRESENT_MASK,
+    PFERR_WRITE_MASK,
+    PFERR_USER_MASK,
+    PFERR_RSVD_MASK,
+    PFERR_FETCH_MASK,
+)
 X = ACC_EXEC_MASK
 
 MODES = ("32", "pae", "64")
@@ -118,7 +125,15 @@ class Guest:
         return dict(self.mem.data)
 
 
-def build(mode: str, entries: dict[int, int] | None = None, *, leaf_level: int = 1, leaf_addr=None, addr=None, **cpu_kw):
+def build(
+    mode: str,
+    entries: dict[int, int] | None = None,
+    *,
+    leaf_level: int = 1,
+    leaf_addr=None,
+    addr=None,
+    **cpu_kw,
+):
     """Lay out one translation. ``entries[level]`` gives an entry's flag bits (default: P|W|U|A, leaf also D;
     the PAE PDPTE: P); the address part is filled in (the next table, or ``leaf_addr`` at ``leaf_level``)."""
     entries = entries or {}
@@ -224,7 +239,9 @@ def test_pae_without_pdptrs_is_a_caller_error():
 @pytest.mark.parametrize(("write", "user", "fetch"), [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0)])
 def test_not_present_at_each_level(mode, level, write, user, fetch):
     entries = {lvl: P | W | U for lvl in range(1, ROOT[mode] + 1)}  # A clear everywhere
-    entries[level] = W | U | A | D | (0xFFF << 52 if SIZE[mode] == 8 else 0)  # P clear: other bits don't matter
+    entries[level] = (
+        W | U | A | D | (0xFFF << 52 if SIZE[mode] == 8 else 0)
+    )  # P clear: other bits don't matter
     if mode == "pae":
         entries[3] = P if level != 3 else 0
     g = build(mode, entries, efer_nx=True)
@@ -324,7 +341,9 @@ def arch_expect(mode, chain, write, user, fetch, *, efer_nx, cr0_wp, smep, smap,
     return ("fault" if deny else "ok"), (EP | code if deny else 0), rights
 
 
-ACCESSES = [(w_, u_, f_) for u_ in (False, True) for (w_, f_) in ((False, False), (True, False), (False, True))]
+ACCESSES = [
+    (w_, u_, f_) for u_ in (False, True) for (w_, f_) in ((False, False), (True, False), (False, True))
+]
 CPU_FLAGS = list(itertools.product((False, True), repeat=5))  # efer_nx, cr0_wp, smep, smap, ac
 
 
@@ -366,7 +385,9 @@ def test_every_permission_combination_matches_the_architecture(mode):
                     expected_a = [g.gpa[lvl] for lvl in range(2, leaf - 1, -1)]
                     assert w.set_accessed == expected_a, where
                     assert w.set_dirty == (g.gpa[leaf] if write else None), where
-                    assert [x[0] for x in g.mem.writes] == expected_a + ([g.gpa[leaf]] if write else []), where
+                    assert [x[0] for x in g.mem.writes] == expected_a + ([g.gpa[leaf]] if write else []), (
+                        where
+                    )
                 else:
                     assert g.mem.writes == [] and w.set_accessed == [] and w.set_dirty is None, where
                 checked += 1
@@ -383,7 +404,7 @@ def test_access_at_is_the_and_down_to_each_level(mode):
     ok, w = g.walk()
     assert ok
     if mode == "64":
-        assert w.access_at == [ACC_USER_MASK & 0, 0, ACC_USER_MASK | X, ACC_ALL]
+        assert w.access_at == [0, 0, ACC_USER_MASK | X, ACC_ALL]
         assert (w.pt_access, w.pte_access) == (0, 0)
     else:
         assert w.access_at == [ACC_WRITE_MASK, ACC_WRITE_MASK, ACC_ALL]
@@ -480,8 +501,8 @@ def test_reserved_bits_stop_the_walk_before_a_lower_not_present_entry(level):
 
 
 def test_32bit_pse_off_ignores_ps_and_walks_the_page_table():
-    # With CR4.PSE=0 the PDE's PS (and bit 21) mean nothing: the PDE still points at the page table.
-    g = build("32", {2: P | W | U | A | PS | (1 << 21)}, cr4_pse=False)
+    # With CR4.PSE=0 the PDE's PS bit means nothing: the PDE still points at the page table.
+    g = build("32", {2: P | W | U | A | PS}, cr4_pse=False)
     ok, w = g.walk()
     assert ok and w.level == 1 and w.gfn == LEAF[1] >> 12
     assert w.table_gfn[0] == TABLE["32"][1] >> 12
@@ -496,7 +517,7 @@ def test_32bit_4m_page_with_pse36():
     assert w.gfn == (pse36 << 20) + (LEAF_4M >> 12) + index
     assert gva_to_gpa(g.cpu, g.mem, g.addr, set_ad=False) == (pse36 << 32) | LEAF_4M | (ADDR["32"] & 0x3FFFFF)
     assert w.set_accessed == [] and w.set_dirty == g.gpa[2] and g.pte(2) & D
-    assert w.pt_access == ACC_ALL and w.access_at == [ACC_ALL, ACC_ALL]
+    assert w.pt_access == ACC_ALL and w.access_at == [0, ACC_ALL]
 
 
 @pytest.mark.parametrize("mode", ("pae", "64"))
@@ -514,7 +535,7 @@ def test_2m_page(mode):
 
 
 def test_1g_page_with_gbpages():
-    g = build("64", {3: P | W | U | PS}, leaf_level=3, gbpages=True)
+    g = build("64", {4: P | W | U, 3: P | W | U | PS}, leaf_level=3, gbpages=True)
     ok, w = g.walk(write=True)
     assert ok and w.level == 3
     assert w.gfn == (LEAF[3] >> 12) + ((g.addr >> 12) & 0x3FFFF)
@@ -562,7 +583,7 @@ def test_a_bits_set_top_down_only_where_missing(mode, write):
         assert w.set_dirty == (g.gpa[1] if write else None)
         assert all(g.pte(lvl) & A for lvl in levels)
         assert bool(g.pte(1) & D) == write
-        assert w.ptes[:len(levels)] == [g.pte(lvl) for lvl in range(1, len(levels) + 1)]
+        assert w.ptes[: len(levels)] == [g.pte(lvl) for lvl in range(1, len(levels) + 1)]
         assert all(size == SIZE[mode] for _, size, _, _ in g.mem.writes)
         if mode == "pae":
             assert g.gpa[3] not in w.set_accessed and g.pte(3) == TABLE["pae"][2] | P
@@ -614,12 +635,20 @@ def test_set_ad_false_is_side_effect_free(mode):
     g = build(mode, entries)
     before = g.snapshot()
     calls = []
-    ok0, w0 = g.walk(write=True, set_ad=False, mark_page_dirty=calls.append, pte_write=lambda *a: calls.append(a))
+    ok0, w0 = g.walk(
+        write=True, set_ad=False, mark_page_dirty=calls.append, pte_write=lambda *a: calls.append(a)
+    )
     assert ok0 and calls == [] and g.mem.log == [] and g.snapshot() == before
     assert w0.set_accessed == [] and w0.set_dirty is None
     assert gva_to_gpa(g.cpu, g.mem, g.addr, True, set_ad=False) == LEAF[1] | 0xABC and g.snapshot() == before
     ok1, w1 = g.walk(write=True)
-    assert (ok1, w1.gfn, w1.level, w1.pte_access, w1.access_at) == (ok0, w0.gfn, w0.level, w0.pte_access, w0.access_at)
+    assert (ok1, w1.gfn, w1.level, w1.pte_access, w1.access_at) == (
+        ok0,
+        w0.gfn,
+        w0.level,
+        w0.pte_access,
+        w0.access_at,
+    )
     assert [p & ~(A | D) for p in w1.ptes] == [p & ~(A | D) for p in w0.ptes]
     assert g.snapshot() != before
 
@@ -710,7 +739,11 @@ def test_race_on_the_dirty_bit_restarts_and_rereads():
     mem = RacingMem(g.gpa[1], g.pte(1) | G)  # another vcpu sets G before our D cmpxchg
     mem.data = g.mem.data
     ok, w = walk_addr(g.cpu, mem, g.addr, True, False, False)
-    assert ok and w.set_dirty == g.gpa[1] and mem.read_guest(g.gpa[1], 8) == g.pte(1) == LEAF[1] | P | W | U | A | D | G
+    assert (
+        ok
+        and w.set_dirty == g.gpa[1]
+        and mem.read_guest(g.gpa[1], 8) == g.pte(1) == LEAF[1] | P | W | U | A | D | G
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -784,25 +817,38 @@ def test_gva_to_gpa(mode):
 # Property: random tables
 
 
-ENTRY_FLAGS = (P, W, U, A, D, PS, G, NX, 1 << 45, 1 << 51)
-GFNS = (1, 2, 3, 4, 5, 6, 0x200, 0x40000)  # tables live in 1..6; the others are aligned large frames
+# (bit, probability that an entry has it): mostly valid entries, so that many walks reach a leaf.
+ENTRY_BITS = ((P, 0.97), (W, 0.9), (U, 0.9), (A, 0.5), (D, 0.5), (G, 0.2), (PS, 0.1), (NX, 0.1))
+RSVD_BITS = (1 << 45, 1 << 51, 1 << 62)  # reserved for some MAXPHYADDR / modes; added with probability 0.03
+TABLE_GFNS = (1, 2, 3, 4, 5, 6)  # page tables live here (aliasing allowed)
+LARGE_GFNS = (0x200, 0x40000, 0x123)  # 2 MiB-, 1 GiB-aligned and unaligned frames
+
+
+def random_entry(rnd, mode: str) -> int:
+    value = rnd.choice(TABLE_GFNS if rnd.random() < 0.85 else LARGE_GFNS) << 12
+    for bit, p in ENTRY_BITS:
+        if rnd.random() < p:
+            value |= bit
+    if rnd.random() < 0.03:
+        value |= rnd.choice(RSVD_BITS)
+    return value & 0xFFFF_FFFF if mode == "32" else value
 
 
 @st.composite
 def random_walks(draw):
     mode = draw(st.sampled_from(MODES))
+    rnd = random.Random(draw(st.integers(0, 2**64 - 1)))  # uniform draws (hypothesis' own are edge-biased)
     mem = Mem()
-    flag_weights = st.lists(st.sampled_from(ENTRY_FLAGS), max_size=6)
-    for gfn in range(1, 7):
+    for gfn in TABLE_GFNS:
         for index in range(4):
-            value = draw(st.sampled_from(GFNS)) << 12
-            value |= sum(set(draw(flag_weights)))
-            if draw(st.booleans()):
-                value |= P
-            if mode == "32":
-                value &= 0xFFFF_FFFF
-            mem.store((gfn << 12) + index * SIZE[mode], SIZE[mode], value)
-    idx = [draw(st.integers(0, 3)) for _ in range(4)]
+            mem.store((gfn << 12) + index * SIZE[mode], SIZE[mode], random_entry(rnd, mode))
+    if mode == "pae":  # the PDPT at CR3 (gfn 1, entries 0..3): mostly loadable PDPTEs
+        for index in range(4):
+            pdpte = rnd.choice(TABLE_GFNS) << 12 | P
+            if rnd.random() < 0.05:
+                pdpte |= rnd.choice((1 << 3, W, NX))  # PWT is fine; W and bit 63 make the load #GP
+            mem.store(0x1000 + 8 * index, 8, pdpte if rnd.random() < 0.9 else 0)
+    idx = [rnd.randrange(4) for _ in range(4)]
     if mode == "64":
         addr = (idx[3] << 39) | (idx[2] << 30) | (idx[1] << 21) | (idx[0] << 12)
     elif mode == "pae":
@@ -812,18 +858,19 @@ def random_walks(draw):
     cpu = GuestCpu(
         mode,
         0x1000,
-        cr0_wp=draw(st.booleans()),
-        efer_nx=draw(st.booleans()),
-        cr4_pse=draw(st.booleans()),
-        cr4_smep=draw(st.booleans()),
-        cr4_smap=draw(st.booleans()),
-        maxphyaddr=draw(st.sampled_from((36, 40, 46, 52))),
-        gbpages=draw(st.booleans()),
+        cr0_wp=rnd.random() < 0.5,
+        efer_nx=rnd.random() < 0.8,
+        cr4_pse=rnd.random() < 0.7,
+        cr4_smep=rnd.random() < 0.2,
+        cr4_smap=rnd.random() < 0.2,
+        maxphyaddr=rnd.choice((36, 40, 46, 52)),
+        gbpages=rnd.random() < 0.5,
     )
     if mode == "pae":
         cpu.pdptrs = load_pdptrs(cpu, mem)
-    write, fetch = draw(st.sampled_from(((False, False), (True, False), (False, True))))
-    return cpu, mem, addr | draw(st.integers(0, 0xFFF)), write, draw(st.booleans()), fetch, draw(st.booleans())
+    write, fetch = rnd.choice(((False, False), (True, False), (False, True)))
+    user, ac = rnd.random() < 0.5, rnd.random() < 0.3
+    return cpu, mem, addr | rnd.randrange(0x1000), write, user, fetch, ac
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -844,12 +891,16 @@ def test_random_tables_side_effect_free_walk_agrees_and_second_walk_sets_nothing
         w0.error_code,
         w0.pte_access,
     )
-    assert gva_to_gpa(*args, ac=ac, set_ad=False) == (UNMAPPED_GVA if not ok0 else (w0.gfn << 12) | addr & 0xFFF)
+    assert gva_to_gpa(*args, ac=ac, set_ad=False) == (
+        UNMAPPED_GVA if not ok0 else (w0.gfn << 12) | addr & 0xFFF
+    )
     if not ok1:
         assert mem.data == before and w1.set_accessed == [] and w1.set_dirty is None
         return
     size = SIZE[cpu.paging]
-    changed = {gpa - gpa % size for gpa in set(mem.data) | set(before) if mem.data.get(gpa) != before.get(gpa)}
+    changed = {
+        gpa - gpa % size for gpa in set(mem.data) | set(before) if mem.data.get(gpa) != before.get(gpa)
+    }
     for gpa in changed:  # only A/D bits of the entries the walk reports
         old = int.from_bytes(bytes(before.get(gpa + i, 0) for i in range(size)), "little")
         assert (mem.read_guest(gpa, size) ^ old) & ~(A | D) == 0

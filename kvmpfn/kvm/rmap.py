@@ -81,14 +81,14 @@ def rmap_remove(kvm, sptep: tuple) -> None:
         return
     api = kvm.api
     pfn = spte_to_pfn(spte)
+    if kvm.on_rmap_remove is not None:
+        kvm.on_rmap_remove(sptep, pfn, spte)
     if spte & PT_ACCESSED_MASK:
         api.kvm_set_pfn_accessed(pfn, "rmap_remove")
     if is_writeble_pte(spte) and "release-clean-writable" not in kvm.bugs:
         api.kvm_release_pfn_dirty(pfn, "rmap_remove")
     else:
         api.kvm_release_pfn_clean(pfn, "rmap_remove")
-    if kvm.on_rmap_remove is not None:
-        kvm.on_rmap_remove(sptep, pfn)
     table, key = gfn_to_rmap(kvm, sp.gfns[index], is_large_pte(spte))
     head = table.get(key)
     if head is None:

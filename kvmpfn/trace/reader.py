@@ -21,13 +21,24 @@ import io
 import re
 import sys
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, get_args
 
 import msgspec
 import zstandard
 from msgspec import inspect as mi
 
-from kvmpfn.trace.events import EVENT_TYPES, Event, FieldError, Header, range_text
+from kvmpfn.trace.events import (
+    EVENT_TYPES,
+    Backing,
+    Event,
+    FaultKind,
+    FieldError,
+    Header,
+    KernelName,
+    MmuKind,
+    PagingMode,
+    range_text,
+)
 
 __all__ = ["MAX_LINE", "TraceError", "TraceReader", "open_trace"]
 
@@ -100,6 +111,10 @@ _ANY_DECODER = msgspec.json.Decoder()
 _INT = "int"
 _AT_RE = re.compile(r" - at `\$([^`]*)`$")
 _TOKEN_RE = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+# msgspec.inspect sorts the values of a Literal; messages list them in the order of the format.
+_LITERAL_ORDER = {
+    frozenset(get_args(t)): get_args(t) for t in (PagingMode, Backing, MmuKind, KernelName, FaultKind)
+}
 
 
 def _parse_int(text: str) -> int | None:
@@ -284,7 +299,8 @@ def _expected(t: mi.Type, name: str, value: Any) -> str | None:
             type(value) is int or (type(value) is str and _parse_int(value) is not None)
         ):
             return f"unsupported trace format version {_show(value)} (this kvmpfn reads version 1)"
-        return f"expected one of {', '.join(_show(v) for v in m.values)}, {got}"
+        values = _LITERAL_ORDER.get(frozenset(m.values), m.values)
+        return f"expected one of {', '.join(_show(v) for v in values)}, {got}"
     if isinstance(m, mi.StrType):
         return f"expected a string, {got}"
     if isinstance(m, mi.StructType):
@@ -349,8 +365,8 @@ def _decode_slow(data: bytes, header: bool) -> Any:
         if header and "kvmpfn" not in raw:
             got = "an event" if "op" in raw else "an object without it"
             raise _LineError(
-                f"missing: the first line that is not blank or a comment must be the header "
-                f'{{"kvmpfn": 1, ...}}, got {got}',
+                f'missing (the first line that is not blank or a comment is the header {{"kvmpfn": 1, ...}}; '
+                f"this one is {got})",
                 "kvmpfn",
                 context,
             )
