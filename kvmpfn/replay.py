@@ -92,7 +92,7 @@ class Replayer:
         self.kernel = options.kernel or header.kernel
         self.options = options
         self.host = Host(first_pfn=header.host.first_pfn)
-        self.api = PfnApi(self.host, self.kernel)
+        self.api = PfnApi(self.host, self.kernel, bugs=options.bugs)
         self.kvm = Kvm(self.host, self.api, kernel=self.kernel, tdp=self.mmu == "tdp", bugs=options.bugs)
         self.auditor = Auditor(self.kvm, kernel_points=options.kernel_audit)
         self.findings = self.auditor.findings

@@ -604,7 +604,11 @@ HEADER_RULES = [
     (b'{"mmu": "shadow"}', "kvmpfn", "missing (the first line that is not blank or a comment is the header"),
     (b'{"op": "access", "addr": 0, "write": 0, "user": 0, "fetch": 0}', "kvmpfn", "this one is an event"),
     (b'{"kvmpfn": 1, "mmu": "ept"}', "mmu", '"ept"'),
-    (b'{"kvmpfn": 1, "kernel": "linux"}', "kernel", 'expected one of "page", "pfn", "pfn-io", "notifier", got "linux"'),
+    (
+        b'{"kvmpfn": 1, "kernel": "linux"}',
+        "kernel",
+        'expected one of "page", "pfn", "pfn-io", "notifier", got "linux"',
+    ),
     (b'{"kvmpfn": 1, "teardown": 2}', "teardown", "0 or 1"),
     (b'{"kvmpfn": 1, "memory": 5}', "memory", "expected a string"),
     (b'{"kvmpfn": 1, "guest": {"paging": "48"}}', "guest.paging", 'got "48"'),

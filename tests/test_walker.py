@@ -29,7 +29,6 @@ from kvmpfn.kvm.defs import (
 from kvmpfn.kvm.walker import (
     WALK_RESTART_LIMIT,
     GuestCpu,
-    WalkRestartError,
     gpte_access,
     gpte_to_gfn,
     gpte_to_gfn_pde,
@@ -699,12 +698,19 @@ def test_bounded_restarts_succeed(fails):
     assert [e[0] for e in mem.log] == ["lost"] * fails + ["cmpxchg", "cmpxchg"]
 
 
-def test_restart_limit_raises():
-    g = build("64", {4: P | W | U})
-    mem = FlakyMem(WALK_RESTART_LIMIT + 1)
+@pytest.mark.parametrize("write", (False, True))
+def test_cmpxchg_that_never_succeeds_ends_as_a_success_without_ad(write):
+    # Reference §5.20: a page table without struct page; the kernel livelocked, the walker stops restarting.
+    g = build("64", {4: P | W | U, 1: P | W | U})
+    before = g.snapshot()
+    mem = FlakyMem(1000)
     mem.data = g.mem.data
-    with pytest.raises(WalkRestartError):
-        walk_addr(g.cpu, mem, g.addr, False, False, False)
+    calls = []
+    ok, w = walk_addr(g.cpu, mem, g.addr, write, False, False, pte_write=lambda *a: calls.append(a))
+    assert ok and w.gfn == LEAF[1] >> 12 and w.error_code == 0
+    assert w.set_accessed == [] and w.set_dirty is None and calls == []
+    assert g.snapshot() == before and not w.ptes[3] & A and not w.ptes[0] & D
+    assert mem.log == [("lost", g.gpa[4])] * (WALK_RESTART_LIMIT + 1)
 
 
 class RacingMem(Mem):

@@ -156,6 +156,9 @@ def audit_mappings_page(kvm, findings, view: GuestView, sp, va: int, level: int)
             continue  # spte-without-memslot, reported by check_memslots
         pfn = spte_to_pfn(ent)
         want = None if gpa == UNMAPPED_GVA else host.peek_pfn(gpa >> PAGE_SHIFT)
+        if "audit-no-release" in kvm.bugs and gpa != UNMAPPED_GVA:
+            # §5.1: the 2.6.31 audit's own gfn_to_pfn reference, here without its release
+            kvm.api.gfn_to_pfn(gpa >> PAGE_SHIFT, "audit_mappings_page")
         if want != pfn:
             if want is not None and want >> 20 and want & PFN_TRUNCATE_MASK == pfn:
                 findings.report(

@@ -463,6 +463,8 @@ def mmu_set_spte(
     api = kvm.api
     if not was_rmapped:
         rmap_add(vcpu, kvm, sptep, gfn, largepage)
+        if "double-release" in kvm.bugs:
+            api.kvm_release_pfn_clean(pfn, "mmu_set_spte")  # the v2.6.32 model's release, kept with rmap_remove's
     elif "same-pfn-no-release" not in kvm.bugs:
         if was_writeble:
             api.kvm_release_pfn_dirty(pfn, "mmu_set_spte")

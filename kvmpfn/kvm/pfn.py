@@ -65,7 +65,7 @@ class PfnApi:
     :raises HostError: unknown ``kernel`` (field ``"kernel"``).
     """
 
-    def __init__(self, host: Host, kernel: str, hook: Hook | None = None) -> None:
+    def __init__(self, host: Host, kernel: str, hook: Hook | None = None, bugs: frozenset[str] = frozenset()) -> None:
         if kernel not in KERNELS:
             raise HostError("kernel", f"unknown kernel {kernel!r} (expected one of {', '.join(KERNELS)})")
         self.host = host
@@ -74,6 +74,10 @@ class PfnApi:
         self.names = API_NAMES[kernel]
         #: 2e2e3738: VM_PFNMAP fallback in gfn_to_pfn, and the helpers skip ``!pfn_valid`` pfns.
         self.pfnmap = kernel in PFNMAP_KERNELS
+        #: ``--bug pageless-as-normal`` (§5.19): VM_PFNMAP frames get references like any page.
+        self.pageless_as_normal = "pageless-as-normal" in bugs
+        #: the helpers' ``if (!pfn_valid(pfn)) return`` guard
+        self.skip_pageless = self.pfnmap and not self.pageless_as_normal
         #: ``bad_pfn = page_to_pfn(bad_page)``, set at kvm_init.
         self.bad_pfn = host.bad_pfn
         #: injected get_user_pages failures still to come (``inject`` event, fault ``gup_fail``).
@@ -146,6 +150,8 @@ class PfnApi:
             if pfn is not None:
                 if pfn_valid(pfn):
                     raise AssertionError(f"gfn_to_pfn: BUG_ON(pfn_valid({pfn:#x})) for a VM_PFNMAP vma")
+                if self.pageless_as_normal:
+                    self._get(pfn, fn, caller)
                 return pfn
         return self._bad(fn, caller)
 
@@ -180,7 +186,7 @@ class PfnApi:
 
         No-op on a ``!pfn_valid`` pfn in ``pfn-io``/``notifier``.
         """
-        if self.pfnmap and not pfn_valid(pfn):
+        if self.skip_pageless and not pfn_valid(pfn):
             return
         self._put(pfn, self._n_release_clean, caller)
 
@@ -190,7 +196,7 @@ class PfnApi:
         Hook: ``"dirty"`` (unless PageReserved) then ``"put"``, both under this function's name. No-op on a
         ``!pfn_valid`` pfn in ``pfn-io``/``notifier``.
         """
-        if self.pfnmap and not pfn_valid(pfn):
+        if self.skip_pageless and not pfn_valid(pfn):
             return
         self._set_dirty(pfn, self._n_release_dirty, caller)
         self._put(pfn, self._n_release_dirty, caller)
@@ -200,7 +206,7 @@ class PfnApi:
 
         No refcount change. No-op on a ``!pfn_valid`` pfn in ``pfn-io``/``notifier``.
         """
-        if self.pfnmap and not pfn_valid(pfn):
+        if self.skip_pageless and not pfn_valid(pfn):
             return
         self._set_dirty(pfn, self._n_set_dirty, caller)
 
@@ -209,7 +215,7 @@ class PfnApi:
 
         No-op on a ``!pfn_valid`` pfn in ``pfn-io``/``notifier``.
         """
-        if self.pfnmap and not pfn_valid(pfn):
+        if self.skip_pageless and not pfn_valid(pfn):
             return
         self.host.frame(pfn).accessed = True
         if self.hook is not None:
@@ -217,6 +223,6 @@ class PfnApi:
 
     def kvm_get_pfn(self, pfn: int, caller: str) -> None:
         """``kvm_get_pfn`` (``get_page``): +1. No-op on a ``!pfn_valid`` pfn in ``pfn-io``/``notifier``."""
-        if self.pfnmap and not pfn_valid(pfn):
+        if self.skip_pageless and not pfn_valid(pfn):
             return
         self._get(pfn, self._n_get, caller)

@@ -1,0 +1,129 @@
+"""Audit reports: the outcome of a gate run (filled in by :mod:`kvmpfn.gate`) and its renderers — console
+(rich on a terminal, plain text otherwise), json_report, sarif, junit.
+
+Renderers are pure functions of an :class:`AuditReport`: the same outcomes give the same bytes. Timings
+(``seconds``) are shown by the rich console only, never written to a document.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+PASS, FAIL, ERROR, NOT_RUN = "pass", "fail", "error", "not run"
+
+#: Finding fields that locate a finding rather than describe its subject.
+LOCATION_FIELDS = ("code", "seq", "line")
+
+
+@dataclass
+class TraceOutcome:
+    """One trace of a gate run.
+
+    :param trace: the path as the user gave it (a directory argument joined with the relative path)
+    :param key: the baseline key: the path relative to the corpus root, POSIX separators
+    :param status: ``pass``, ``fail``, ``error`` (input error) or ``not run`` (``--fail-fast`` stopped first)
+    :param expected: the baseline entry, code → count (after ``--update-baseline``: the new entry)
+    :param previous: the baseline entry that ``--update-baseline`` replaced, else ``None``
+    :param seconds: wall time of the replay (terminal only)
+    """
+
+    trace: str
+    key: str
+    status: str = NOT_RUN
+    events: int = 0
+    findings: list[dict] = field(default_factory=list)
+    expected: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float | None = None
+    previous: dict[str, int] | None = None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Findings by code, sorted by code."""
+        return dict(sorted(Counter(f["code"] for f in self.findings).items()))
+
+    @property
+    def new(self) -> dict[str, int]:
+        """Codes found more often than the baseline expects: code → how many more."""
+        counts = self.counts
+        return {c: n - self.expected.get(c, 0) for c, n in counts.items() if n > self.expected.get(c, 0)}
+
+    @property
+    def missing(self) -> dict[str, int]:
+        """Codes the baseline expects more often than found: code → how many fewer."""
+        counts = self.counts
+        return {
+            c: n - counts.get(c, 0) for c, n in sorted(self.expected.items()) if n > counts.get(c, 0)
+        }
+
+
+@dataclass
+class AuditReport:
+    """A gate run: every selected trace in corpus order (including those ``--fail-fast`` did not run)."""
+
+    outcomes: list[TraceOutcome]
+    shard: tuple[int, int] | None = None
+    seconds: float | None = None
+    baselines_written: list[str] = field(default_factory=list)
+
+    @property
+    def ran(self) -> list[TraceOutcome]:
+        return [o for o in self.outcomes if o.status != NOT_RUN]
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for documents: traces run, statuses, events, findings by code (no timings)."""
+        ran = self.ran
+        statuses = Counter(o.status for o in self.outcomes)
+        by_code: Counter = Counter()
+        for o in ran:
+            by_code.update(o.counts)
+        out: dict[str, Any] = {
+            "traces": len(ran),
+            "pass": statuses[PASS],
+            "fail": statuses[FAIL],
+            "error": statuses[ERROR],
+            "not_run": statuses[NOT_RUN],
+            "events": sum(o.events for o in ran),
+            "by_code": dict(sorted(by_code.items())),
+        }
+        if self.shard is not None:
+            out["shard"] = f"{self.shard[0]}/{self.shard[1]}"
+        return out
+
+
+def counts_text(counts: dict[str, int], sign: str = "") -> str:
+    """``{"refcount-leak": 2}`` → ``refcount-leak ×2`` (``sign`` "+" or "-" prefixes each count)."""
+    return ", ".join(f"{code} {sign or '×'}{n}" for code, n in counts.items())
+
+
+def diff_text(outcome: TraceOutcome) -> str:
+    """How a trace's findings differ from its baseline, e.g. ``new refcount-leak +1; missing dirty-lost -1``."""
+    parts = []
+    if outcome.new:
+        parts.append("new " + counts_text(outcome.new, "+"))
+    if outcome.missing:
+        parts.append("missing " + counts_text(outcome.missing, "-"))
+    return "; ".join(parts)
+
+
+def subject_text(finding: dict) -> str:
+    """A finding's subject and provenance fields as ``name=value`` pairs, in the finding's order."""
+    parts = []
+    for name, value in finding.items():
+        if name in LOCATION_FIELDS:
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        parts.append(f"{name}={text}")
+    return " ".join(parts)
+
+
+def finding_text(finding: dict) -> str:
+    """One line for a finding: ``refcount-leak at line 12 (seq 10): pfn=0x100001 ...``."""
+    where = f"line {finding.get('line')}" if finding.get("line") is not None else "end of trace"
+    if finding.get("seq") is not None:
+        where += f" (seq {finding['seq']})"
+    subject = subject_text(finding)
+    return f"{finding['code']} at {where}" + (f": {subject}" if subject else "")

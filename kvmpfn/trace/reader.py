@@ -381,7 +381,7 @@ def _decode_slow(data: bytes, header: bool) -> Any:
         raise _LineError(f"cannot decode: {type(e).__name__}: {e}", None, context) from None
 
 
-def decode_line(data: bytes, header: bool = False) -> Any:
+def _decode_line(data: bytes, header: bool = False) -> Any:
     """Decode one line (bytes of a JSON object) into an event, or into a :class:`Header`.
 
     :raises _LineError: (internal) the reader and writer turn it into their own errors
@@ -455,7 +455,7 @@ def _open_error(path: str, exc: OSError) -> TraceError:
 def _stream_error(path: str, line: int, exc: BaseException) -> TraceError:
     """A decompression or read error while reading ``line``."""
     text = str(exc)
-    if path.endswith(".gz") or path.endswith(".GZ"):
+    if path.lower().endswith(".gz"):
         if text.startswith("Not a gzipped file"):
             what = "not a gzip file"
         elif isinstance(exc, EOFError):
@@ -542,7 +542,7 @@ class TraceReader:
                 continue
             self.header_line = self._line_no
             try:
-                return decode_line(data, header=True)
+                return _decode_line(data, header=True)
             except _LineError as e:
                 raise self._error(self._line_no, e) from None
 

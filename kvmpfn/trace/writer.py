@@ -19,7 +19,7 @@ import msgspec
 import zstandard
 
 from kvmpfn.trace.events import Event, Header
-from kvmpfn.trace.reader import _LineError, decode_line
+from kvmpfn.trace.reader import _decode_line, _LineError
 
 __all__ = ["TraceWriter"]
 
@@ -82,7 +82,7 @@ class TraceWriter:
         if not self._validate:
             return obj, data
         try:
-            decoded = decode_line(data, header=header)
+            decoded = _decode_line(data, header=header)
         except _LineError as e:
             where = f"{e.context}: " if e.context else ""
             field = f'field "{e.field}": ' if e.field else ""
