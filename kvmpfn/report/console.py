@@ -1,0 +1,130 @@
+"""``kvmpfn audit`` for people: a rich table on a terminal (with per-trace seconds and a progress bar on
+stderr), plain text when piped or written with ``-o`` (no timings, so the same input gives the same text)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import IO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from kvmpfn.report import ERROR, FAIL, NOT_RUN, PASS, AuditReport, TraceOutcome, counts_text, finding_text
+
+LABELS = {PASS: "PASS", FAIL: "FAIL", ERROR: "ERROR", NOT_RUN: "NOT RUN"}
+STYLES = {PASS: "green", FAIL: "bold red", ERROR: "bold red", NOT_RUN: "dim"}
+
+
+def _details(outcome: TraceOutcome) -> list[str]:
+    """Lines under a trace: its input error, the findings of codes beyond the baseline, the missing codes and
+    what ``--update-baseline`` changed."""
+    lines = []
+    if outcome.error:
+        lines.append(outcome.error)
+    new = outcome.new
+    lines.extend("+ " + finding_text(f) for f in outcome.findings if f["code"] in new)
+    counts = outcome.counts
+    lines.extend(
+        f"- {code}: baseline expects {outcome.expected[code]}, found {counts.get(code, 0)}"
+        for code in outcome.missing
+    )
+    if outcome.previous is not None and outcome.previous != outcome.expected:
+        old = counts_text(dict(sorted(outcome.previous.items()))) or "clean"
+        lines.append(f"baseline updated: {old} -> {counts_text(outcome.expected) or 'clean'}")
+    return lines
+
+
+def _summary_line(report: AuditReport) -> str:
+    s = report.summary()
+    parts = [f"{s['pass']} pass", f"{s['fail']} fail", f"{s['error']} error"]
+    if s["not_run"]:
+        parts.append(f"{s['not_run']} not run")
+    shard = f" (shard {s['shard']})" if "shard" in s else ""
+    text = f"{s['traces']} traces{shard}: {', '.join(parts)}; {s['events']} events"
+    return text + "; findings: " + (counts_text(s["by_code"]) or "none")
+
+
+def render_text(report: AuditReport) -> str:
+    """The plain-text report: one line per trace, details indented under it, a summary line."""
+    lines = []
+    width = max((len(LABELS[o.status]) for o in report.outcomes), default=4)
+    for o in report.outcomes:
+        line = f"{LABELS[o.status]:<{width}}  {o.trace}"
+        if o.status != NOT_RUN:
+            line += f"  {o.events} events"
+            if o.findings:
+                line += f"  findings: {counts_text(o.counts)}"
+        lines.append(line)
+        lines.extend(f"{'':<{width}}    {d}" for d in _details(o))
+    lines.append(_summary_line(report))
+    lines.extend(f"baseline written: {path}" for path in report.baselines_written)
+    return "\n".join(lines) + "\n"
+
+
+def print_rich(report: AuditReport, console: Console) -> None:
+    """The terminal report: a table of traces with their seconds, then details and the summary."""
+    table = Table(show_edge=False, pad_edge=False)
+    table.add_column("status")
+    table.add_column("trace", overflow="fold")
+    table.add_column("events", justify="right")
+    table.add_column("seconds", justify="right")
+    table.add_column("findings")
+    table.add_column("vs baseline")
+    for o in report.outcomes:
+        ran = o.status != NOT_RUN
+        seconds = f"{o.seconds:.2f}" if ran and o.seconds is not None else ""
+        diff = "; ".join(p for p in (counts_text(o.new, "+"), counts_text(o.missing, "-")) if p)
+        table.add_row(
+            Text(LABELS[o.status], style=STYLES[o.status]),
+            Text(o.trace),
+            str(o.events) if ran else "",
+            seconds,
+            Text(counts_text(o.counts)),
+            Text(diff or ("error" if o.status == ERROR else "")),
+        )
+    console.print(table)
+    for o in report.outcomes:
+        details = _details(o)
+        if details:
+            console.print(Text(o.trace, style=STYLES[o.status]))
+            for d in details:
+                console.print(Text("    " + d))
+    total = f" in {report.seconds:.2f}s" if report.seconds is not None else ""
+    console.print(Text(_summary_line(report) + total))
+    for path in report.baselines_written:
+        console.print(Text(f"baseline written: {path}"))
+
+
+def show(report: AuditReport, stream: IO[str] | None = None) -> None:
+    """Print the report on ``stream`` (stdout): rich when it is a terminal, plain text otherwise."""
+    stream = stream or sys.stdout
+    if stream.isatty():
+        print_rich(report, Console(file=stream, highlight=False))
+    else:
+        stream.write(render_text(report))
+        stream.flush()
+
+
+@contextmanager
+def progress(total: int, stream: IO[str] | None = None) -> Iterator[Callable[[str], None]]:
+    """A progress bar on ``stream`` (stderr) when it is a terminal; yields ``advance(trace)``.
+
+    The bar refreshes only when advanced (no refresh thread), so worker processes fork from a single thread.
+    """
+    stream = stream or sys.stderr
+    if total <= 0 or not stream.isatty():
+        yield lambda trace: None
+        return
+    columns = (TextColumn("auditing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"))
+    with Progress(*columns, console=Console(file=stream), auto_refresh=False, transient=True) as bar:
+        task = bar.add_task("", total=total)
+        bar.refresh()
+
+        def advance(trace: str) -> None:
+            bar.update(task, advance=1, description=trace, refresh=True)
+
+        yield advance
