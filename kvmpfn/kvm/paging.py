@@ -118,6 +118,7 @@ def paging_walk(vcpu, kvm, addr: int, write: bool, user: bool, fetch: bool, ac: 
         set_ad=True,
         mark_page_dirty=lambda gfn: mark_page_dirty(kvm, gfn),
         pte_write=lambda gpa, val, size: kvm_mmu_pte_write(vcpu, kvm, gpa, val, size),
+        rsvd_check="no-rsvd-check" not in kvm.bugs,
     )
 
 
@@ -278,7 +279,7 @@ def update_pte(vcpu, kvm, sp, sptep: tuple, gpte: int) -> None:
         if not gpte & PT_PRESENT_MASK:
             sptep[0].spt[sptep[1]] = NOTRAP
         return
-    if is_rsvd_bits_set(vcpu.cpu, gpte, sp.level, sp.glevels):
+    if "no-rsvd-check" not in kvm.bugs and is_rsvd_bits_set(vcpu.cpu, gpte, sp.level, sp.glevels):
         return
     pte_access = sp.access & gpte_access(vcpu.cpu, gpte, sp.glevels)
     gfn = gpte_to_gfn(gpte, sp.glevels)

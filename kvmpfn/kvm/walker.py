@@ -330,11 +330,14 @@ def _walk_once(
     user_fault: bool,
     fetch_fault: bool,
     ac: bool,
+    rsvd_check: bool = True,
 ) -> tuple[bool, GuestWalker]:
     """One read-only pass from the root to the leaf or the first faulting entry. On a non-present or reserved
     entry, pt_access and pte_access are the rights accumulated above it."""
     code = _fault_error_code(cpu, mode, write_fault, user_fault, fetch_fault)
     masks = _rsvd_masks(mode.name, cpu.maxphyaddr, cpu.efer_nx, cpu.cr4_pse, cpu.gbpages)
+    if not rsvd_check:  # the era: nothing reserved, PS where no large page may be is a pointer
+        masks = tuple((0, None if large is None else 0) for _nonleaf, large in masks)
     n = mode.root_level
     w = GuestWalker(n, 0, ACC_ALL, ACC_ALL, [0] * n, [0] * n, [0] * n, [0] * n)
     level = n
@@ -442,6 +445,7 @@ def walk_addr(
     set_ad: bool = True,
     mark_page_dirty: Callable[[int], object] | None = None,
     pte_write: Callable[[int, int, int], object] | None = None,
+    rsvd_check: bool = True,
 ) -> tuple[bool, GuestWalker]:
     """``FNAME(walk_addr)`` (paging_tmpl.h, v2.6.26): translate gva ``addr`` for one access.
 
@@ -468,13 +472,14 @@ def walk_addr(
     went, so a faulting walk could leave A bits behind; it had no reserved-bit checks (no PFERR_RSVD), no
     SMEP/SMAP, no 1 GiB pages (PS at levels 3/4 was ignored), PSE-36 bits 16:13 only, always set FETCH for a
     fetch fault, and restarted without bound (a livelock when the cmpxchg could never succeed).
-    ``access_at`` is the 2021 ``role.access`` fix.
+    ``access_at`` is the 2021 ``role.access`` fix. ``rsvd_check=False`` is the era's walk without reserved
+    bits (``--bug no-rsvd-check``).
     """
     mode = _paging_mode(cpu)
     set_accessed: list[int] = []
     restarts = 0
     while True:
-        ok, w = _walk_once(cpu, mode, mem, addr, write_fault, user_fault, fetch_fault, ac)
+        ok, w = _walk_once(cpu, mode, mem, addr, write_fault, user_fault, fetch_fault, ac, rsvd_check)
         w.set_accessed = set_accessed
         if not ok or not set_ad:
             return ok, w
