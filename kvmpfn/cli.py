@@ -120,8 +120,13 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.argument("paths", nargs=-1, metavar="[PATH ...]")
 @click.option("--mmu", type=click.Choice(["shadow", "tdp"]), help="Override every header's MMU.")
 @click.option("--kernel", type=click.Choice(KERNELS), help="Override every header's kernel variant.")
-@click.option("--audit-every", type=click.IntRange(min=0), default=0, help="Full audit every N events (0: off).")
-@click.option("--bug", "bugs", multiple=True, metavar="NAME", help="Enable a historical MMU bug (repeatable).")
+@click.option(
+    "--audit-every", type=click.IntRange(min=0), default=0, help="Full audit every N events (0: off)."
+)
+@click.option("--kernel-audit", is_flag=True, help="Also audit at the kernel's kvm_mmu_audit() points.")
+@click.option(
+    "--bug", "bugs", multiple=True, metavar="NAME", help="Re-create a historical MMU bug (repeatable)."
+)
 @click.option(
     "--baseline",
     type=click.Path(dir_okay=False),
@@ -129,7 +134,9 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 )
 @click.option("--update-baseline", is_flag=True, help="Rewrite the baseline from this run's findings.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), help="Parallel replay processes [default: CPUs].")
-@click.option("--shard", callback=_parse_shard, metavar="I/N", help="Run shard I of N (trace k → (k mod N)+1).")
+@click.option(
+    "--shard", callback=_parse_shard, metavar="I/N", help="Run shard I of N: trace k goes to (k mod N)+1."
+)
 @click.option("--fail-fast", is_flag=True, help="Stop after the first failing trace.")
 @click.option("--format", "fmt", type=click.Choice(AUDIT_FORMATS), default="text", help="Report format.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the report to FILE.")
@@ -138,6 +145,7 @@ def audit(
     mmu,
     kernel,
     audit_every: int,
+    kernel_audit: bool,
     bugs: tuple[str, ...],
     baseline,
     update_baseline: bool,
@@ -159,11 +167,17 @@ def audit(
     import os
 
     from kvmpfn import gate
+    from kvmpfn.kvm.bugs import BUGS
     from kvmpfn.replay import ReplayOptions
     from kvmpfn.report import console, json_report, junit, sarif
 
+    for name in bugs:
+        if name not in BUGS:
+            _fail(f"--bug: unknown bug {name!r} (kvmpfn bugs lists them)")
     paths = paths or ("traces/",)
-    options = ReplayOptions(mmu=mmu, kernel=kernel, audit_every=audit_every, bugs=frozenset(bugs))
+    options = ReplayOptions(
+        mmu=mmu, kernel=kernel, audit_every=audit_every, bugs=frozenset(bugs), kernel_audit=kernel_audit
+    )
     try:
         report = gate.audit(
             paths,

@@ -4,11 +4,12 @@ corpus into shards, rewrite the baseline.
 
 Corpus. Each directory argument is a corpus root: its traces are the files below it whose names end in
 ``.jsonl``, ``.jsonl.gz`` or ``.jsonl.zst`` (symlinked directories are not followed), ordered by their paths
-relative to the root (POSIX separators, sorted as strings). A file argument is a trace as it is; its corpus root
-is the nearest directory holding it that has a ``kvmpfn-baseline.json`` (or is the directory of ``--baseline
-FILE``), looking upwards no further than a repository root (a directory with ``.git``); failing that, the
-file's own directory. The selection is the arguments in order, each directory's traces sorted, duplicates
-dropped. A trace's path in reports is the argument joined with the relative path, so relative stays relative.
+relative to the root (POSIX separators, sorted as strings). A file argument is a trace as it is; its corpus
+root is the nearest directory holding it that has a ``kvmpfn-baseline.json`` (or is the directory of
+``--baseline FILE``), looking upwards no further than a repository root (a directory with ``.git``); failing
+that, the file's own directory. The selection is the arguments in order, each directory's traces sorted,
+duplicates dropped. A trace's path in reports is the argument joined with its relative path, so relative stays
+relative.
 
 Baseline. ``kvmpfn-baseline.json`` in the corpus root, or ``--baseline FILE`` for every root: ``{"version": 1,
 "traces": {"rel/path.jsonl": {"code": count}}}``, keyed by the path relative to the corpus root. A trace
@@ -19,10 +20,10 @@ Shards. ``--shard i/n``: the k-th trace of the selection (k from 0) belongs to s
 machine of a CI matrix sees the same selection, so the n shards together cover it exactly once, and each shard
 gets an even share (at most one trace more than another).
 
-Jobs. Traces replay in worker processes (``ProcessPoolExecutor``, fork where the platform has it); outcomes are
-put back in selection order, so ``--jobs N`` gives the same documents as ``--jobs 1``. ``--fail-fast`` stops at
-the first failing trace in selection order: later traces are reported as not run (even those a worker had
-already finished), traces still running in other workers finish and are discarded.
+Jobs. Traces replay in worker processes (``ProcessPoolExecutor``, fork where the platform has it); outcomes
+are put back in selection order, so ``--jobs N`` gives the same documents as ``--jobs 1``. ``--fail-fast``
+stops at the first failing trace in selection order: later traces are reported as not run (even those a
+worker had already finished); traces still running in other workers finish and are discarded.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import PurePath
 
@@ -158,7 +159,9 @@ def load_baseline(path: str, required: bool = False) -> Baseline:
             raise GateError(f"{path}: no such baseline file") from None
         return {}
     except (OSError, UnicodeDecodeError) as err:
-        raise GateError(f"{path}: cannot read the baseline: {getattr(err, 'strerror', None) or err}") from None
+        raise GateError(
+            f"{path}: cannot read the baseline: {getattr(err, 'strerror', None) or err}"
+        ) from None
     try:
         doc = json.loads(text)
     except ValueError as err:
@@ -215,7 +218,9 @@ def stale_keys(refs: Sequence[TraceRef], baselines: dict[str, Baseline]) -> list
     ]
 
 
-def update_baselines(refs: Sequence[TraceRef], report: AuditReport, baselines: dict[str, Baseline]) -> list[str]:
+def update_baselines(
+    refs: Sequence[TraceRef], report: AuditReport, baselines: dict[str, Baseline]
+) -> list[str]:
     """``--update-baseline``: every trace that replayed without an input error gets its findings as its entry
     (none if clean) and passes; entries of traces not run are kept while their file exists. Writes each
     baseline file and returns their paths."""
@@ -282,7 +287,9 @@ def run(
 ) -> list[TraceOutcome]:
     """Replay ``refs`` and judge each against its ``expected`` counts; outcomes in selection order. After the
     first outcome (in order) whose status is in ``stop_on``, the rest are left ``not run``."""
-    outcomes = [TraceOutcome(trace=r.path, key=r.key, expected=dict(e)) for r, e in zip(refs, expected, strict=True)]
+    outcomes = [
+        TraceOutcome(trace=r.path, key=r.key, expected=dict(e)) for r, e in zip(refs, expected, strict=True)
+    ]
     done = on_done or (lambda trace: None)
     workers = min(jobs, len(refs))
     if workers <= 1:

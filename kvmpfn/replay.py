@@ -36,6 +36,7 @@ from kvmpfn.trace import events as ev
 from kvmpfn.trace.reader import TraceError, open_trace
 
 KVM_MEMORY_SLOTS = 32
+STORE_OR_FAULT = frozenset({"access", "pf", "write", "pte_write"})
 TDP_GPA_BITS = 48  # a 4-level TDP table maps 48 bits of guest-physical address
 
 
@@ -105,19 +106,8 @@ class Replayer:
             self._check_slot_id(ms.slot, f"memslots[{ms.slot}].slot")
             self.kvm_set_memory_region(ms.slot, ms.gfn, ms.npages, ms.backing)
         self.dispatch = {
-            ev.Access: self.do_access,
-            ev.Pf: self.do_pf,
-            ev.Write: self.do_write,
-            ev.PteWrite: self.do_pte_write,
-            ev.Cr3: self.do_cr3,
-            ev.Paging: self.do_paging,
-            ev.Invlpg: self.do_invlpg,
-            ev.MemslotEvent: self.do_memslot,
-            ev.DirtyLog: self.do_dirty_log,
-            ev.HostRemap: self.do_host_remap,
-            ev.Inject: self.do_inject,
-            ev.Audit: self.do_audit,
-            ev.Teardown: self.do_teardown,
+            cls: (getattr(self, "do_" + cls.__struct_config__.tag), cls.__struct_config__.tag)
+            for cls in ev.EVENT_TYPES.values()
         }
 
     # -- helpers ---------------------------------------------------------------------------------------------
@@ -288,21 +278,23 @@ class Replayer:
     # -- the loop --------------------------------------------------------------------------------------------
 
     def apply(self, seq: int, line: int, e) -> dict:
+        """Apply one event; returns its outcome record."""
         if self.torn_down:
             raise InputError(None, "event after teardown")
-        self.seq, self.line = seq, line
+        handler, op = self.dispatch[type(e)]
         f = self.findings
-        f.seq, f.line, f.point = seq, line, e.__struct_config__.tag
-        self.kvm.consumed_failure = False
-        self.api.consumed_failure = False
-        rec = self.dispatch[type(e)](e)
-        if (self.kvm.consumed_failure or self.api.consumed_failure) and rec["result"] not in ("error",):
-            if type(e) in (ev.Access, ev.Pf, ev.Write, ev.PteWrite):
-                rec = {"result": "error", **{k: v for k, v in rec.items() if k == "set_accessed"}}
+        f.seq, f.line, f.point = seq, line, op
+        kvm, api = self.kvm, self.api
+        kvm.consumed_failure = api.consumed_failure = False
+        out = {"seq": seq, "line": line, "op": op}
+        out.update(handler(e))
+        if (kvm.consumed_failure or api.consumed_failure) and op in STORE_OR_FAULT and out["result"] != "error":
+            for key in ("gpa", "pfn", "spte", "err", "set_dirty"):
+                out.pop(key, None)
+            out["result"] = "error"
         every = self.options.audit_every
         if every and (seq + 1) % every == 0 and not self.torn_down:
             self.auditor.full_audit(f"audit-every {every}")
-        out = {"seq": seq, "line": line, "op": e.__struct_config__.tag, **rec}
         if e.t is not None:
             out["t"] = e.t
         if e.x is not None:

@@ -16,7 +16,9 @@ from kvmpfn.kvm.defs import (
     PFERR_WRITE_MASK,
     PT32_ROOT_LEVEL,
     PT32E_ROOT_LEVEL,
+    PT64_BASE_ADDR_MASK,
     PT64_NX_MASK,
+    PT_PRESENT_MASK,
     PT64_ROOT_LEVEL,
     PT_ACCESSED_MASK,
     PT_PAGE_SIZE_MASK,
@@ -36,6 +38,7 @@ from kvmpfn.kvm.mmu import (
 )
 from kvmpfn.kvm.paging import paging_page_fault, prefetch_page
 from kvmpfn.kvm.pte_write import kvm_mmu_pte_write
+from kvmpfn.kvm.rmap import KernelBug
 from kvmpfn.kvm.spte import NOTRAP, TRAP, spte_to_pfn
 from kvmpfn.kvm.vm import Kvm, Vcpu
 from kvmpfn.kvm.walker import GuestCpu, load_pdptrs, walk_addr
@@ -185,21 +188,31 @@ def guest_error_code(cpu: GuestCpu, present: bool, write: bool, user: bool, fetc
 
 def shadow_walk(vcpu: Vcpu, kvm: Kvm, addr: int) -> tuple[list[tuple], int]:
     """The hardware walk of the shadow (or TDP) tables from the vcpu's root: the present entries used, in
-    order, and the value that ended the walk (a leaf, trap, or notrap; NOTRAP for an absent PAE root)."""
-    sp, level = root_table(vcpu, kvm, addr)
+    order, and the value that ended the walk (a leaf, trap, or notrap; NOTRAP for an absent PAE root).
+    The hot path of every ``access``: kept flat."""
+    headers = kvm.page_header
+    if vcpu.shadow_root_level == PT32E_ROOT_LEVEL:
+        root = vcpu.pae_root[(addr >> 30) & 3] if addr < 1 << 32 else 0
+        if root == INVALID_PAGE or not root & PT_PRESENT_MASK:
+            return [], NOTRAP
+        sp = headers[(root & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT]
+        shift = 21
+    else:
+        sp = headers[(vcpu.root_hpa & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT]
+        shift = 3 + 9 * vcpu.shadow_root_level
     path: list[tuple] = []
-    if sp is None:
-        return path, NOTRAP
     while True:
-        index = pt64_index(addr, level)
+        index = (addr >> shift) & 511
         ent = sp.spt[index]
         if ent == TRAP or ent == NOTRAP:
             return path, ent
         path.append((sp, index))
-        if level == 1 or ent & PT_PAGE_SIZE_MASK:
+        if shift == PAGE_SHIFT or ent & PT_PAGE_SIZE_MASK:
             return path, ent
-        sp = page_header(kvm, ent)
-        level -= 1
+        sp = headers.get((ent & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT)
+        if sp is None:
+            raise KernelBug(f"shadow walk: entry {ent:#x} is not a table")
+        shift -= 9
 
 
 def leaf_allows(cpu: GuestCpu, path: list[tuple], write: bool, user: bool, fetch: bool, ac: bool) -> bool:

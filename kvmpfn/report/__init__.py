@@ -14,8 +14,10 @@ from typing import Any
 
 PASS, FAIL, ERROR, NOT_RUN = "pass", "fail", "error", "not run"
 
-#: Finding fields that locate a finding rather than describe its subject.
-LOCATION_FIELDS = ("code", "seq", "line")
+#: Finding fields that name its subject (docs/trace-format.md "Findings").
+SUBJECT_FIELDS = ("pfn", "gfn", "addr", "spte", "region", "level", "slot")
+#: Finding fields that are not its subject.
+OTHER_FIELDS = ("code", "seq", "line", "point", "message", "provenance")
 
 
 @dataclass
@@ -55,9 +57,7 @@ class TraceOutcome:
     def missing(self) -> dict[str, int]:
         """Codes the baseline expects more often than found: code → how many fewer."""
         counts = self.counts
-        return {
-            c: n - counts.get(c, 0) for c, n in sorted(self.expected.items()) if n > counts.get(c, 0)
-        }
+        return {c: n - counts.get(c, 0) for c, n in sorted(self.expected.items()) if n > counts.get(c, 0)}
 
 
 @dataclass
@@ -100,7 +100,7 @@ def counts_text(counts: dict[str, int], sign: str = "") -> str:
 
 
 def diff_text(outcome: TraceOutcome) -> str:
-    """How a trace's findings differ from its baseline, e.g. ``new refcount-leak +1; missing dirty-lost -1``."""
+    """How a trace's findings differ from its baseline: ``new refcount-leak +1; missing dirty-lost -1``."""
     parts = []
     if outcome.new:
         parts.append("new " + counts_text(outcome.new, "+"))
@@ -110,20 +110,25 @@ def diff_text(outcome: TraceOutcome) -> str:
 
 
 def subject_text(finding: dict) -> str:
-    """A finding's subject and provenance fields as ``name=value`` pairs, in the finding's order."""
+    """A finding's subject as ``name=value`` pairs (``pfn=0x100001 level=1``); fields this module does not
+    know are shown too, so that nothing a newer auditor adds is hidden."""
+    names = [n for n in SUBJECT_FIELDS if n in finding]
+    names += [n for n in finding if n not in SUBJECT_FIELDS and n not in OTHER_FIELDS]
     parts = []
-    for name, value in finding.items():
-        if name in LOCATION_FIELDS:
-            continue
-        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-        parts.append(f"{name}={text}")
+    for name in names:
+        value = finding[name]
+        parts.append(f"{name}={value if isinstance(value, str) else json.dumps(value, sort_keys=True)}")
     return " ".join(parts)
 
 
 def finding_text(finding: dict) -> str:
-    """One line for a finding: ``refcount-leak at line 12 (seq 10): pfn=0x100001 ...``."""
-    where = f"line {finding.get('line')}" if finding.get("line") is not None else "end of trace"
-    if finding.get("seq") is not None:
-        where += f" (seq {finding['seq']})"
+    """One line for a finding: ``refcount-leak at line 12 (seq 10, teardown): MESSAGE [pfn=0x100001]``."""
+    where = f"line {finding['line']}" if finding.get("line") is not None else "end of trace"
+    context = [f"seq {finding['seq']}"] if finding.get("seq") is not None else []
+    if finding.get("point"):
+        context.append(str(finding["point"]))
+    if context:
+        where += f" ({', '.join(context)})"
     subject = subject_text(finding)
-    return f"{finding['code']} at {where}" + (f": {subject}" if subject else "")
+    text = " ".join(p for p in (finding.get("message") or "", f"[{subject}]" if subject else "") if p)
+    return f"{finding['code']} at {where}" + (f": {text}" if text else "")

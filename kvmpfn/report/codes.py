@@ -19,8 +19,8 @@ CODES: dict[str, Code] = {
     "refcount-leak": Code(
         "frame",
         "A reference KVM took on a frame is never released.",
-        "A reference KVM took on a frame is never released: at teardown, or at an audit when a frame holds more "
-        "KVM references than present leaf sptes that map it plus the references in flight (I1).",
+        "A reference KVM took on a frame is never released: at teardown, or at an audit when a frame holds "
+        "more KVM references than present leaf sptes that map it plus the references in flight (I1).",
     ),
     "refcount-underflow": Code(
         "frame",
@@ -57,8 +57,8 @@ CODES: dict[str, Code] = {
     "rmap-mismatch": Code(
         "address, level",
         "A present leaf is not in exactly one rmap, or an rmap entry is not a live present leaf.",
-        "A present leaf is not in exactly one rmap, or an rmap entry points at something that is not a present "
-        "leaf of a live shadow page (audit_rmap, I2).",
+        "A present leaf is not in exactly one rmap, or an rmap entry points at something that is not a "
+        "present leaf of a live shadow page (audit_rmap, I2).",
     ),
     "parent-link": Code(
         "address, level",
@@ -96,7 +96,7 @@ CODES: dict[str, Code] = {
         "frame",
         "A frame written through a writable spte was not marked dirty.",
         "A leaf that had W when it was removed (rmap_remove, or replaced in mmu_set_spte branch C) had its "
-        "reference released clean; or rmap_write_protect cleared W without kvm_set_pfn_dirty; or, in a logging "
-        "slot, a writable leaf's gfn is missing from the bitmap (I14).",
+        "reference released clean; or rmap_write_protect cleared W without kvm_set_pfn_dirty; or, in a "
+        "logging slot, a writable leaf's gfn is missing from the bitmap (I14).",
     ),
 }

@@ -38,14 +38,20 @@ def _details(outcome: TraceOutcome) -> list[str]:
     return lines
 
 
-def _summary_line(report: AuditReport) -> str:
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def _summary_line(report: AuditReport, seconds: float | None = None) -> str:
     s = report.summary()
     parts = [f"{s['pass']} pass", f"{s['fail']} fail", f"{s['error']} error"]
     if s["not_run"]:
         parts.append(f"{s['not_run']} not run")
     shard = f" (shard {s['shard']})" if "shard" in s else ""
-    text = f"{s['traces']} traces{shard}: {', '.join(parts)}; {s['events']} events"
-    return text + "; findings: " + (counts_text(s["by_code"]) or "none")
+    took = f" in {seconds:.2f}s" if seconds is not None else ""
+    findings = counts_text(s["by_code"]) or "none"
+    traces, events = _plural(s["traces"], "trace"), _plural(s["events"], "event")
+    return f"{traces}{shard}: {', '.join(parts)}; {events}{took}; findings: {findings}"
 
 
 def render_text(report: AuditReport) -> str:
@@ -55,7 +61,7 @@ def render_text(report: AuditReport) -> str:
     for o in report.outcomes:
         line = f"{LABELS[o.status]:<{width}}  {o.trace}"
         if o.status != NOT_RUN:
-            line += f"  {o.events} events"
+            line += f"  {_plural(o.events, 'event')}"
             if o.findings:
                 line += f"  findings: {counts_text(o.counts)}"
         lines.append(line)
@@ -93,8 +99,7 @@ def print_rich(report: AuditReport, console: Console) -> None:
             console.print(Text(o.trace, style=STYLES[o.status]))
             for d in details:
                 console.print(Text("    " + d))
-    total = f" in {report.seconds:.2f}s" if report.seconds is not None else ""
-    console.print(Text(_summary_line(report) + total))
+    console.print(Text(_summary_line(report, report.seconds)))
     for path in report.baselines_written:
         console.print(Text(f"baseline written: {path}"))
 
@@ -119,7 +124,13 @@ def progress(total: int, stream: IO[str] | None = None) -> Iterator[Callable[[st
     if total <= 0 or not stream.isatty():
         yield lambda trace: None
         return
-    columns = (TextColumn("auditing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"))
+    columns = (
+        TextColumn("auditing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
     with Progress(*columns, console=Console(file=stream), auto_refresh=False, transient=True) as bar:
         task = bar.add_task("", total=total)
         bar.refresh()

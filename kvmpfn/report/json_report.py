@@ -4,8 +4,8 @@
 {"version": 1, "traces": [{"trace": "traces/a.jsonl", "status": "fail", "events": 12, "findings": [...],
  "expected": {}, "new": {"refcount-leak": 1}, "missing": {}}], "summary": {..., "by_code": {...}}}
 
-Only the elements of ``findings`` lists have a ``code`` member; code counts are maps keyed by code. Traces that
-``--fail-fast`` did not run are left out (``summary.not_run`` counts them). No timings.
+Only the elements of ``findings`` lists have a ``code`` member; code counts are maps keyed by code. Traces
+that ``--fail-fast`` did not run are left out (``summary.not_run`` counts them). No timings.
 """
 
 from __future__ import annotations

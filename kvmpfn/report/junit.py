@@ -1,9 +1,10 @@
 """``kvmpfn audit --format junit``: JUnit XML for CI test dashboards.
 
-``<testsuites>`` holding one ``<testsuite name="kvmpfn audit">``, one ``<testcase>`` per trace: ``classname``
-is the trace's directory (``traces/tdp`` → ``traces.tdp``), ``name`` its file name. A trace whose findings differ
-from the baseline has a ``<failure>`` listing the difference and the findings; an input error is an
-``<error>``; a trace ``--fail-fast`` did not run is ``<skipped>``. No ``time``, ``timestamp`` or ``hostname``.
+``<testsuites>`` holding one ``<testsuite name="kvmpfn audit">``, one ``<testcase>`` per trace:
+``classname`` is the trace's directory (``traces/tdp`` → ``traces.tdp``), ``name`` its file name. A trace
+whose findings differ from the baseline has a ``<failure>`` listing the difference and the findings; an input
+error is an ``<error>``; a trace ``--fail-fast`` did not run is ``<skipped>``. No ``time``, ``timestamp`` or
+``hostname``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def testcase(outcome: TraceOutcome) -> ET.Element:
     )
     if outcome.status == FAIL:
         message = f"findings differ from the baseline: {diff_text(outcome)}"
-        ET.SubElement(case, "failure", {"message": _clean(message), "type": "regression"}).text = _details(outcome)
+        failure = ET.SubElement(case, "failure", {"message": _clean(message), "type": "regression"})
+        failure.text = _details(outcome)
     elif outcome.status == ERROR:
         ET.SubElement(
             case, "error", {"message": _clean(outcome.error or "input error"), "type": "input-error"}

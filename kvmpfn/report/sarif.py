@@ -71,7 +71,8 @@ def trace_results(outcome: TraceOutcome, rule_index: dict[str, int]) -> list[dic
         seen[code] += 1
         state = "unchanged" if seen[code] <= outcome.expected.get(code, 0) else "new"
         subject = subject_text(finding)
-        text = f"{code}: {rule(code)['shortDescription']['text']}" + (f" ({subject})" if subject else "")
+        text = f"{code}: {finding.get('message') or rule(code)['shortDescription']['text']}"
+        text += f" [{subject}]" if subject else ""
         results.append(
             {
                 "ruleId": code,
