@@ -213,3 +213,80 @@ def audit(
             if outcome.error:
                 click.echo(f"kvmpfn: error: {outcome.error}", err=True)
     sys.exit(gate.exit_status(report, single_trace))
+
+
+# -- historical bugs: kvmpfn bugs / mutants / compare (kvmpfn/mutants.py) ---------------------------------
+
+
+@main.command()
+def bugs() -> None:
+    """List the historical MMU bugs that --bug NAME re-creates, with their citation."""
+    from kvmpfn.kvm.bugs import BUGS
+
+    width = max(len(name) for name in BUGS)
+    for name, citation in BUGS.items():
+        click.echo(f"{name:<{width}}  {citation}")
+
+
+def _corpus(paths: tuple[str, ...]) -> list[str]:
+    from kvmpfn import gate
+
+    try:
+        return [ref.path for ref in gate.discover(paths or ("traces/",))]
+    except gate.GateError as err:
+        _fail(str(err))
+        raise AssertionError from None
+
+
+@main.command()
+@click.argument("paths", nargs=-1, metavar="[PATH ...]")
+@click.option("--bug", "only", multiple=True, metavar="NAME", help="Only these mutants (repeatable).")
+@click.option("--base", default="", metavar="OPTIONS", help='Options for every run, e.g. "--kernel pfn-io".')
+@click.option("-j", "--jobs", type=click.IntRange(min=1), help="Parallel replay processes [default: CPUs].")
+@click.option("--require-all", is_flag=True, help="Exit 1 unless every mutant is killed.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", help="Report format.")
+def mutants(paths: tuple[str, ...], only, base: str, jobs, require_all: bool, fmt: str) -> None:
+    """Replay the corpus under each historical bug: killed (findings change on some trace), blind spot (only
+    outcome records change) or survived (nothing changes)."""
+    from kvmpfn import gate
+    from kvmpfn.kvm.bugs import BUGS
+    from kvmpfn.mutants import mutants as run_mutants
+    from kvmpfn.mutants import parse_options
+    from kvmpfn.report.mutants import mutants_json, mutants_text
+
+    for name in only:
+        if name not in BUGS:
+            _fail(f"--bug: unknown bug {name!r} (kvmpfn bugs lists them)")
+    try:
+        base_opts = parse_options(base)
+    except ValueError as err:
+        _fail(f"--base: {err}")
+    corpus = _corpus(paths)
+    results = run_mutants(corpus, list(only) or sorted(BUGS), base_opts, jobs or gate.default_jobs())
+    click.echo(mutants_json(results, corpus) if fmt == "json" else mutants_text(results), nl=False)
+    sys.exit(1 if require_all and any(r.verdict != "killed" for r in results) else 0)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, metavar="[PATH ...]")
+@click.option("--a", "a", required=True, metavar="OPTIONS", help='First option set, e.g. "--kernel page".')
+@click.option("--b", "b", required=True, metavar="OPTIONS", help='Second option set, e.g. "--kernel pfn".')
+@click.option("-j", "--jobs", type=click.IntRange(min=1), help="Parallel replay processes [default: CPUs].")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", help="Report format.")
+def compare(paths: tuple[str, ...], a: str, b: str, jobs, fmt: str) -> None:
+    """Replay each trace under two option sets and report every trace whose outcome records or findings
+    differ, with the first diverging event. Exit 1 on a difference."""
+    from kvmpfn import gate
+    from kvmpfn.mutants import compare as run_compare
+    from kvmpfn.mutants import parse_options
+    from kvmpfn.report.mutants import compare_json, compare_text
+
+    try:
+        opts_a, opts_b = parse_options(a), parse_options(b)
+    except ValueError as err:
+        _fail(f"--a/--b: {err}")
+    corpus = _corpus(paths)
+    diffs = run_compare(corpus, opts_a, opts_b, jobs or gate.default_jobs())
+    render = compare_json if fmt == "json" else compare_text
+    click.echo(render(diffs, corpus, a, b), nl=False)
+    sys.exit(1 if diffs else 0)

@@ -168,6 +168,14 @@ class Replayer:
         vcpu = self.vcpu(e.vcpu)
         self._check_addr(vcpu, e.addr, False)
         out = guest_access(vcpu, self.kvm, e.addr, bool(e.write), bool(e.user), bool(e.fetch), bool(e.ac))
+        if out.looped:
+            self.findings.report(
+                "fault-loop",
+                f"access to {e.addr:#x} on vcpu {e.vcpu} exits again after every fixed fault",
+                ("addr", e.vcpu, e.addr),
+                addr=e.addr,
+                vcpu=e.vcpu,
+            )
         return self._fault_record(out)
 
     def do_pf(self, e: ev.Pf) -> dict:

@@ -178,9 +178,22 @@ def make_vm(
     )
     vm = Vm(Replayer(header, ReplayOptions(bugs=frozenset(bugs))))
     if hook:
-        vm.api.hook = lambda op, pfn, fn, caller: vm.log.append((op, pfn, fn, caller))
+        log_hook(vm.api, vm.log)
     vm.rp.vcpu(0)
     return vm
+
+
+def log_hook(api, log: list) -> None:
+    """Log every pfn-API operation as ``(op, pfn, fn, caller)``, then pass it on to the hook already set
+    (the auditor's ledger), so that the replay's own bookkeeping is unchanged."""
+    prev = api.hook
+
+    def hook(op: str, pfn: int, fn: str, caller: str) -> None:
+        log.append((op, pfn, fn, caller))
+        if prev is not None:
+            prev(op, pfn, fn, caller)
+
+    api.hook = hook
 
 
 @pytest.fixture
@@ -254,7 +267,7 @@ def make_paged_vm(kernel: str = "pfn", mmu: str = "shadow", memslots=DEFAULT_SLO
                 pt.map(gva + (i << PAGE_SHIFT), gva + (i << PAGE_SHIFT))
     header.guest.cr3 = pt.cr3
     vm = Vm(rp)
-    vm.api.hook = lambda op, pfn, fn, caller: vm.log.append((op, pfn, fn, caller))
+    log_hook(vm.api, vm.log)
     vm.rp.vcpu(0)
     vm.tables = pt
     return vm

@@ -97,10 +97,6 @@ def test_first_desc_emptying_relinks_the_head_to_the_next(rm):
     assert rmap_next(kvm.rmap, GFN, None) == s[4]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: rmap_add appends to the last desc; the kernel fills the first desc whose last slot is free",
-)
 def test_rmap_add_fills_the_first_desc_with_a_free_slot(rm):
     """v2.6.26 ``rmap_add`` (many → many): ``while (desc->shadow_ptes[RMAP_EXT-1] && desc->more) desc =
     desc->more;`` stops at the first desc with a free last slot (reference §1.5), so a hole left by

@@ -26,6 +26,7 @@ CODES = (
     "spte-permission",
     "mmu-page-accounting",
     "dirty-lost",
+    "fault-loop",
 )
 
 

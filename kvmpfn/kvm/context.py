@@ -249,6 +249,7 @@ class AccessOutcome:
     err: int | None = None
     set_accessed: list | None = None
     set_dirty: int | None = None
+    looped: bool = False  # the fault was fixed RETRIES times and the access still exits
 
 
 def leaf_of(path: list[tuple], addr: int) -> tuple[int, int, int]:
@@ -314,11 +315,12 @@ def guest_access(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch
         if out.result in ("mmio", "emulated"):
             return AccessOutcome(out.result, out.gpa, set_accessed=set_accessed, set_dirty=set_dirty)
         result, gpa = "mapped", out.gpa
+    # every attempt exited and was "fixed", yet the access still cannot complete: the guest would loop
+    out = AccessOutcome("mapped", gpa, set_accessed=set_accessed, set_dirty=set_dirty, looped=True)
     path, end = shadow_walk(vcpu, kvm, tdp_addr)
     if path and end not in (TRAP, NOTRAP):
-        _, pfn, spte = leaf_of(path, tdp_addr)
-        return AccessOutcome("mapped", gpa, pfn, spte, set_accessed=set_accessed, set_dirty=set_dirty)
-    return AccessOutcome("mapped", gpa, set_accessed=set_accessed, set_dirty=set_dirty)
+        _, out.pfn, out.spte = leaf_of(path, tdp_addr)
+    return out
 
 
 def recorded_fault(vcpu: Vcpu, kvm: Kvm, addr: int, err: int) -> AccessOutcome:

@@ -47,11 +47,13 @@ def rmap_add(vcpu, kvm, sptep: tuple, gfn: int, lpage: int) -> None:
     elif type(head) is tuple:
         table[key] = [[head, sptep]]
     else:
-        desc = head[-1]
-        if len(desc) == RMAP_EXT:
-            head.append([sptep])
+        # many->many: the first desc whose last slot is free, else a new desc at the end
+        for desc in head:
+            if len(desc) < RMAP_EXT:
+                desc.append(sptep)
+                break
         else:
-            desc.append(sptep)
+            head.append([sptep])
     if kvm.on_rmap_add is not None:
         kvm.on_rmap_add(sptep, spte_to_pfn(sp.spt[index]))
 
