@@ -26,7 +26,6 @@ pinned as minimal traces in ``xfail(strict=True)`` tests at the end of this file
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,7 +141,6 @@ def would_hit(rp: Replayer, e: ev.Access) -> bool:
 
 def replay(header: ev.Header, events: Sequence, mmu: str, *, kernel_audit: bool = False) -> Run:
     """Replay ``events`` under ``mmu`` through the Python API, auditing after every event."""
-    header = dataclasses.replace(header) if dataclasses.is_dataclass(header) else header
     rp = Replayer(header, ReplayOptions(mmu=mmu, audit_every=1, kernel_audit=kernel_audit))
     run = Run(mmu)
     gfns = tracked_gfns(events)
@@ -206,3 +204,216 @@ def differential(header: ev.Header, events: Sequence, *, kernel_audit: bool = Fa
         )
     assert shadow.memory == tdp.memory
     return shadow, tdp
+
+
+# --- the hypothesis family -----------------------------------------------------------------------------------
+
+KERNELS = ("page", "pfn", "pfn-io", "notifier")
+#: 8 MiB of RAM (the page tables live at gfns 0x20..0x2f), 4 MiB of hugetlbfs (two 2 MiB regions, so guest
+#: large pages can get large sptes), 16 device frames (no struct page).
+MEMSLOTS = (
+    ev.Memslot(slot=0, gfn=0, npages=0x800, backing="ram"),
+    ev.Memslot(slot=1, gfn=0x800, npages=0x400, backing="hugetlb"),
+    ev.Memslot(slot=2, gfn=0xFE000, npages=0x10, backing="mmio"),
+)
+TABLE_GFNS = tuple(range(0x20, 0x30))
+#: leaf targets: RAM, the page tables themselves, hugetlbfs frames, device frames, and a frame in no slot
+DATA_GFNS = (0x40, 0x41, 0x42, 0x7FF, 0x20, 0x21, 0x22, 0x800, 0x801, 0xA05, 0xFE000, 0xF0000)
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    levels: int
+    size: int  # bytes per entry
+    bits: int  # index bits per level
+    idx: tuple[int, ...]  # entry indices the family uses
+    large: dict  # level -> candidate large-page base gpas
+
+
+MODES = {
+    "32": Mode("32", 2, 4, 10, (0, 1, 2, 3, 1023), {2: (0x0, 0x400000, 0x800000)}),
+    "pae": Mode("pae", 3, 8, 9, (0, 1, 2, 3, 511), {2: (0x0, 0x200000, 0x800000, 0xA00000)}),
+    "64": Mode(
+        "64", 4, 8, 9, (0, 1, 2, 3, 511), {2: (0x0, 0x200000, 0x800000, 0xA00000), 3: (0x0, 0x40000000)}
+    ),
+}
+
+
+def gva_of(mode: Mode, indices: Sequence[int], offset: int) -> int:
+    """The gva whose walk uses ``indices`` (top level first) and the byte ``offset`` in the page."""
+    gva = offset
+    for level, idx in zip(range(mode.levels, 0, -1), indices, strict=True):
+        gva |= idx << (PAGE_SHIFT + mode.bits * (level - 1))
+    if mode.name == "64" and gva >> 47:
+        gva |= ((1 << 64) - 1) & ~((1 << 48) - 1)  # canonical
+    return gva
+
+
+@st.composite
+def flags(draw, mode: Mode, leaf: bool) -> int:
+    """P plus random W/U/A/D (and NX with 8-byte entries); now and then an odd bit: PWT/PCD/G/available
+    bits, or a reserved one (bit 51, above MAXPHYADDR 40; bit 52 in PAE)."""
+    value = P
+    for bit in (W, U, A_BIT):
+        if draw(st.booleans()):
+            value |= bit
+    if leaf and draw(st.booleans()):
+        value |= D_BIT
+    if mode.size == 8 and draw(st.integers(0, 3)) == 0:
+        value |= NX
+    if draw(st.integers(0, 9)) == 0:
+        odd = [1 << 3, 1 << 4, 1 << 8, 1 << 9, 1 << 11]
+        if mode.size == 8:
+            odd += [1 << 51, 1 << 52]
+        value |= draw(st.sampled_from(odd))
+    return value
+
+
+@st.composite
+def entry(draw, mode: Mode, level: int, paging: dict) -> tuple[int, str, int | None]:
+    """A guest entry for ``level``: (value, kind, next table gfn). kind: table | large | leaf | absent."""
+    if draw(st.integers(0, 11)) == 0:
+        return draw(st.sampled_from((0, 0x1000 | W | U, 0x21000 | A_BIT))), "absent", None
+    if mode.name == "pae" and level == 3:  # a PDPTE: P and the address (anything else is reserved)
+        table = draw(st.sampled_from(TABLE_GFNS))
+        junk = draw(st.sampled_from((0, 0, 0, 0, 0, 0, 0, W, 1 << 8, 1 << 9)))
+        return table << PAGE_SHIFT | P | junk, "table", table
+    large_ok = level in mode.large and (level == 2 or paging["gbpages"])
+    if level == 1:
+        return draw(st.sampled_from(DATA_GFNS)) << PAGE_SHIFT | draw(flags(mode, True)), "leaf", None
+    if large_ok and draw(st.integers(0, 3)) == 0:
+        base = draw(st.sampled_from(mode.large[level]))
+        if draw(st.integers(0, 7)) == 0:
+            base |= 1 << 12  # PAT bit of a large entry
+        return base | draw(flags(mode, True)) | PS, "large", None
+    table = draw(st.sampled_from(TABLE_GFNS))
+    return table << PAGE_SHIFT | draw(flags(mode, False)), "table", table
+
+
+@dataclass
+class Program:
+    header: ev.Header
+    events: list = field(default_factory=list)
+
+    def __repr__(self) -> str:  # what hypothesis prints for a failing example: a trace to paste
+        lines = [ev_json(self.header)] + [ev_json(e) for e in self.events]
+        return "\n" + "\n".join(lines)
+
+
+@st.composite
+def guest_programs(draw, modes: Sequence[str] = ("32", "pae", "64"), max_ops: int = 40) -> Program:
+    """Random guest page tables (written with ``write`` events), then random accesses, pte rewrites (full,
+    half and misaligned stores), cr3 switches between two address spaces, feature changes and invlpg."""
+    mode = MODES[draw(st.sampled_from(modes))]
+    paging = {
+        "cr0_wp": draw(st.booleans()),
+        "efer_nx": draw(st.booleans()),
+        "cr4_pse": draw(st.booleans()),
+        "cr4_smep": draw(st.booleans()),
+        "cr4_smap": draw(st.booleans()),
+        "gbpages": mode.name == "64" and draw(st.booleans()),
+    }
+    guest = ev.Guest(paging=mode.name, cr3=0, **paging)
+    header = ev.Header(kvmpfn=1, kernel=draw(st.sampled_from(KERNELS)), guest=guest, memslots=list(MEMSLOTS))
+    events: list = []
+    slots: list[tuple[int, int]] = []  # (entry gpa, level) of every entry written
+
+    def store(gpa: int, value: int, level: int) -> None:
+        events.append(ev.Write(gpa=gpa, val=value, len=mode.size))
+        if (gpa, level) not in slots:
+            slots.append((gpa, level))
+
+    roots = draw(st.lists(st.sampled_from(TABLE_GFNS), min_size=1, max_size=2, unique=True))
+    cr3s = [r << PAGE_SHIFT | (draw(st.sampled_from((0, 0x20))) if mode.name == "pae" else 0) for r in roots]
+    gvas: list[int] = []
+    for _ in range(draw(st.integers(1, 6))):
+        cr3 = draw(st.sampled_from(cr3s))
+        indices = [draw(st.sampled_from(mode.idx[:4] if mode.name == "pae" else mode.idx))]
+        indices += [draw(st.sampled_from(mode.idx)) for _ in range(mode.levels - 1)]
+        table = cr3 >> PAGE_SHIFT
+        for depth, level in enumerate(range(mode.levels, 0, -1)):
+            if mode.name == "pae" and level == 3:
+                gpa = (cr3 & ~0x1F) + 8 * indices[depth]
+            else:
+                gpa = (table << PAGE_SHIFT) + indices[depth] * mode.size
+            value, kind, nxt = draw(entry(mode, level, paging))
+            store(gpa, value, level)
+            if kind != "table":
+                break
+            table = nxt
+        offset = draw(st.sampled_from((0, 8, 0xFF8)))
+        gvas.append(gva_of(mode, indices, offset))
+    events.append(ev.Cr3(val=cr3s[0]))
+
+    for _ in range(draw(st.integers(1, max_ops))):
+        op = draw(st.integers(0, 19))
+        if op < 11:  # access
+            if draw(st.integers(0, 4)) == 0:
+                indices = [draw(st.sampled_from(mode.idx)) for _ in range(mode.levels)]
+                if mode.name == "pae":
+                    indices[0] &= 3
+                addr = gva_of(mode, indices, 0)
+            else:
+                addr = draw(st.sampled_from(gvas))
+            fetch = draw(st.integers(0, 3)) == 0
+            events.append(
+                ev.Access(
+                    addr=addr,
+                    write=not fetch and draw(st.booleans()),
+                    user=draw(st.booleans()),
+                    fetch=fetch,
+                    ac=draw(st.booleans()),
+                )
+            )
+        elif op < 15:  # rewrite a pte that is there: a flag flipped, or a whole new entry
+            gpa, level = draw(st.sampled_from(slots))
+            if draw(st.booleans()):
+                value = draw(entry(mode, level, paging))[0]
+                store(gpa, value, level)
+            else:
+                old = next(e.val for e in reversed(events) if isinstance(e, ev.Write) and e.gpa == gpa)
+                bit = draw(st.sampled_from((P, W, U, A_BIT, D_BIT, PS) + ((NX,) if mode.size == 8 else ())))
+                store(gpa, old ^ bit, level)
+        elif op == 15:  # a partial store into a pte: half of an 8-byte pte, or 1-2 bytes (misaligned)
+            gpa, level = draw(st.sampled_from(slots))
+            size = draw(st.sampled_from((4, 2, 1) if mode.size == 8 else (2, 1)))
+            part = draw(st.integers(0, mode.size // size - 1)) * size
+            events.append(ev.Write(gpa=gpa + part, val=draw(st.integers(0, (1 << (8 * size)) - 1)), len=size))
+        elif op == 16:
+            events.append(ev.Cr3(val=draw(st.sampled_from(cr3s))))
+        elif op == 17:
+            name = draw(st.sampled_from(FEATURES[mode.name]))
+            paging[name] = not paging[name]
+            events.append(ev.Paging(**{name: paging[name]}))
+        elif op == 18:
+            events.append(ev.Invlpg(addr=draw(st.sampled_from(gvas))))
+        else:  # store to a table at an entry nobody wrote yet
+            table = draw(st.sampled_from(TABLE_GFNS))
+            idx = draw(st.sampled_from(mode.idx))
+            level = draw(st.integers(1, mode.levels))
+            store((table << PAGE_SHIFT) + idx * mode.size, draw(entry(mode, level, paging))[0], level)
+    return Program(header, events)
+
+
+#: The features a ``paging`` event of the family may flip, per mode.
+FEATURES = {
+    "32": ("cr0_wp", "cr4_pse", "cr4_smep", "cr4_smap"),
+    "pae": ("cr0_wp", "efer_nx", "cr4_smep", "cr4_smap"),
+    "64": ("cr0_wp", "efer_nx", "cr4_smep", "cr4_smap", "gbpages"),
+}
+
+COMMON = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@settings(COMMON, max_examples=40)
+@given(guest_programs())
+def test_random_guest_programs_agree(program: Program) -> None:
+    differential(program.header, program.events)
+
+
+@pytest.mark.fuzz
+@settings(COMMON, max_examples=3000)
+@given(guest_programs(max_ops=80))
+def test_random_guest_programs_agree_fuzz(program: Program) -> None:
+    differential(program.header, program.events)
