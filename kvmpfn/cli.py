@@ -36,22 +36,27 @@ def main() -> None:
 @click.argument("trace")
 @click.option("--mmu", type=click.Choice(["shadow", "tdp"]), help="Override the header's MMU.")
 @click.option("--kernel", type=click.Choice(KERNELS), help="Override the header's kernel variant.")
-@click.option("--audit-every", type=click.IntRange(min=0), default=0, help="Full audit every N events (0: off).")
+@click.option(
+    "--audit-every", type=click.IntRange(min=0), default=0, help="Full audit every N events (0: off)."
+)
 @click.option(
     "--kernel-audit", is_flag=True, help="Also audit at the kernel's kvm_mmu_audit() points (shadow paging)."
 )
-@click.option("--bug", "bugs", multiple=True, metavar="NAME", help="Re-create a historical MMU bug (repeatable).")
+@click.option(
+    "--bug", "bugs", multiple=True, metavar="NAME", help="Re-create a historical MMU bug (repeatable)."
+)
 @click.option("--emit", type=click.Path(dir_okay=False), help="Write one outcome record per event to FILE.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", help="Report format.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the report to FILE.")
-def replay(trace: str, mmu, kernel, audit_every: int, kernel_audit: bool, bugs, emit, fmt: str, output) -> None:
+def replay(
+    trace: str, mmu, kernel, audit_every: int, kernel_audit: bool, bugs, emit, fmt: str, output
+) -> None:
     """Replay TRACE (.jsonl, .jsonl.gz, .jsonl.zst or - for stdin) and report what the MMU did.
 
     Exit status: 0 clean, 1 findings, 2 input error.
     """
-    from kvmpfn.replay import ReplayOptions, replay_file
-
     from kvmpfn.kvm.bugs import BUGS
+    from kvmpfn.replay import ReplayOptions, replay_file
 
     for name in bugs:
         if name not in BUGS:

@@ -129,7 +129,9 @@ class Replayer:
         if is_gpa:
             limit = min(vcpu.cpu.maxphyaddr, TDP_GPA_BITS)
             if addr >> limit:
-                raise InputError("addr", f"gpa {addr:#x} is beyond the guest's {limit}-bit physical address space")
+                raise InputError(
+                    "addr", f"gpa {addr:#x} is beyond the guest's {limit}-bit physical address space"
+                )
         elif paging == "none":
             if addr >> 32:
                 raise InputError("addr", f"{addr:#x} is beyond 4 GiB with paging off")
@@ -226,7 +228,16 @@ class Replayer:
             if pdptrs is None:
                 return {"result": "guest_fault", "vector": "gp"}
             cpu.pdptrs = pdptrs
-        for name in ("paging", "cr0_wp", "efer_nx", "cr4_pse", "cr4_smep", "cr4_smap", "maxphyaddr", "gbpages"):
+        for name in (
+            "paging",
+            "cr0_wp",
+            "efer_nx",
+            "cr4_pse",
+            "cr4_smep",
+            "cr4_smap",
+            "maxphyaddr",
+            "gbpages",
+        ):
             value = getattr(e, name)
             if value is not None:
                 setattr(cpu, name, value)
@@ -296,7 +307,11 @@ class Replayer:
         kvm.consumed_failure = api.consumed_failure = False
         out = {"seq": seq, "line": line, "op": op}
         out.update(handler(e))
-        if (kvm.consumed_failure or api.consumed_failure) and op in STORE_OR_FAULT and out["result"] != "error":
+        if (
+            (kvm.consumed_failure or api.consumed_failure)
+            and op in STORE_OR_FAULT
+            and out["result"] != "error"
+        ):
             for key in ("gpa", "pfn", "spte", "err", "set_dirty"):
                 out.pop(key, None)
             out["result"] = "error"
@@ -335,7 +350,9 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
             try:
                 rp = Replayer(reader.header, options)
             except (HostError, InputError) as err:
-                raise TraceError(path, reader.header_line, err.message, field=err.field, context="header") from None
+                raise TraceError(
+                    path, reader.header_line, err.message, field=err.field, context="header"
+                ) from None
             seq = -1
             for line, e in reader:
                 seq += 1
@@ -343,10 +360,14 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
                     rec = rp.apply(seq, line, e)
                 except (HostError, InputError) as err:
                     op = e.__struct_config__.tag
-                    raise TraceError(path, line, err.message, field=err.field, context=f'event "{op}"') from None
+                    raise TraceError(
+                        path, line, err.message, field=err.field, context=f'event "{op}"'
+                    ) from None
                 except KernelBug as bug:
                     raise TraceError(path, line, f"simulated kernel BUG: {bug}", context="kernel") from None
-                except Exception as exc:  # a defect in kvmpfn itself: report it on one line, keep the findings
+                except (
+                    Exception
+                ) as exc:  # a defect in kvmpfn itself: report it on one line, keep the findings
                     if os.environ.get("KVMPFN_DEBUG"):
                         raise
                     msg = f"internal error: {type(exc).__name__}: {exc} (KVMPFN_DEBUG=1 shows the traceback)"

@@ -168,7 +168,7 @@ def make_vm(
     cr3: int = 0,
     hook: bool = True,
 ) -> Vm:
-    """A VM for ``kernel`` and ``mmu`` with ``memslots`` as ``(slot, gfn, npages, backing)``; vcpu 0 exists."""
+    """A VM for ``kernel`` and ``mmu``; ``memslots`` as ``(slot, gfn, npages, backing)``; vcpu 0 exists."""
     header = ev.Header(
         kvmpfn=1,
         mmu=mmu,

@@ -144,11 +144,14 @@ def replay(header: ev.Header, events: Sequence, mmu: str, *, kernel_audit: bool 
     rp = Replayer(header, ReplayOptions(mmu=mmu, audit_every=1, kernel_audit=kernel_audit))
     run = Run(mmu)
     gfns = tracked_gfns(events)
-    mem = snapshot(rp, gfns)
+    mem: dict[int, bytes] | None = None  # the tracked frames, when no event changed them since
     for seq, e in enumerate(events):
         assert isinstance(e, GUEST_OPS), f"not a guest action: {e!r}"
+        if isinstance(e, ev.Access) and mem is None:
+            mem = snapshot(rp, gfns)
         rec = rp.apply(seq, seq + 1, e)
         if not isinstance(e, ev.Access):
+            mem = None
             continue
         after = snapshot(rp, gfns)
         pte_size = 4 if rp.vcpu(e.vcpu).cpu.paging == "32" else 8
@@ -168,7 +171,7 @@ def replay(header: ev.Header, events: Sequence, mmu: str, *, kernel_audit: bool 
         if rec["result"] == "error":
             run.problems.append(f"{where}: result error")
         run.views.append(AccessView(seq, normalise(rec), frozenset(changes), rec))
-    run.memory = mem
+    run.memory = snapshot(rp, gfns)
     rp.do_teardown()
     run.findings = list(rp.findings.items)
     run.leaked = {pfn: f.count for pfn, f in rp.host.frames.items() if f.count}

@@ -143,8 +143,8 @@ def test_zap_of_a_non_root_shadow_page_unaccounts_and_unprotects(vm):
 # --- recycling and budgets --------------------------------------------------------------------------------
 
 
-def budget_vm(n: int, npages: int = 0x8000):
-    vm = make_vm(memslots=[(0, 0, npages, "ram")])
+def budget_vm(n: int, npages: int = 0x8000, mmu: str = "tdp"):
+    vm = make_vm(mmu=mmu, memslots=[(0, 0, npages, "ram")])
     kvm = vm.kvm
     kvm.n_requested_mmu_pages = n  # KVM_SET_NR_MMU_PAGES: no recomputation on memslot changes
     kvm_mmu_change_mmu_pages(kvm, n)
@@ -158,6 +158,7 @@ def test_recycle_under_a_tiny_budget_zaps_from_the_tail():
     recycles = orphans_seen = 0
     for k in range(60):  # one new level-1 page per 2 MiB region
         order = list(kvm.active_mmu_pages)  # tail (oldest) first
+        invalid = {i for i, sp in kvm.active_mmu_pages.items() if sp.invalid}
         free_before = kvm.n_free_mmu_pages
         recycled = kvm.stat["mmu_recycled"]
         rec = vm.access(k << 21, write=True)
@@ -174,7 +175,7 @@ def test_recycle_under_a_tiny_budget_zaps_from_the_tail():
         for i in order[:n]:  # exactly the n oldest pages were zapped: freed, or (a root) invalid at the head
             assert i not in kvm.active_mmu_pages or kvm.active_mmu_pages[i].invalid
         for i in order[n:]:  # younger pages survive (an invalid root is freed by the vcpu's reload)
-            assert i in kvm.active_mmu_pages or i == order[-1]
+            assert i in kvm.active_mmu_pages or i in invalid
         assert kvm.n_free_mmu_pages + len(new) >= KVM_REFILL_PAGES
         orphans_seen += sum(
             1
@@ -211,6 +212,34 @@ def test_free_some_pages_zaps_exactly_the_oldest_until_25_are_free():
     assert kvm.stat["mmu_recycled"] == KVM_REFILL_PAGES - free
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: __kvm_mmu_free_some_pages gives up after two consecutive roots at the tail (stuck < 2); "
+    "a PAE-shaped shadow has four roots, the oldest pages, so recycling frees nothing",
+)
+def test_free_some_pages_zaps_past_the_four_pae_roots_at_the_tail():
+    """Paging off under shadow: four level-2 roots (§2.2), allocated first, sit at the tail. The kernel's loop
+    zaps them (each turns invalid and moves to the head, freeing nothing) and goes on with the next oldest
+    pages until 25 are free (§2.12)."""
+    vm = budget_vm(40, mmu="shadow")
+    kvm = vm.kvm
+    k = 0
+    while kvm.n_free_mmu_pages >= KVM_MIN_FREE_MMU_PAGES:
+        vm.access(k << 21, write=True)
+        k += 1
+    assert kvm.stat["mmu_recycled"] == 0
+    free = kvm.n_free_mmu_pages
+    order = list(kvm.active_mmu_pages)
+    roots = order[:4]
+    assert all(kvm.active_mmu_pages[i].root_count == 1 for i in roots)
+    assert not any(kvm.active_mmu_pages[i].root_count for i in order[4:])
+    kvm_mmu_free_some_pages(vm.vcpu, kvm)
+    assert kvm.n_free_mmu_pages == KVM_REFILL_PAGES
+    assert list(kvm.active_mmu_pages) == order[4 + KVM_REFILL_PAGES - free :] + roots
+    assert all(kvm.active_mmu_pages[i].invalid for i in roots)
+    assert vm.accounting_ok() and vm.referenced() == vm.leaf_pfns()
+
+
 def test_change_mmu_pages_shrinks_from_the_tail_then_grows():
     vm = make_vm(memslots=[(0, 0, 0x8000, "ram")])
     kvm = vm.kvm
@@ -228,8 +257,8 @@ def test_change_mmu_pages_shrinks_from_the_tail_then_grows():
 
 
 def test_change_mmu_pages_counts_a_zapped_root_as_freed():
-    """§1.7/§2.12: the shrink loop counts each zap as one freed page; a root is not freed (it turns invalid and
-    moves to the head), so one page more than the budget stays live and ``n_free`` is reset to 0."""
+    """§1.7/§2.12: the shrink loop counts each zap as one freed page; a root is not freed (it turns invalid
+    and moves to the head), so one page more than the budget stays live and ``n_free`` is reset to 0."""
     vm = make_vm(memslots=[(0, 0, 0x8000, "ram")])
     kvm = vm.kvm
     for k in range(6):
@@ -357,6 +386,20 @@ def test_teardown_returns_every_frame_to_zero_references(kernel, mmu):
     assert kvm.n_free_mmu_pages == kvm.n_alloc_mmu_pages
     with pytest.raises(Exception, match="after teardown"):
         vm.access(0x10000)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_reserved_frames_are_refcounted_but_never_dirtied(kernel):
+    vm = make_vm(kernel)
+    gfn = 0x1003
+    rec = vm.access(gfn << 12, write=True)
+    pfn = vm.pfn(gfn)
+    assert rec["result"] == "mapped" and rec["pfn"] == hex(pfn)
+    frame = vm.host.frames[pfn]
+    assert frame.reserved and frame.count == 1
+    vm.teardown()
+    assert frame.count == 0 and not frame.dirty
+    assert [c[0] for c in vm.ops(pfn=pfn)] == ["get", "accessed", "put"]  # release_dirty: no "dirty"
 
 
 # --- memslot deletion -------------------------------------------------------------------------------------
@@ -523,4 +566,3 @@ def test_host_remap_of_a_large_page(kernel):
         assert frame.count == 1 and vm.count(new_base) == 0
     vm.teardown()
     assert vm.referenced() == {} and frame.count == 0
-

@@ -35,6 +35,7 @@ from kvmpfn.kvm.mmu import (
     mmu_set_spte,
     unaccount_shadowed,
 )
+from kvmpfn.kvm.rmap import KernelBug
 from kvmpfn.kvm.spte import TRAP, is_large_pte, spte_to_pfn
 
 GFN = 0x5  # a 4 KiB RAM page in slot 0
@@ -43,8 +44,9 @@ LARGE_GFN = 0x800  # the first 2 MiB region of the hugetlb slot (slot 1)
 
 def set_spte(vm, sptep, gfn, pfn, *, write_fault=0, dirty=1, largepage=0, pte_access=ACC_ALL, user_fault=0):
     """``mmu_set_spte`` as ``__direct_map`` calls it (the caller already holds R(pfn))."""
+    vcpu, kvm = vm.vcpu, vm.kvm
     return mmu_set_spte(
-        vm.vcpu, vm.kvm, sptep, ACC_ALL, pte_access, user_fault, write_fault, dirty, largepage, gfn, pfn, False
+        vcpu, kvm, sptep, ACC_ALL, pte_access, user_fault, write_fault, dirty, largepage, gfn, pfn, False
     )
 
 
@@ -82,7 +84,7 @@ def test_old_not_present_via_the_fault_path(vm):
     assert vm.kvm.rmap[GFN] == sptep
 
 
-@pytest.mark.parametrize("acc,expect", [(ACC_ALL, U), (ACC_ALL & ~ACC_USER_MASK, 0), (ACC_USER_MASK, U | 0)])
+@pytest.mark.parametrize("acc,expect", [(ACC_ALL, U), (ACC_ALL & ~ACC_USER_MASK, 0), (ACC_USER_MASK, U)])
 def test_spte_bits_follow_pte_access(vm, acc, expect):
     vm.fault(0x6000)
     sp, _ = vm.leaf(0x6000)
@@ -388,6 +390,38 @@ def test_large_page_refused_where_the_slot_covers_the_region_partly(mmu):
     assert rec["result"] == "mapped" and not int(rec["spte"], 16) & PS
 
 
+def test_a_large_spte_in_the_way_of_a_4k_fault_is_dropped(vm):
+    """Dirty logging starts after a large spte exists: it loses W, a write then faults with large pages
+    refused, and ``__direct_map`` drops the large spte before it builds the level-1 page (v2.6.32's order;
+    the era walked into it: ``--bug direct-map-into-large``)."""
+    kvm = vm.kvm
+    vm.access((LARGE_GFN + 5) << 12, write=True)
+    base = vm.pfn(LARGE_GFN)
+    l2, idx = vm.leaf(LARGE_GFN << 12)
+    vm.dirty_log(1)
+    assert not l2.spt[idx] & W
+    vm.log.clear()
+    rec = vm.access((LARGE_GFN + 5) << 12, write=True)
+    assert rec["result"] == "mapped" and rec["pfn"] == hex(base + 5)
+    assert not int(rec["spte"], 16) & PS and vm.leaf((LARGE_GFN + 5) << 12)[0].level == 1
+    assert vm.log == [
+        ("get", base + 5, "gfn_to_pfn", "tdp_page_fault"),
+        ("accessed", base, "kvm_set_pfn_accessed", "rmap_remove"),
+        ("put", base, "kvm_release_pfn_clean", "rmap_remove"),  # W was removed by the dirty log: clean
+    ]
+    assert vm.count(base) == 0 and vm.count(base + 5) == 1
+    assert kvm.stat["lpages"] == 0 and not kvm.rmap_pde.get(LARGE_GFN >> 9)
+    assert kvm.slots[1].dirty_bitmap == {LARGE_GFN + 5}
+
+
+def test_direct_map_into_large_bug_walks_into_the_large_spte():
+    vm = make_vm(bugs={"direct-map-into-large"})
+    vm.access(LARGE_GFN << 12, write=True)
+    vm.dirty_log(1)
+    with pytest.raises(KernelBug, match="not a table"):
+        vm.access((LARGE_GFN + 5) << 12, write=True)
+
+
 # --- MMIO and error paths --------------------------------------------------------------------------------
 
 
@@ -480,4 +514,3 @@ def test_injected_enomem_at_root_load(mmu):
     assert vm.access(GFN << 12) == {"result": "error", "set_accessed": []}
     assert vm.log == [] and vm.kvm.active_mmu_pages == {}
     assert vm.access(GFN << 12)["result"] == "mapped"
-

@@ -207,7 +207,8 @@ def test_reference_counts_before_and_after_teardown(name):
 def test_mmio_pfn_takes_and_releases_bad_pfn_per_exit():
     _, _, log = replay_keeping_the_vm("variants/mmio-pfn.jsonl")
     bad = [(c[0], c[2], c[3]) for c in log if c[1] == BAD_PFN]
-    assert bad == [("get", "gfn_to_pfn", "tdp_page_fault"), ("put", "kvm_release_pfn_clean", "tdp_page_fault")] * 5
+    exit_pair = [("get", "gfn_to_pfn", "tdp_page_fault"), ("put", "kvm_release_pfn_clean", "tdp_page_fault")]
+    assert bad == exit_pair * 5
 
 
 def test_host_remap_notifier_releases_the_old_frame_dirty_at_the_remap():
@@ -233,9 +234,8 @@ def test_cli_emit_is_byte_identical_across_runs(name, tmp_path):
     outs = []
     for i in range(2):
         out = tmp_path / f"out{i}.jsonl"
-        proc = subprocess.run(
-            [*kvmpfn_cmd(), "replay", str(TRACES / name), "--emit", str(out)], capture_output=True, check=False
-        )
+        cmd = [*kvmpfn_cmd(), "replay", str(TRACES / name), "--emit", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, check=False)
         assert proc.returncode in (0, 1), proc.stderr  # 1: findings (the auditor's business), never 2
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]

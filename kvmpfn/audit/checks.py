@@ -199,7 +199,9 @@ def guest_entry_present(view: GuestView, addr: int, level: int) -> bool:
     return w.level < level or (w.level == level and bool(w.error_code & PFERR_PRESENT_MASK))
 
 
-def check_permission(kvm, findings, view: GuestView, sp, index: int, addr: int, level: int, spte: int) -> None:
+def check_permission(
+    kvm, findings, view: GuestView, sp, index: int, addr: int, level: int, spte: int
+) -> None:
     """I11: a leaf never grants more than the guest translation (W, U, NX), judged with the CR0.WP of its
     shadow page's role: a W spte over a read-only translation is legal only for CR0.WP=0 supervisor
     writes, and then without U (the v2.6.35 rule; violated in 2008, §5.17)."""

@@ -18,10 +18,10 @@ from kvmpfn.kvm.defs import (
     PT32E_ROOT_LEVEL,
     PT64_BASE_ADDR_MASK,
     PT64_NX_MASK,
-    PT_PRESENT_MASK,
     PT64_ROOT_LEVEL,
     PT_ACCESSED_MASK,
     PT_PAGE_SIZE_MASK,
+    PT_PRESENT_MASK,
     PT_USER_MASK,
     PT_WRITABLE_MASK,
 )
@@ -31,9 +31,6 @@ from kvmpfn.kvm.mmu import (
     mmu_free_roots,
     nonpaging_page_fault,
     nonpaging_prefetch_page,
-    page_header,
-    pt64_index,
-    root_table,
     tdp_page_fault,
 )
 from kvmpfn.kvm.paging import paging_page_fault, prefetch_page
@@ -258,10 +255,16 @@ def leaf_of(path: list[tuple], addr: int) -> tuple[int, int, int]:
     sp, index = path[-1]
     spte = sp.spt[index]
     mask = (1 << 21) - 1 if spte & PT_PAGE_SIZE_MASK and sp.level == 2 else 0xFFF
-    return (sp.gfns[index] << PAGE_SHIFT) | (addr & mask), spte_to_pfn(spte) + ((addr & mask) >> PAGE_SHIFT), spte
+    return (
+        (sp.gfns[index] << PAGE_SHIFT) | (addr & mask),
+        spte_to_pfn(spte) + ((addr & mask) >> PAGE_SHIFT),
+        spte,
+    )
 
 
-def guest_access(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool) -> AccessOutcome:
+def guest_access(
+    vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool
+) -> AccessOutcome:
     """One guest memory access on the simulated CPU (TRACE_FORMAT "The simulated CPU").
 
     Shadow: walk the sptes; a hit sets A in the sptes used; trap or a denying spte exits to
@@ -298,7 +301,9 @@ def guest_access(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch
                 sp.spt[index] |= PT_ACCESSED_MASK
             leaf_gpa, pfn, spte = leaf_of(path, tdp_addr)
             if result is None:
-                return AccessOutcome("hit", leaf_gpa, pfn, spte, set_accessed=set_accessed, set_dirty=set_dirty)
+                return AccessOutcome(
+                    "hit", leaf_gpa, pfn, spte, set_accessed=set_accessed, set_dirty=set_dirty
+                )
             return AccessOutcome(result, gpa, pfn, spte, set_accessed=set_accessed, set_dirty=set_dirty)
         error_code = (PFERR_PRESENT_MASK if end != TRAP else 0) | (PFERR_WRITE_MASK if write else 0)
         error_code |= (PFERR_USER_MASK if user else 0) | (PFERR_FETCH_MASK if fetch else 0)

@@ -39,7 +39,14 @@ from kvmpfn.kvm.rmap import (
     rmap_remove,
     rmap_write_protect,
 )
-from kvmpfn.kvm.spte import TRAP, is_large_pte, is_rmap_pte, is_shadow_present_pte, is_writeble_pte, spte_to_pfn
+from kvmpfn.kvm.spte import (
+    TRAP,
+    is_large_pte,
+    is_rmap_pte,
+    is_shadow_present_pte,
+    is_writeble_pte,
+    spte_to_pfn,
+)
 from kvmpfn.kvm.vm import SHADOW_PAGE_FIRST_PFN, Kvm, KvmMmuPage, KvmSlot, Vcpu, role_word
 
 ENOMEM = -12
@@ -464,7 +471,9 @@ def mmu_set_spte(
     if not was_rmapped:
         rmap_add(vcpu, kvm, sptep, gfn, largepage)
         if "double-release" in kvm.bugs:
-            api.kvm_release_pfn_clean(pfn, "mmu_set_spte")  # the v2.6.32 model's release, kept with rmap_remove's
+            api.kvm_release_pfn_clean(
+                pfn, "mmu_set_spte"
+            )  # the v2.6.32 model's release, kept with rmap_remove's
     elif "same-pfn-no-release" not in kvm.bugs:
         if was_writeble:
             api.kvm_release_pfn_dirty(pfn, "mmu_set_spte")
@@ -620,7 +629,9 @@ def mmu_free_roots(vcpu: Vcpu, kvm: Kvm) -> None:
     vcpu.root_hpa = INVALID_PAGE
 
 
-PAE_ROOT_HPA = 0x3FFFFFFF000  # __pa(vcpu->arch.mmu.pae_root): a marker, the four entries live in vcpu.pae_root
+PAE_ROOT_HPA = (
+    0x3FFFFFFF000  # __pa(vcpu->arch.mmu.pae_root): a marker, the four entries live in vcpu.pae_root
+)
 
 
 def mmu_alloc_roots(vcpu: Vcpu, kvm: Kvm) -> None:
@@ -731,4 +742,3 @@ def kvm_arch_destroy_vm(kvm: Kvm) -> None:
     for vcpu in kvm.vcpus.values():
         kvm_mmu_unload(vcpu, kvm)
     free_mmu_pages(kvm)
-

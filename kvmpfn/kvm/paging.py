@@ -166,7 +166,9 @@ def paging_page_fault(vcpu, kvm, addr: int, error_code: int) -> int:
     return write_pt
 
 
-def fetch(vcpu, kvm, addr: int, walker, user_fault: bool, write_fault: bool, largepage: int, gfn: int, pfn: int) -> int:
+def fetch(
+    vcpu, kvm, addr: int, walker, user_fault: bool, write_fault: bool, largepage: int, gfn: int, pfn: int
+) -> int:
     """``FNAME(fetch)``: walk the shadow from the root by ``addr``, creating the shadow page of each guest
     table on the way (``kvm_mmu_get_page``: write-protects it), re-reading the guest entry after protecting
     its table and bailing out if it changed (R released), then ``mmu_set_spte`` at the leaf. Returns
@@ -229,7 +231,9 @@ def fetch(vcpu, kvm, addr: int, walker, user_fault: bool, write_fault: bool, lar
                     kvm_mmu_put_page(child, (sp, index))
                 kvm.api.kvm_release_pfn_clean(pfn, "fetch")
                 return 0
-        sp.spt[index] = child.hpa << PAGE_SHIFT | PT_PRESENT_MASK | PT_ACCESSED_MASK | PT_WRITABLE_MASK | PT_USER_MASK
+        sp.spt[index] = (
+            child.hpa << PAGE_SHIFT | PT_PRESENT_MASK | PT_ACCESSED_MASK | PT_WRITABLE_MASK | PT_USER_MASK
+        )
         sp = child
         level -= 1
     dirty = walker.ptes[leaf_level - 1] & PT_DIRTY_MASK
@@ -293,6 +297,16 @@ def update_pte(vcpu, kvm, sp, sptep: tuple, gpte: int) -> None:
         return
     api.kvm_get_pfn(pfn, "update_pte")
     mmu_set_spte(
-        vcpu, kvm, sptep, sp.access, pte_access, 0, 0, gpte & PT_DIRTY_MASK, vcpu.update_pte_largepage, gfn, pfn, True
+        vcpu,
+        kvm,
+        sptep,
+        sp.access,
+        pte_access,
+        0,
+        0,
+        gpte & PT_DIRTY_MASK,
+        vcpu.update_pte_largepage,
+        gfn,
+        pfn,
+        True,
     )
-

@@ -20,7 +20,6 @@ from kvmpfn.kvm.mmu import (
     kvm_mmu_audit,
     kvm_mmu_free_some_pages,
     kvm_mmu_zap_page,
-    mmu_notifier_retry,
     mmu_page_remove_parent_pte,
     page_header,
 )
@@ -182,6 +181,3 @@ def kvm_mmu_pte_write(vcpu, kvm, gpa: int, new: int, nbytes: int) -> None:
         vcpu.update_pte_pfn = api.bad_pfn
     elif "prefetch-no-release" in kvm.bugs:
         vcpu.update_pte_pfn = api.bad_pfn
-
-
-

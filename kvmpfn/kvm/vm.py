@@ -15,7 +15,9 @@ from kvmpfn.kvm.defs import INVALID_PAGE, PT64_ENT_PER_PAGE, SHADOW_TRAP_NONPRES
 SHADOW_PAGE_FIRST_PFN = 0x40000000
 
 
-def role_word(glevels: int, level: int, quadrant: int, metaphysical: int, access: int, invalid: int, cr0_wp: int) -> int:
+def role_word(
+    glevels: int, level: int, quadrant: int, metaphysical: int, access: int, invalid: int, cr0_wp: int
+) -> int:
     """``union kvm_mmu_page_role`` packed as in v2.6.26 (glevels 0-3, level 4-7, quadrant 8-9,
     metaphysical 16, access 17-19, invalid 20). Bit 21 holds ``cr0_wp``, the role bit v2.6.35 added."""
     return (
