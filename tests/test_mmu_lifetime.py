@@ -212,11 +212,6 @@ def test_free_some_pages_zaps_exactly_the_oldest_until_25_are_free():
     assert kvm.stat["mmu_recycled"] == KVM_REFILL_PAGES - free
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: __kvm_mmu_free_some_pages gives up after two consecutive roots at the tail (stuck < 2); "
-    "a PAE-shaped shadow has four roots, the oldest pages, so recycling frees nothing",
-)
 def test_free_some_pages_zaps_past_the_four_pae_roots_at_the_tail():
     """Paging off under shadow: four level-2 roots (§2.2), allocated first, sit at the tail. The kernel's loop
     zaps them (each turns invalid and moves to the head, freeing nothing) and goes on with the next oldest

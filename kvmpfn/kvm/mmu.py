@@ -357,10 +357,11 @@ def page_header_update_slot(kvm: Kvm, sp: KvmMmuPage, gfn: int) -> None:
 def __kvm_mmu_free_some_pages(kvm: Kvm) -> None:
     """``__kvm_mmu_free_some_pages``: zap from the tail of the active list until 25 pages are free.
 
-    Differs from the kernel: stops when only roots are left (the kernel would loop forever).
+    Differs from the kernel: stops after a whole pass that freed nothing, i.e. when only roots are left (the
+    kernel would loop forever).
     """
     stuck = 0
-    while kvm.n_free_mmu_pages < KVM_REFILL_PAGES and kvm.active_mmu_pages and stuck < 2:
+    while kvm.n_free_mmu_pages < KVM_REFILL_PAGES and kvm.active_mmu_pages and stuck < len(kvm.active_mmu_pages):
         before = kvm.n_free_mmu_pages
         kvm_mmu_zap_page(kvm, next(iter(kvm.active_mmu_pages.values())))
         kvm.stat["mmu_recycled"] += 1
