@@ -295,3 +295,13 @@ def compare(paths: tuple[str, ...], a: str, b: str, jobs, fmt: str) -> None:
     render = compare_json if fmt == "json" else compare_text
     click.echo(render(diffs, corpus, a, b), nl=False)
     sys.exit(1 if diffs else 0)
+
+
+# -- real inputs (kvmpfn/realinput_cli.py) and workloads (kvmpfn/synth_cli.py) ------------------------------
+
+from kvmpfn.realinput_cli import check, convert  # noqa: E402
+from kvmpfn.synth_cli import synth  # noqa: E402
+
+main.add_command(convert)
+main.add_command(check)
+main.add_command(synth)

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from kvmpfn.audit import Auditor
+from kvmpfn.audit.recorded import RecordedChecks
 from kvmpfn.host import Host, HostError
+from kvmpfn.host.elfcore import guest_from_core, open_header_memory
 from kvmpfn.kvm.context import guest_access, kvm_mmu_reset_context, kvm_set_cr3, new_vcpu, recorded_fault
 from kvmpfn.kvm.defs import KVM_MAX_VCPUS, PAGE_SHIFT
 from kvmpfn.kvm.mmu import (
@@ -87,16 +89,17 @@ class InputError(Exception):
 class Replayer:
     """One VM and the state of one replay."""
 
-    def __init__(self, header: ev.Header, options: ReplayOptions) -> None:
+    def __init__(self, header: ev.Header, options: ReplayOptions, memory_image=None) -> None:
         self.header = header
         self.mmu = options.mmu or header.mmu
         self.kernel = options.kernel or header.kernel
         self.options = options
-        self.host = Host(first_pfn=header.host.first_pfn)
+        self.host = Host(first_pfn=header.host.first_pfn, memory_image=memory_image)
         self.api = PfnApi(self.host, self.kernel, bugs=options.bugs)
         self.kvm = Kvm(self.host, self.api, kernel=self.kernel, tdp=self.mmu == "tdp", bugs=options.bugs)
         self.auditor = Auditor(self.kvm, kernel_points=options.kernel_audit)
         self.findings = self.auditor.findings
+        self.recorded = RecordedChecks.for_header(self.findings, header)
         self.torn_down = False
         self.seq = -1
         self.line = 0
@@ -321,6 +324,7 @@ class Replayer:
         if e.t is not None:
             out["t"] = e.t
         if e.x is not None:
+            self.recorded.observe(e.x)
             out["x"] = e.x
         return out
 
@@ -348,7 +352,9 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
     try:
         with open_trace(path) as reader:
             try:
-                rp = Replayer(reader.header, options)
+                image = open_header_memory(reader.header.memory, path)
+                reader.header.guest = guest_from_core(reader.header.guest, image)
+                rp = Replayer(reader.header, options, memory_image=image)
             except (HostError, InputError) as err:
                 raise TraceError(
                     path, reader.header_line, err.message, field=err.field, context="header"
@@ -376,6 +382,7 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
                 result.results[rec["result"]] += 1
                 if emit is not None:
                     emit.write(json.dumps(rec, separators=(", ", ": ")) + "\n")
+            rp.recorded.finish()
             if reader.header.teardown and not rp.torn_down:
                 rp.findings.seq, rp.findings.point = seq + 1, "teardown"
                 rp.do_teardown()

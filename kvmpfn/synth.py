@@ -68,12 +68,14 @@ GVA_BASE = 0x4000_0000
 # fork-storm: copy-on-write copies come from the top 16,384 data frames, cyclically.
 COW_GFN = 0xC000
 COW_PAGES = 0x10000 - COW_GFN
-# hugepages: 16 MiB of small-page RAM (low memory, tables, and 0x800-0xfff as 4K data) + a hugetlb slot.
-HUGE_GFN = 0x1000
+# hugepages: 16 MiB of small-page RAM (low memory, tables, and 0x800-0xfff as 4K data) and a hugetlb slot in
+# the next 1 GiB; guest large pages at gva 1 GiB, the small pages at gva 2 GiB (its PD at ROOTS[0] + 3).
+SMALL_SLOT_PAGES = 0x1000
+HUGE_GFN = 0x40000
 HUGE_PAGES = 0x8000  # 128 MiB: 64 host 2 MiB pages
 SMALL_GFN = 0x800
 SMALL_PAGES = 0x800
-SMALL_VPN = 0x10000  # gva GVA_BASE + 256 MiB: above the large-page window
+SMALL_BASE = 0x8000_0000
 # boot: every pass maps vpn to a gfn shifted by this many frames, so that each pass moves every mapping.
 BOOT_STRIDE = 4099
 
@@ -102,48 +104,44 @@ def _ws(events: int, cap: int) -> int:
     return max(64, min(cap, events // 16))
 
 
-def _access(
-    addr: int, write: bool = False, user: bool = True, fetch: bool = False, vcpu: int = 0
-) -> ev.Access:
+def _access(addr: int, write: bool = False, user: bool = True, fetch: bool = False, vcpu: int = 0) -> ev.Access:
     return ev.Access(addr=addr, write=write, user=user, fetch=fetch, vcpu=vcpu)
 
 
 class _Space:
-    """One guest address space with its page tables at fixed gfns: the top levels at ``root``, PT ``i``
-    (mapping vpns ``i * per_pt ...``) at ``pool + i``. ``linked`` maps PD index to the PT gfn it points to."""
+    """One guest address space with its page tables at fixed gfns: the top levels at ``root`` (and its PDPT
+    at ``root + 1``), the PD of the 1 GiB window at ``base`` at ``pd``, PT ``i`` (mapping vpns
+    ``i * per_pt ...`` of the window) at ``pool + i``. ``linked`` maps PD index to the PT gfn it points to."""
 
-    __slots__ = ("paging", "root", "pool", "size", "per_pt", "pd", "pd_first", "large", "cr3", "linked")
+    __slots__ = ("paging", "root", "pool", "base", "size", "per_pt", "pd", "pd_first", "large", "cr3", "linked")
 
-    def __init__(self, paging: str, root: int, pool: int) -> None:
+    def __init__(self, paging: str, root: int, pool: int, base: int = GVA_BASE, pd: int | None = None) -> None:
         self.paging = paging
         self.root = root
         self.pool = pool
+        self.base = base
         if paging == "32":
-            self.size, self.per_pt, self.pd, self.pd_first, self.large = 4, 1024, root, GVA_BASE >> 22, 1024
+            self.size, self.per_pt, self.pd, self.pd_first, self.large = 4, 1024, root, base >> 22, 1024
         else:
-            self.size, self.per_pt, self.pd = 8, 512, root + 2
-            self.pd_first, self.large = (GVA_BASE >> 21) & 511, 512
+            self.size, self.per_pt, self.pd = 8, 512, root + 2 if pd is None else pd
+            self.pd_first, self.large = (base >> 21) & 511, 512
         self.cr3 = root << 12
         self.linked: dict[int, int] = {}
 
     def top(self) -> list[ev.Event]:
         """The entries above the PD: PML4E and PDPTE (64-bit), the PDPTE (PAE), none (32-bit)."""
-        root = self.root
+        root, base = self.root, self.base
         if self.paging == "64":
             return [
-                ev.Write(
-                    gpa=(root << 12) + ((GVA_BASE >> 39) & 511) * 8, val=((root + 1) << 12) | PWU, len=8
-                ),
-                ev.Write(
-                    gpa=((root + 1) << 12) + ((GVA_BASE >> 30) & 511) * 8, val=(self.pd << 12) | PWU, len=8
-                ),
+                ev.Write(gpa=(root << 12) + ((base >> 39) & 511) * 8, val=((root + 1) << 12) | PWU, len=8),
+                ev.Write(gpa=((root + 1) << 12) + ((base >> 30) & 511) * 8, val=(self.pd << 12) | PWU, len=8),
             ]
         if self.paging == "pae":  # PDPTE bits 2:1 are reserved: P only
-            return [ev.Write(gpa=(root << 12) + (GVA_BASE >> 30) * 8, val=(self.pd << 12) | P, len=8)]
+            return [ev.Write(gpa=(root << 12) + (base >> 30) * 8, val=(self.pd << 12) | P, len=8)]
         return []
 
     def gva(self, vpn: int) -> int:
-        return GVA_BASE + vpn * PAGE
+        return self.base + vpn * PAGE
 
     def pde(self, index: int, val: int) -> ev.Write:
         """Store PD entry ``index`` (counted from the window's first one)."""
@@ -408,58 +406,103 @@ def _remap_churn(spec: SynthSpec, rng: random.Random) -> Iterator[ev.Event]:
 
 
 def _hugepages(spec: SynthSpec, rng: random.Random) -> Iterator[ev.Event]:
-    """2 MiB memory: a hugetlb slot of 64 host huge pages (mapped by gpa with paging off, or by guest large
-    pages: 2 MiB PDEs, 4 MiB with 32-bit PSE) next to small-page RAM. Plain phases of random accesses
-    alternate with migration phases: dirty logging on for the hugetlb slot, rounds of stores each followed by
-    a log harvest, logging off. Now and then the small-page slot is logged too, or the guest points a large
-    PDE at another huge page."""
+    """2 MiB memory: a hugetlb slot of 64 host huge pages at 1 GiB (reached by gpa with paging off, or through
+    guest large pages: 2 MiB PDEs, 4 MiB with 32-bit PSE) and a small-page RAM slot below 16 MiB. Plain
+    phases of random accesses alternate with migration phases: dirty logging on for the hugetlb slot, rounds
+    of accesses each followed by a log harvest, logging off, and a store to every region that went 4K so
+    that it is mapped large again. Now and then the small-page slot is logged the same way, or the guest
+    points a large PDE at another huge page.
+
+    The era clears W in every entry of a logged slot's shadow pages, table pointers included (reference
+    §2.15): a store through a 4K table that existed before the last harvest exits forever (``fault-loop``).
+    So during logging a store only goes to a 2 MiB region that has not gone 4K before the last
+    ``dirty_log``; reads go anywhere. The hugetlb slot has its own 1 GiB (its own level-2 shadow pages) for
+    the same reason.
+    """
     paging = spec.guest_paging
-    space = None if paging == "none" else _Space(paging, ROOTS[0], POOL_A)
-    lpage = space.large if space is not None else 512
-    nlarge = HUGE_PAGES // lpage
-    target = list(range(nlarge))  # guest large page j -> huge page target[j]
-    small = bytearray(SMALL_PAGES)
-    if space is not None:
+    space = small_space = None
+    if paging != "none":
+        space = _Space(paging, ROOTS[0], POOL_A)
+        small_space = _Space(paging, ROOTS[0], POOL_A, base=SMALL_BASE, pd=ROOTS[0] + 3)
         yield from space.top()
+        yield from small_space.top()
+    lpage = space.large if space is not None else 512
+    sub = lpage // 512  # 2 MiB regions per guest large page
+    nlarge = HUGE_PAGES // lpage
+    if space is not None:
         for j in range(nlarge):
             yield space.pde(j, ((HUGE_GFN + j * lpage) << 12) | PWU | PS)
         yield ev.Cr3(val=space.cr3)
+    target = list(range(nlarge))  # guest large page j -> huge page target[j]
+    never = -1
+    # The dirty_log epoch since which a 2 MiB region may hold a 4K table, by gva region (shadow sptes) and by
+    # gpa region (tdp sptes); never: mapped large or not at all.
+    split_gva = [never] * (nlarge * sub)
+    split_gpa = [never] * (nlarge * sub)
+    small = bytearray(SMALL_PAGES)
+    epoch = 0
+    logging = False
 
-    def access() -> Iterator[ev.Event]:
-        write = rng.random() < 0.4
-        if rng.random() < 0.9:
-            off = rng.randrange(lpage * PAGE) & ~7
+    def huge_access(write: bool, j: int | None = None, off: int | None = None) -> ev.Access:
+        if j is None:
             j = rng.randrange(nlarge)
-            if space is None:
-                yield _access((HUGE_GFN + j * lpage) * PAGE + off, write=write)
-            else:
-                yield _access(GVA_BASE + j * lpage * PAGE + off, write=write)
-            return
-        s = rng.randrange(SMALL_PAGES)
+        if off is None:
+            off = rng.randrange(lpage * PAGE) & ~7
+        rv = j * sub + (off >> 21)
+        rp = target[j] * sub + (off >> 21)
+        if logging:
+            if write and not (split_gva[rv] in (never, epoch) and split_gpa[rp] in (never, epoch)):
+                write = False
+            if split_gva[rv] == never:
+                split_gva[rv] = epoch
+            if split_gpa[rp] == never:
+                split_gpa[rp] = epoch
+        elif write:  # a store outside logging maps the region large again
+            split_gva[rv] = split_gpa[rp] = never
         if space is None:
-            yield _access((SMALL_GFN + s) * PAGE, write=write)
+            return _access((HUGE_GFN + j * lpage) * PAGE + off, write=write)
+        return _access(space.base + j * lpage * PAGE + off, write=write)
+
+    def small_access(write: bool) -> Iterator[ev.Event]:
+        s = rng.randrange(SMALL_PAGES)
+        if small_space is None:
+            yield _access((SMALL_GFN + s) * PAGE + (rng.randrange(PAGE) & ~7), write=write)
             return
-        gva = space.gva(SMALL_VPN + s)
+        gva = small_space.gva(s)
         if not small[s]:
             yield _access(gva, write=write)  # guest #PF, then the guest maps the page
-            yield from space.map(SMALL_VPN + s, SMALL_GFN + s)
+            yield from small_space.map(s, SMALL_GFN + s)
             small[s] = 1
-        yield _access(gva, write=write)
+        yield _access(gva + (rng.randrange(PAGE) & ~7), write=write)
+
+    def accesses(n: int, p_write: float, p_small: float = 0.1) -> Iterator[ev.Event]:
+        for _ in range(n):
+            if rng.random() < p_small:
+                yield from small_access(rng.random() < p_write)
+            else:
+                yield huge_access(rng.random() < p_write)
 
     while True:
-        for _ in range(rng.randint(50, 400)):
-            yield from access()
+        yield from accesses(rng.randint(50, 400), 0.4)
+        # migration of the hugetlb slot
         yield ev.DirtyLog(slot=1)
+        logging, epoch = True, epoch + 1
         for _ in range(rng.randint(2, 6)):
-            for _ in range(rng.randint(20, 200)):
-                yield from access()
+            yield from accesses(rng.randint(20, 200), 0.6)
             yield ev.DirtyLog(slot=1)
+            epoch += 1
         yield ev.DirtyLog(slot=1, stop=True)
+        logging, epoch = False, epoch + 1
+        for rv, since in enumerate(split_gva):
+            if since != never:
+                j, half = divmod(rv, sub)
+                yield huge_access(True, j, half << 21)
         r = rng.random()
-        if r < 0.3:
+        if r < 0.3:  # log the small-page slot: only table pointers above its leaves, so any store is fine
             yield ev.DirtyLog(slot=0)
-            for _ in range(rng.randint(20, 100)):
-                yield from access()
+            for _ in range(rng.randint(1, 4)):
+                yield from accesses(rng.randint(20, 100), 0.5, 0.8)
+                yield ev.DirtyLog(slot=0)
             yield ev.DirtyLog(slot=0, stop=True)
         elif r < 0.5 and space is not None:
             j = rng.randrange(nlarge)
@@ -505,7 +548,7 @@ def synth_header(spec: SynthSpec) -> ev.Header:
     kwargs = {}
     if spec.workload == "hugepages":
         kwargs["memslots"] = [
-            ev.Memslot(slot=0, gfn=0, npages=HUGE_GFN, backing="ram"),
+            ev.Memslot(slot=0, gfn=0, npages=SMALL_SLOT_PAGES, backing="ram"),
             ev.Memslot(slot=1, gfn=HUGE_GFN, npages=HUGE_PAGES, backing="hugetlb"),
         ]
     return ev.Header(

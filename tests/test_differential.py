@@ -139,9 +139,11 @@ def would_hit(rp: Replayer, e: ev.Access) -> bool:
     return leaf_allows(cpu, path, e.write, e.user, e.fetch, e.ac)
 
 
-def replay(header: ev.Header, events: Sequence, mmu: str, *, kernel_audit: bool = False) -> Run:
+def replay(
+    header: ev.Header, events: Sequence, mmu: str, *, kernel_audit: bool = False, audit_every: int = 1
+) -> Run:
     """Replay ``events`` under ``mmu`` through the Python API, auditing after every event."""
-    rp = Replayer(header, ReplayOptions(mmu=mmu, audit_every=1, kernel_audit=kernel_audit))
+    rp = Replayer(header, ReplayOptions(mmu=mmu, audit_every=audit_every, kernel_audit=kernel_audit))
     run = Run(mmu)
     gfns = tracked_gfns(events)
     mem: dict[int, bytes] | None = None  # the tracked frames, when no event changed them since
@@ -317,6 +319,8 @@ def guest_programs(draw, modes: Sequence[str] = ("32", "pae", "64"), max_ops: in
         "cr4_smap": draw(st.booleans()),
         "gbpages": mode.name == "64" and draw(st.booleans()),
     }
+    if AVOID_KNOWN_BUGS and not paging["cr0_wp"]:
+        paging["cr4_smep"] = paging["cr4_smap"] = False  # test_bug_cr0wp0_* : no SMEP/SMAP with CR0.WP=0
     guest = ev.Guest(paging=mode.name, cr3=0, **paging)
     header = ev.Header(kvmpfn=1, kernel=draw(st.sampled_from(KERNELS)), guest=guest, memslots=list(MEMSLOTS))
     events: list = []
@@ -387,7 +391,10 @@ def guest_programs(draw, modes: Sequence[str] = ("32", "pae", "64"), max_ops: in
             events.append(ev.Cr3(val=draw(st.sampled_from(cr3s))))
         elif op == 17:
             name = draw(st.sampled_from(FEATURES[mode.name]))
-            paging[name] = not paging[name]
+            flipped = {**paging, name: not paging[name]}
+            if AVOID_KNOWN_BUGS and not flipped["cr0_wp"] and (flipped["cr4_smep"] or flipped["cr4_smap"]):
+                continue
+            paging = flipped
             events.append(ev.Paging(**{name: paging[name]}))
         elif op == 18:
             events.append(ev.Invlpg(addr=draw(st.sampled_from(gvas))))
@@ -399,11 +406,18 @@ def guest_programs(draw, modes: Sequence[str] = ("32", "pae", "64"), max_ops: in
     return Program(header, events)
 
 
+#: Keep the family off the known bugs pinned by the xfail tests below, so that it keeps looking for new ones:
+#: no flip of a feature that changes the guest translation but not the shadow-page role (CR4.PSE, EFER.NX,
+#: gbpages: test_bug_feature_change_keeps_stale_sptes), no CR0.WP=0 together with SMEP or SMAP
+#: (test_bug_cr0wp0_*), and no finding check while SMAP is on (test_bug_audit_smap_false_positive).
+#: Set to False once those are fixed.
+AVOID_KNOWN_BUGS = True
+
 #: The features a ``paging`` event of the family may flip, per mode.
 FEATURES = {
-    "32": ("cr0_wp", "cr4_pse", "cr4_smep", "cr4_smap"),
-    "pae": ("cr0_wp", "efer_nx", "cr4_smep", "cr4_smap"),
-    "64": ("cr0_wp", "efer_nx", "cr4_smep", "cr4_smap", "gbpages"),
+    "32": ("cr0_wp", "cr4_smep", "cr4_smap") + (() if AVOID_KNOWN_BUGS else ("cr4_pse",)),
+    "pae": ("cr0_wp", "cr4_smep", "cr4_smap") + (() if AVOID_KNOWN_BUGS else ("efer_nx",)),
+    "64": ("cr0_wp", "cr4_smep", "cr4_smap") + (() if AVOID_KNOWN_BUGS else ("efer_nx", "gbpages")),
 }
 
 COMMON = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

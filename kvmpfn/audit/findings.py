@@ -27,6 +27,8 @@ CODES = (
     "mmu-page-accounting",
     "dirty-lost",
     "fault-loop",
+    "recorded-spte-mismatch",
+    "recorded-spte-pfn-change",
 )
 
 

@@ -186,8 +186,10 @@ class ElfCoreImage:
         segments.sort(key=lambda s: s.p_paddr)
         for a, b in zip(segments, segments[1:], strict=False):
             if b.p_paddr < a.end:
+                hint = " (all at p_paddr 0: a process core, not guest memory?)" if a.p_paddr == b.p_paddr == 0 else ""
                 raise self._fail(
                     f"overlapping PT_LOAD segments: [{a.p_paddr:#x}, {a.end:#x}) and [{b.p_paddr:#x}, {b.end:#x})"
+                    + hint
                 )
         self.segments: tuple[LoadSegment, ...] = tuple(segments)
         self._starts = [s.p_paddr for s in segments]

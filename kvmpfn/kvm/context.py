@@ -214,23 +214,30 @@ def shadow_walk(vcpu: Vcpu, kvm: Kvm, addr: int) -> tuple[list[tuple], int]:
 
 def leaf_allows(cpu: GuestCpu, path: list[tuple], write: bool, user: bool, fetch: bool, ac: bool) -> bool:
     """The host CPU's permission check over the sptes used (CR0.WP=1, EFER.NX=1, the guest's SMEP/SMAP)."""
-    w = u = True
-    nx = False
+    both = PT_WRITABLE_MASK | PT_USER_MASK
+    nx = 0
     for sp, index in path:
         ent = sp.spt[index]
-        w = w and bool(ent & PT_WRITABLE_MASK)
-        u = u and bool(ent & PT_USER_MASK)
-        nx = nx or bool(ent & PT64_NX_MASK)
-    if write and not w:
+        both &= ent
+        nx |= ent
+    if write and not both & PT_WRITABLE_MASK:
         return False
-    if user and not u:
+    if user:
+        return bool(both & PT_USER_MASK) and not (fetch and nx & PT64_NX_MASK)
+    if fetch and nx & PT64_NX_MASK:
         return False
-    if fetch and nx:
+    if both & PT_USER_MASK and (cpu.cr4_smep if fetch else cpu.cr4_smap and not ac):
         return False
-    if not user and u:
-        if fetch and cpu.cr4_smep:
-            return False
-        if not fetch and cpu.cr4_smap and not ac:
+    return True
+
+
+def tdp_allows(path: list[tuple], write: bool) -> bool:
+    """The TDP walk's check: direct-map sptes are ACC_ALL, only W can be missing (write protection, dirty
+    logging)."""
+    if not write:
+        return True
+    for sp, index in path:
+        if not sp.spt[index] & PT_WRITABLE_MASK:
             return False
     return True
 
@@ -286,16 +293,14 @@ def guest_access(
     result = None
     gpa = None
     for _attempt in range(3):
-        if kvm_mmu_reload(vcpu, kvm):
+        if (vcpu.mmu_reload_requested or vcpu.root_hpa == INVALID_PAGE) and kvm_mmu_reload(vcpu, kvm):
             return AccessOutcome("error", set_accessed=set_accessed, set_dirty=set_dirty)
         path, end = shadow_walk(vcpu, kvm, tdp_addr)
         if end == NOTRAP and not kvm.tdp_enabled:
             err = guest_error_code(cpu, False, write, user, fetch)
             return AccessOutcome("guest_fault", err=err, set_accessed=set_accessed)
-        if end not in (TRAP, NOTRAP) and (
-            all(sp.spt[i] & PT_WRITABLE_MASK for sp, i in path) or not write
-            if kvm.tdp_enabled
-            else leaf_allows(cpu, path, write, user, fetch, ac)
+        if end != TRAP and end != NOTRAP and (
+            tdp_allows(path, write) if kvm.tdp_enabled else leaf_allows(cpu, path, write, user, fetch, ac)
         ):
             for sp, index in path:
                 sp.spt[index] |= PT_ACCESSED_MASK

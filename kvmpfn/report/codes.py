@@ -99,4 +99,23 @@ CODES: dict[str, Code] = {
         "reference released clean; or rmap_write_protect cleared W without kvm_set_pfn_dirty; or, in a "
         "logging slot, a writable leaf's gfn is missing from the bitmap (I14).",
     ),
+    "fault-loop": Code(
+        "address, vcpu",
+        "The same address faults again and again with no change in between.",
+        "Replay: an access exits to KVM, the fault is fixed, and the retried access exits again, every time. "
+        "Recorded traces: at least 8 consecutive faults on one vcpu at one address with no spte set, changed "
+        "or zapped for it in between (kvmpfn/audit/recorded.py).",
+    ),
+    "recorded-spte-mismatch": Code(
+        "gfn",
+        "A recorded kvm_mmu_set_spte installed another frame than the one requested.",
+        "A recorded kvm_mmu_set_spte whose frame differs from the pfn that the preceding "
+        "kvm_mmu_spte_requested for the same gfn asked for (allowing the 2 MiB rounding of large pages).",
+    ),
+    "recorded-spte-pfn-change": Code(
+        "gfn",
+        "A recorded leaf spte changed frame without going non-present.",
+        "A kvm_tdp_mmu_spte_changed old/new pair where a present leaf spte changes frame without passing "
+        "through a non-present value: the stale-spte pattern.",
+    ),
 }

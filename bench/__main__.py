@@ -1,0 +1,205 @@
+"""``python -m bench`` (``make bench``): replay and decode speed, memory, audit cost, corpus gate; writes
+bench/results.json.
+
+    python -m bench            # 1M-event figures and a 2M-vs-1M RSS check (about 15 minutes)
+    python -m bench --quick    # smaller sizes, about a minute: a smoke run
+    python -m bench --full     # also the 10M-vs-1M RSS check (10M traces written as .zst; slow)
+    python -m bench --profile  # cProfile 1M tdp and shadow steady replays: top-20 tables (Markdown)
+
+Timings depend on the machine and its load; results.json records the CPU model and the Python version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+
+from bench import bench_audit, bench_corpus, bench_decode, bench_replay
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+SIZES = {
+    # replay events, RSS check (small, large), audit sizes, corpus (traces, events each), decode events
+    "quick": {"replay": 50_000, "rss": (50_000, 100_000), "audit": (10_000,), "corpus": (40, 2_000)},
+    "default": {"replay": 1_000_000, "rss": (1_000_000, 2_000_000), "audit": (10_000, 100_000), "corpus": (40, 20_000)},
+    "full": {
+        "replay": 1_000_000,
+        "rss": (1_000_000, 10_000_000),
+        "audit": (10_000, 100_000),
+        "corpus": (40, 20_000),
+    },
+}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    return {
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+    }
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def bench_replays(tmp: str, n: int) -> list[dict]:
+    say(f"\n== replay vs decode floor: {n:,}-event synth traces (.jsonl), one process each ==")
+    columns = ("replay ev/s", 12), ("decode ev/s", 12), ("replay s", 9), ("decode s", 9), ("ratio", 6), ("RSS MiB", 8)
+    say(f"{'trace':<16} " + " ".join(f"{name:>{width}}" for name, width in columns))
+    rows = []
+    for workload in ("steady", "boot"):
+        for mmu in ("tdp", "shadow"):
+            path = bench_replay.generate(tmp, workload, mmu, n)
+            row = {"workload": workload, "mmu": mmu, "events": n, **bench_replay.measure(path)}
+            os.unlink(path)
+            rows.append(row)
+            say(
+                f"{workload + '/' + mmu:<16} {row['replay_events_per_s']:>12,} {row['decode_events_per_s']:>12,} "
+                f"{row['replay_s']:>9.1f} {row['decode_s']:>9.2f} {row['replay_over_decode']:>6.1f} "
+                f"{row['replay_peak_rss_kib'] / 1024:>8.1f}"
+                + (f"  findings {row['findings']}" if row["findings"] else "")
+                + (f"  ERROR {row['error']}" if row["error"] else "")
+            )
+    return rows
+
+
+def bench_rss(tmp: str, small: int, large: int) -> list[dict]:
+    say(f"\n== replay peak RSS: {large:,} vs {small:,} events (steady, .zst) ==")
+    rows = []
+    for mmu in ("tdp", "shadow"):
+        figures = {}
+        for n in (small, large):
+            path = bench_replay.generate(tmp, "steady", mmu, n, suffix=".jsonl.zst")
+            figures[n] = bench_replay.replay_in_subprocess(path)
+            os.unlink(path)
+        a, b = figures[small], figures[large]
+        row = {
+            "workload": "steady",
+            "mmu": mmu,
+            "small_events": small,
+            "large_events": large,
+            "small_peak_rss_kib": a["peak_rss_kib"],
+            "large_peak_rss_kib": b["peak_rss_kib"],
+            "growth_kib": b["peak_rss_kib"] - a["peak_rss_kib"],
+            "small_events_per_s": a["events_per_s"],
+            "large_events_per_s": b["events_per_s"],
+            "findings": a["findings"] + b["findings"],
+        }
+        rows.append(row)
+        say(
+            f"steady/{mmu:<7} {a['peak_rss_kib'] / 1024:7.1f} MiB at {small:,}, {b['peak_rss_kib'] / 1024:7.1f} MiB "
+            f"at {large:,} (growth {row['growth_kib'] / 1024:+.1f} MiB)"
+        )
+    return rows
+
+
+def bench_audits(sizes: tuple[int, ...]) -> list[dict]:
+    say("\n== one full audit against live sptes (tdp, paging none, 4K pages) ==")
+    rows = []
+    for pages in sizes:
+        row = bench_audit.measure_in_subprocess(pages)
+        rows.append(row)
+        say(
+            f"{row['sptes']:>8,} sptes: {row['audit_min_s'] * 1000:8.1f} ms (median "
+            f"{row['audit_median_s'] * 1000:.1f} ms, {row['audit_us_per_spte']:.2f} us/spte)"
+        )
+    return rows
+
+
+def bench_gate(traces: int, events: int) -> dict:
+    say(f"\n== kvmpfn audit over {traces} synth traces of {events:,} events: --jobs 1 vs --jobs 2 ==")
+    row = bench_corpus.run(traces, events)
+    if "skipped" in row:
+        say(f"skipped: {row['skipped']}")
+    else:
+        say(
+            f"--jobs 1: {row['jobs_1_s']:.1f} s, --jobs 2: {row['jobs_2_s']:.1f} s (speedup {row['speedup']}x on "
+            f"{row['cpus']} CPUs; exit {row['exit_status']})"
+        )
+    return row
+
+
+def bench_decode_flat(n: int) -> dict:
+    say(f"\n== bare decode (bench_decode): {n:,} events ==")
+    row = bench_decode.run(n)
+    say(
+        f"{row['events_per_s']:,} events/s; peak RSS {row['small_peak_rss_kib'] / 1024:.1f} MiB at "
+        f"{row['small_events']:,}, {row['peak_rss_kib'] / 1024:.1f} MiB at {row['events']:,}"
+    )
+    return row
+
+
+def profile_markdown(prof: dict, title: str) -> str:
+    lines = [
+        f"**{title}** — {prof['events']:,} events, {prof['seconds']:.1f} s under cProfile",
+        "",
+        "| # | function | calls | own s | share |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for i, row in enumerate(prof["top"], 1):
+        lines.append(
+            f"| {i} | `{row['function']}` | {row['calls']:,} | {row['own_s']:.2f} | {row['share'] * 100:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def bench_profiles(tmp: str, n: int) -> dict:
+    out = {}
+    for mmu in ("tdp", "shadow"):
+        path = bench_replay.generate(tmp, "steady", mmu, n)
+        prof = bench_replay.profile_in_subprocess(path)
+        os.unlink(path)
+        out[f"steady/{mmu}"] = prof
+        say("\n" + profile_markdown(prof, f"steady/{mmu}"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smaller sizes (about a minute)")
+    size.add_argument("--full", action="store_true", help="also replay 10M events for the RSS check (slow)")
+    parser.add_argument("--profile", action="store_true", help="only cProfile the steady replays")
+    parser.add_argument("-o", "--output", default=os.path.join(HERE, "results.json"), help="results file")
+    args = parser.parse_args(argv)
+    mode = "quick" if args.quick else "full" if args.full else "default"
+    sizes = SIZES[mode]
+    results: dict = {"mode": mode, "machine": machine()}
+    say(
+        f"kvmpfn bench ({mode}): {results['machine']['cpu']}, {results['machine']['cpus']} CPUs, "
+        f"Python {results['machine']['python']}"
+    )
+    with tempfile.TemporaryDirectory(prefix="kvmpfn-bench-") as tmp:
+        if args.profile:
+            results["profile"] = bench_profiles(tmp, sizes["replay"])
+        else:
+            results["replay"] = bench_replays(tmp, sizes["replay"])
+            results["decode"] = bench_decode_flat(sizes["replay"])
+            results["rss"] = bench_rss(tmp, *sizes["rss"])
+            results["audit"] = bench_audits(sizes["audit"])
+            results["corpus"] = bench_gate(*sizes["corpus"])
+    with open(args.output, "w", encoding="utf-8") as fh:
+        json.dump(results, fh, indent=2)
+        fh.write("\n")
+    say(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
