@@ -4,7 +4,7 @@ bench/results.json.
     python -m bench            # 1M-event figures and a 2M-vs-1M RSS check (about 15 minutes)
     python -m bench --quick    # smaller sizes, about a minute: a smoke run
     python -m bench --full     # also the 10M-vs-1M RSS check (10M traces written as .zst; slow)
-    python -m bench --profile  # cProfile 1M tdp and shadow steady replays: top-20 tables (Markdown)
+    python -m bench --profile  # cProfile 1M tdp and shadow steady replays: top-20 tables (bench/profile.json)
 
 Timings depend on the machine and its load; results.json records the CPU model and the Python version.
 """
@@ -23,13 +23,27 @@ from bench import bench_audit, bench_corpus, bench_decode, bench_replay
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 SIZES = {
-    # replay events, RSS check (small, large), audit sizes, corpus (traces, events each), decode events
-    "quick": {"replay": 50_000, "rss": (50_000, 100_000), "audit": (10_000,), "corpus": (40, 2_000)},
-    "default": {"replay": 1_000_000, "rss": (1_000_000, 2_000_000), "audit": (10_000, 100_000), "corpus": (40, 20_000)},
+    # replay (and decode) events, RSS check (small, large), audit: tdp VM sizes and the synth steady shadow
+    # trace length, corpus (traces, events each)
+    "quick": {
+        "replay": 50_000,
+        "rss": (50_000, 100_000),
+        "audit": (10_000,),
+        "audit_synth": 20_000,
+        "corpus": (40, 2_000),
+    },
+    "default": {
+        "replay": 1_000_000,
+        "rss": (1_000_000, 2_000_000),
+        "audit": (10_000, 100_000),
+        "audit_synth": 100_000,
+        "corpus": (40, 20_000),
+    },
     "full": {
         "replay": 1_000_000,
         "rss": (1_000_000, 10_000_000),
         "audit": (10_000, 100_000),
+        "audit_synth": 100_000,
         "corpus": (40, 20_000),
     },
 }
@@ -52,6 +66,7 @@ def machine() -> dict:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
+        "loadavg_1min_at_start": round(os.getloadavg()[0], 2),
     }
 
 
@@ -101,24 +116,28 @@ def bench_rss(tmp: str, small: int, large: int) -> list[dict]:
             "small_events_per_s": a["events_per_s"],
             "large_events_per_s": b["events_per_s"],
             "findings": a["findings"] + b["findings"],
+            "small_stats": a["stats"],
+            "large_stats": b["stats"],
         }
         rows.append(row)
         say(
             f"steady/{mmu:<7} {a['peak_rss_kib'] / 1024:7.1f} MiB at {small:,}, {b['peak_rss_kib'] / 1024:7.1f} MiB "
-            f"at {large:,} (growth {row['growth_kib'] / 1024:+.1f} MiB)"
+            f"at {large:,} (growth {row['growth_kib'] / 1024:+.1f} MiB); live sptes {a['stats'].get('sptes')} -> "
+            f"{b['stats'].get('sptes')}, frames referenced {a['stats'].get('frames_referenced')} -> "
+            f"{b['stats'].get('frames_referenced')}"
         )
     return rows
 
 
-def bench_audits(sizes: tuple[int, ...]) -> list[dict]:
-    say("\n== one full audit against live sptes (tdp, paging none, 4K pages) ==")
-    rows = []
-    for pages in sizes:
-        row = bench_audit.measure_in_subprocess(pages)
-        rows.append(row)
+def bench_audits(sizes: tuple[int, ...], synth_events: int) -> list[dict]:
+    say("\n== one full audit against live sptes ==")
+    rows = [bench_audit.measure_in_subprocess(pages) for pages in sizes]
+    rows.append(bench_audit.measure_in_subprocess("steady", "shadow", synth_events))
+    for row in rows:
         say(
-            f"{row['sptes']:>8,} sptes: {row['audit_min_s'] * 1000:8.1f} ms (median "
-            f"{row['audit_median_s'] * 1000:.1f} ms, {row['audit_us_per_spte']:.2f} us/spte)"
+            f"{row['vm']:<26} {row['sptes']:>8,} sptes, {row['shadow_pages']:>4} shadow pages: "
+            f"{row['audit_min_s'] * 1000:8.1f} ms (median {row['audit_median_s'] * 1000:.1f} ms, "
+            f"{row['audit_us_per_spte']:.2f} us/spte; peak RSS {row['peak_rss_kib'] / 1024:.0f} MiB)"
         )
     return rows
 
@@ -131,7 +150,7 @@ def bench_gate(traces: int, events: int) -> dict:
     else:
         say(
             f"--jobs 1: {row['jobs_1_s']:.1f} s, --jobs 2: {row['jobs_2_s']:.1f} s (speedup {row['speedup']}x on "
-            f"{row['cpus']} CPUs; exit {row['exit_status']})"
+            f"{row['cpus']} CPUs, load average {row['loadavg_1min_before']} before; exit {row['exit_status']})"
         )
     return row
 
@@ -177,8 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     size.add_argument("--quick", action="store_true", help="smaller sizes (about a minute)")
     size.add_argument("--full", action="store_true", help="also replay 10M events for the RSS check (slow)")
     parser.add_argument("--profile", action="store_true", help="only cProfile the steady replays")
-    parser.add_argument("-o", "--output", default=os.path.join(HERE, "results.json"), help="results file")
+    parser.add_argument(
+        "-o", "--output", help="results file [default: bench/results.json; bench/profile.json with --profile]"
+    )
     args = parser.parse_args(argv)
+    output = args.output or os.path.join(HERE, "profile.json" if args.profile else "results.json")
     mode = "quick" if args.quick else "full" if args.full else "default"
     sizes = SIZES[mode]
     results: dict = {"mode": mode, "machine": machine()}
@@ -193,12 +215,12 @@ def main(argv: list[str] | None = None) -> None:
             results["replay"] = bench_replays(tmp, sizes["replay"])
             results["decode"] = bench_decode_flat(sizes["replay"])
             results["rss"] = bench_rss(tmp, *sizes["rss"])
-            results["audit"] = bench_audits(sizes["audit"])
+            results["audit"] = bench_audits(sizes["audit"], sizes["audit_synth"])
             results["corpus"] = bench_gate(*sizes["corpus"])
-    with open(args.output, "w", encoding="utf-8") as fh:
+    with open(output, "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=2)
         fh.write("\n")
-    say(f"\nwrote {args.output}")
+    say(f"\nwrote {output}")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 A VM is built by replaying a tdp, paging-``none`` trace that touches ``k`` distinct 4 KiB pages (``k`` TDP
 faults, ``k`` live leaf sptes, ``k`` referenced frames); then ``Replayer.auditor.full_audit("bench")`` is timed
-a few times. Each size runs in its own process::
+a few times. For comparison, the same for the VM a synth ``steady`` shadow trace leaves behind (64-bit guest
+tables, with bypass_guest_pf's notrap entries in its shadow page tables). Each VM is built in its own
+process::
 
-    python -m bench.bench_audit 100000     # JSON: build time, sptes, audit seconds (min, median)
+    python -m bench.bench_audit 100000             # JSON: build time, sptes, audit seconds (min, median)
+    python -m bench.bench_audit steady shadow 100000
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import tempfile
 import time
 
 from kvmpfn.replay import Replayer, ReplayOptions
+from kvmpfn.synth import SynthSpec, write_synth
 from kvmpfn.trace import Access, Guest, Header, Memslot, TraceWriter, open_trace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,17 +44,14 @@ def write_touch_trace(path: str, pages: int) -> None:
             w.write_event(Access(addr=gfn << 12, write=bool(gfn & 1), user=True, fetch=False))
 
 
-def measure(pages: int, repeat: int = 5) -> dict:
-    """Build the VM from a touch trace of ``pages`` pages, then time ``repeat`` full audits."""
-    with tempfile.TemporaryDirectory(prefix="kvmpfn-bench-") as tmp:
-        path = os.path.join(tmp, "touch.jsonl")
-        write_touch_trace(path, pages)
-        start = time.perf_counter()
-        with open_trace(path) as reader:
-            rp = Replayer(reader.header, ReplayOptions())
-            for seq, (line, event) in enumerate(reader):
-                rp.apply(seq, line, event)
-        build = time.perf_counter() - start
+def measure_trace(path: str, repeat: int = 5) -> dict:
+    """Replay ``path`` (no teardown), then time ``repeat`` full audits of the VM it leaves."""
+    start = time.perf_counter()
+    with open_trace(path) as reader:
+        rp = Replayer(reader.header, ReplayOptions())
+        for seq, (line, event) in enumerate(reader):
+            rp.apply(seq, line, event)
+    build = time.perf_counter() - start
     stats = rp.stats()
     times = []
     for _ in range(repeat):
@@ -58,7 +59,6 @@ def measure(pages: int, repeat: int = 5) -> dict:
         rp.auditor.full_audit("bench")
         times.append(time.perf_counter() - t)
     return {
-        "pages": pages,
         "sptes": stats["sptes"],
         "shadow_pages": stats["shadow_pages"],
         "build_s": round(build, 3),
@@ -70,10 +70,27 @@ def measure(pages: int, repeat: int = 5) -> dict:
     }
 
 
-def measure_in_subprocess(pages: int, repeat: int = 5) -> dict:
+def measure(pages: int, repeat: int = 5) -> dict:
+    """Full-audit cost for a tdp VM with ``pages`` live 4K sptes."""
+    with tempfile.TemporaryDirectory(prefix="kvmpfn-bench-") as tmp:
+        path = os.path.join(tmp, "touch.jsonl")
+        write_touch_trace(path, pages)
+        return {"vm": "tdp, paging none, touch", "pages": pages, **measure_trace(path, repeat)}
+
+
+def measure_synth(workload: str, mmu: str, events: int, repeat: int = 3) -> dict:
+    """Full-audit cost for the VM a synth trace leaves (its own teardown skipped)."""
+    with tempfile.TemporaryDirectory(prefix="kvmpfn-bench-") as tmp:
+        path = os.path.join(tmp, "synth.jsonl")
+        write_synth(path, SynthSpec(workload, events, seed=1, mmu=mmu))
+        return {"vm": f"{mmu}, synth {workload}", "events": events, **measure_trace(path, repeat)}
+
+
+def measure_in_subprocess(*args: object) -> dict:
+    """``measure(pages)`` or ``measure_synth(workload, mmu, events)`` in a fresh process."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     out = subprocess.run(
-        [sys.executable, "-m", "bench.bench_audit", str(pages), str(repeat)],
+        [sys.executable, "-m", "bench.bench_audit", *map(str, args)],
         capture_output=True,
         check=True,
         text=True,
@@ -84,9 +101,10 @@ def measure_in_subprocess(pages: int, repeat: int = 5) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    pages = int(argv[0]) if argv else 10_000
-    repeat = int(argv[1]) if len(argv) > 1 else 5
-    print(json.dumps(measure(pages, repeat)))
+    if len(argv) == 3:
+        print(json.dumps(measure_synth(argv[0], argv[1], int(argv[2]))))
+    else:
+        print(json.dumps(measure(int(argv[0]) if argv else 10_000)))
 
 
 if __name__ == "__main__":

@@ -219,12 +219,14 @@ class Replayer:
 
     def do_cr3(self, e: ev.Cr3) -> dict:
         vcpu = self.vcpu(e.vcpu)
+        vcpu.walk_cache.clear()
         if not kvm_set_cr3(vcpu, self.kvm, e.val):
             return {"result": "guest_fault", "vector": "gp"}
         return {"result": "ok"}
 
     def do_paging(self, e: ev.Paging) -> dict:
         vcpu = self.vcpu(e.vcpu)
+        vcpu.walk_cache.clear()
         cpu = vcpu.cpu
         if e.paging == "pae" and cpu.paging != "pae":
             pdptrs = load_pdptrs(cpu.cr3, self.host, e.maxphyaddr or cpu.maxphyaddr)
@@ -254,6 +256,7 @@ class Replayer:
 
     def do_memslot(self, e: ev.MemslotEvent) -> dict:
         self._check_slot_id(e.slot)
+        self.kvm.flush_walk_caches()
         self.kvm_set_memory_region(e.slot, e.gfn, e.npages, e.backing)
         return {"result": "ok"}
 
@@ -274,6 +277,7 @@ class Replayer:
     def do_host_remap(self, e: ev.HostRemap) -> dict:
         if self.host.gfn_to_memslot(e.gfn) is None:
             raise InputError("gfn", f"gfn {e.gfn:#x} is outside every memslot")
+        self.kvm.flush_walk_caches()
         self.host.host_remap(e.gfn)
         return {"result": "ok"}
 

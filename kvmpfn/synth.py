@@ -19,16 +19,20 @@ replays every synth trace without findings.
 
 Guest layout (4 KiB frames; everything inside the default 256 MiB slot, except ``hugepages``):
 
-============== ==================================================================================
+=============== =================================================================================
 gfn 0x0-0xff    low memory, touched in real mode by ``boot``
 gfn 0x100-0x10f root tables: address space 0 at 0x100 (PML4 / PAE PDPT / 32-bit PD), its PDPT at
-                0x101 and PD at 0x102; address space 1 (``fork-storm``'s child) at 0x108
+                0x101 and PD at 0x102 (0x103: the PD of ``hugepages``' small-page window); address
+                space 1 (``fork-storm``'s child) at 0x108
 gfn 0x200-0x7ff page-table pages (PTs): pools A (0x200), B (0x400) and C (0x600), PT ``i`` at pool + i
-gfn 0x1000-     data: 61,440 frames in the default slot
-============== ==================================================================================
+gfn 0x1000-     data: 61,440 frames in the default slot (``fork-storm``'s copy-on-write frames: the top
+                16,384 of them)
+=============== =================================================================================
 
 Guest-virtual pages: ``vpn`` maps at gva ``0x40000000 + vpn * 4096`` (PML4 index 0, PDPT index 1, so one PD
-covers the whole 1 GiB window; in 32-bit paging PD entries 256 and up).
+covers the whole 1 GiB window; in 32-bit paging PD entries 256 and up). ``hugepages`` declares two slots: 16 MiB
+of RAM at gfn 0 (tables, and 4K data at gfn 0x800-0xfff, mapped at gva 2 GiB) and 128 MiB of hugetlb at gpa
+1 GiB (mapped by guest large pages at gva 1 GiB).
 """
 
 from __future__ import annotations
@@ -225,7 +229,7 @@ def _addr(space: _Space | None, vpn: int) -> int:
     return GVA_BASE + vpn * PAGE if space is not None else (DATA_GFN + vpn) * PAGE
 
 
-def _demand_fault(space: _Space | None, res: _Resident, rng: random.Random, vcpu: int) -> Iterator[ev.Event]:
+def _demand_fault(space: _Space | None, res: _Resident, vcpu: int) -> Iterator[ev.Event]:
     """The guest evicts a resident page and faults in a new one: munmap's pte clear, the access that
     takes a guest #PF on the new page, the pte the guest's fault handler writes, and the access again."""
     rng = res.rng
@@ -242,9 +246,9 @@ def _demand_fault(space: _Space | None, res: _Resident, rng: random.Random, vcpu
     yield _access(_addr(space, new), write=write, vcpu=vcpu)
 
 
-def _protect_fault(space: _Space, res: _Resident, rng: random.Random, vcpu: int) -> Iterator[ev.Event]:
+def _protect_fault(space: _Space, res: _Resident, vcpu: int) -> Iterator[ev.Event]:
     """mprotect(PROT_READ) of a resident page, a write that takes a guest #PF, PROT_WRITE back, the write."""
-    vpn = res.pages[rng.randrange(len(res.pages))]
+    vpn = res.pages[res.rng.randrange(len(res.pages))]
     yield from space.map(vpn, DATA_GFN + vpn, P | U)
     yield _access(space.gva(vpn), write=True, vcpu=vcpu)
     yield from space.map(vpn, DATA_GFN + vpn)
@@ -269,10 +273,10 @@ def _steady(spec: SynthSpec, rng: random.Random) -> Iterator[ev.Event]:
             slot = res.pick()
             yield _touch(rng, _addr(space, pages[slot]), slot, vcpu)
         elif r < 0.96:
-            yield from _demand_fault(space, res, rng, vcpu)
+            yield from _demand_fault(space, res, vcpu)
         elif r < 0.98:
             if space is not None:
-                yield from _protect_fault(space, res, rng, vcpu)
+                yield from _protect_fault(space, res, vcpu)
         elif r < 0.99:
             vcpu ^= 1
         elif space is not None:
@@ -400,9 +404,9 @@ def _remap_churn(spec: SynthSpec, rng: random.Random) -> Iterator[ev.Event]:
         elif r < 0.95:
             yield ev.HostRemap(gfn=DATA_GFN + res.unmapped())
         elif r < 0.98:
-            yield from _demand_fault(space, res, rng, 0)
+            yield from _demand_fault(space, res, 0)
         elif space is not None:
-            yield from _protect_fault(space, res, rng, 0)
+            yield from _protect_fault(space, res, 0)
 
 
 def _hugepages(spec: SynthSpec, rng: random.Random) -> Iterator[ev.Event]:

@@ -139,9 +139,7 @@ def would_hit(rp: Replayer, e: ev.Access) -> bool:
     return leaf_allows(cpu, path, e.write, e.user, e.fetch, e.ac)
 
 
-def replay(
-    header: ev.Header, events: Sequence, mmu: str, *, kernel_audit: bool = False, audit_every: int = 1
-) -> Run:
+def replay(header: ev.Header, events: Sequence, mmu: str, *, kernel_audit: bool = False, audit_every: int = 1) -> Run:
     """Replay ``events`` under ``mmu`` through the Python API, auditing after every event."""
     rp = Replayer(header, ReplayOptions(mmu=mmu, audit_every=audit_every, kernel_audit=kernel_audit))
     run = Run(mmu)
@@ -200,9 +198,7 @@ def differential(header: ev.Header, events: Sequence, *, kernel_audit: bool = Fa
         assert not run.leaked, {hex(k): v for k, v in run.leaked.items()}
     assert len(shadow.views) == len(tdp.views)
     for s, t in zip(shadow.views, tdp.views, strict=True):
-        assert s.outcome == t.outcome, (
-            f"seq {s.seq} {describe(events, s.seq)}: shadow {s.record} vs tdp {t.record}"
-        )
+        assert s.outcome == t.outcome, f"seq {s.seq} {describe(events, s.seq)}: shadow {s.record} vs tdp {t.record}"
         assert s.ad_changes == t.ad_changes, (
             f"seq {s.seq} {describe(events, s.seq)}: A/D set by shadow {sorted(s.ad_changes)} "
             f"vs tdp {sorted(t.ad_changes)}"
@@ -221,9 +217,9 @@ MEMSLOTS = (
     ev.Memslot(slot=1, gfn=0x800, npages=0x400, backing="hugetlb"),
     ev.Memslot(slot=2, gfn=0xFE000, npages=0x10, backing="mmio"),
 )
-TABLE_GFNS = tuple(range(0x20, 0x30))
+TABLE_GFNS = tuple(range(0x20, 0x2C)) + (0x905,)  # one in a hugetlbfs region: no large spte over it
 #: leaf targets: RAM, the page tables themselves, hugetlbfs frames, device frames, and a frame in no slot
-DATA_GFNS = (0x40, 0x41, 0x42, 0x7FF, 0x20, 0x21, 0x22, 0x800, 0x801, 0xA05, 0xFE000, 0xF0000)
+DATA_GFNS = (0x40, 0x41, 0x42, 0x7FF, 0x20, 0x21, 0x22, 0x23, 0x800, 0x801, 0xA05, 0xFE000, 0xF0000)
 
 
 @dataclass(frozen=True)
@@ -239,9 +235,7 @@ class Mode:
 MODES = {
     "32": Mode("32", 2, 4, 10, (0, 1, 2, 3, 1023), {2: (0x0, 0x400000, 0x800000)}),
     "pae": Mode("pae", 3, 8, 9, (0, 1, 2, 3, 511), {2: (0x0, 0x200000, 0x800000, 0xA00000)}),
-    "64": Mode(
-        "64", 4, 8, 9, (0, 1, 2, 3, 511), {2: (0x0, 0x200000, 0x800000, 0xA00000), 3: (0x0, 0x40000000)}
-    ),
+    "64": Mode("64", 4, 8, 9, (0, 1, 2, 3, 511), {2: (0x0, 0x200000, 0x800000, 0xA00000), 3: (0x0, 0x40000000)}),
 }
 
 
@@ -255,19 +249,24 @@ def gva_of(mode: Mode, indices: Sequence[int], offset: int) -> int:
     return gva
 
 
+def chance(draw, percent: int) -> bool:
+    return draw(st.integers(0, 99)) < percent
+
+
 @st.composite
-def flags(draw, mode: Mode, leaf: bool) -> int:
-    """P plus random W/U/A/D (and NX with 8-byte entries); now and then an odd bit: PWT/PCD/G/available
-    bits, or a reserved one (bit 51, above MAXPHYADDR 40; bit 52 in PAE)."""
+def flags(draw, mode: Mode, leaf: bool, nx_ok: bool = True) -> int:
+    """P plus W/U/A/D (and NX with 8-byte entries), mostly permissive above the leaf; now and then an odd
+    bit: PWT/PCD/G/available bits, or a reserved one (bit 51, above MAXPHYADDR 40; bit 52 in PAE). NX is rare
+    when ``nx_ok`` is false (EFER.NX off: bit 63 is reserved)."""
     value = P
     for bit in (W, U, A_BIT):
-        if draw(st.booleans()):
+        if chance(draw, 60 if leaf else 85):
             value |= bit
-    if leaf and draw(st.booleans()):
+    if leaf and chance(draw, 50):
         value |= D_BIT
-    if mode.size == 8 and draw(st.integers(0, 3)) == 0:
+    if mode.size == 8 and chance(draw, (25 if leaf else 10) if nx_ok else 2):
         value |= NX
-    if draw(st.integers(0, 9)) == 0:
+    if chance(draw, 8):
         odd = [1 << 3, 1 << 4, 1 << 8, 1 << 9, 1 << 11]
         if mode.size == 8:
             odd += [1 << 51, 1 << 52]
@@ -276,24 +275,25 @@ def flags(draw, mode: Mode, leaf: bool) -> int:
 
 
 @st.composite
-def entry(draw, mode: Mode, level: int, paging: dict) -> tuple[int, str, int | None]:
-    """A guest entry for ``level``: (value, kind, next table gfn). kind: table | large | leaf | absent."""
-    if draw(st.integers(0, 11)) == 0:
+def entry(draw, mode: Mode, level: int, paging: dict, fresh: list | None = None) -> tuple[int, str, int | None]:
+    """A guest entry for ``level``: (value, kind, next table gfn). kind: table | large | leaf | absent. A table
+    entry mostly points to a table from ``fresh`` (not used yet), else to any table (shared, or a loop)."""
+    if chance(draw, 6):
         return draw(st.sampled_from((0, 0x1000 | W | U, 0x21000 | A_BIT))), "absent", None
     if mode.name == "pae" and level == 3:  # a PDPTE: P and the address (anything else is reserved)
-        table = draw(st.sampled_from(TABLE_GFNS))
+        table = fresh.pop() if fresh and chance(draw, 75) else draw(st.sampled_from(TABLE_GFNS))
         junk = draw(st.sampled_from((0, 0, 0, 0, 0, 0, 0, W, 1 << 8, 1 << 9)))
         return table << PAGE_SHIFT | P | junk, "table", table
     large_ok = level in mode.large and (level == 2 or paging["gbpages"])
     if level == 1:
-        return draw(st.sampled_from(DATA_GFNS)) << PAGE_SHIFT | draw(flags(mode, True)), "leaf", None
+        return draw(st.sampled_from(DATA_GFNS)) << PAGE_SHIFT | draw(flags(mode, True, paging["efer_nx"])), "leaf", None
     if large_ok and draw(st.integers(0, 3)) == 0:
         base = draw(st.sampled_from(mode.large[level]))
         if draw(st.integers(0, 7)) == 0:
             base |= 1 << 12  # PAT bit of a large entry
-        return base | draw(flags(mode, True)) | PS, "large", None
-    table = draw(st.sampled_from(TABLE_GFNS))
-    return table << PAGE_SHIFT | draw(flags(mode, False)), "table", table
+        return base | draw(flags(mode, True, paging["efer_nx"])) | PS, "large", None
+    table = fresh.pop() if fresh and chance(draw, 75) else draw(st.sampled_from(TABLE_GFNS))
+    return table << PAGE_SHIFT | draw(flags(mode, False, paging["efer_nx"])), "table", table
 
 
 @dataclass
@@ -326,15 +326,17 @@ def guest_programs(draw, modes: Sequence[str] = ("32", "pae", "64"), max_ops: in
     events: list = []
     slots: list[tuple[int, int]] = []  # (entry gpa, level) of every entry written
 
-    def store(gpa: int, value: int, level: int) -> None:
-        events.append(ev.Write(gpa=gpa, val=value, len=mode.size))
+    def store(gpa: int, value: int, level: int, vcpu: int = 0) -> None:
+        events.append(ev.Write(gpa=gpa, val=value, len=mode.size, vcpu=vcpu))
         if (gpa, level) not in slots:
             slots.append((gpa, level))
 
     roots = draw(st.lists(st.sampled_from(TABLE_GFNS), min_size=1, max_size=2, unique=True))
     cr3s = [r << PAGE_SHIFT | (draw(st.sampled_from((0, 0x20))) if mode.name == "pae" else 0) for r in roots]
     gvas: list[int] = []
-    for _ in range(draw(st.integers(1, 6))):
+    fresh = [t for t in draw(st.permutations(TABLE_GFNS)) if t not in roots]
+    tree: dict[int, tuple[str, int | None]] = {}  # entry gpa -> (kind, next table) of the paths built
+    for _ in range(draw(st.integers(1, 5))):
         cr3 = draw(st.sampled_from(cr3s))
         indices = [draw(st.sampled_from(mode.idx[:4] if mode.name == "pae" else mode.idx))]
         indices += [draw(st.sampled_from(mode.idx)) for _ in range(mode.levels - 1)]
@@ -344,65 +346,67 @@ def guest_programs(draw, modes: Sequence[str] = ("32", "pae", "64"), max_ops: in
                 gpa = (cr3 & ~0x1F) + 8 * indices[depth]
             else:
                 gpa = (table << PAGE_SHIFT) + indices[depth] * mode.size
-            value, kind, nxt = draw(entry(mode, level, paging))
-            store(gpa, value, level)
+            if gpa in tree and chance(draw, 85):  # mostly share the prefix another path built
+                kind, nxt = tree[gpa]
+            else:
+                value, kind, nxt = draw(entry(mode, level, paging, fresh))
+                store(gpa, value, level)
+                tree[gpa] = kind, nxt
             if kind != "table":
                 break
             table = nxt
         offset = draw(st.sampled_from((0, 8, 0xFF8)))
         gvas.append(gva_of(mode, indices, offset))
-    events.append(ev.Cr3(val=cr3s[0]))
+    nvcpus = draw(st.integers(1, 2))
+    pagings = [dict(paging) for _ in range(nvcpus)]  # each vcpu's features (a vcpu starts from the header)
+    for vcpu in range(nvcpus):
+        events.append(ev.Cr3(val=draw(st.sampled_from(cr3s)) if vcpu else cr3s[0], vcpu=vcpu))
 
     for _ in range(draw(st.integers(1, max_ops))):
+        vcpu = 1 if nvcpus == 2 and chance(draw, 30) else 0
         op = draw(st.integers(0, 19))
         if op < 11:  # access
-            if draw(st.integers(0, 4)) == 0:
+            if chance(draw, 20):
                 indices = [draw(st.sampled_from(mode.idx)) for _ in range(mode.levels)]
                 if mode.name == "pae":
                     indices[0] &= 3
                 addr = gva_of(mode, indices, 0)
             else:
                 addr = draw(st.sampled_from(gvas))
-            fetch = draw(st.integers(0, 3)) == 0
-            events.append(
-                ev.Access(
-                    addr=addr,
-                    write=not fetch and draw(st.booleans()),
-                    user=draw(st.booleans()),
-                    fetch=fetch,
-                    ac=draw(st.booleans()),
-                )
-            )
+            fetch = chance(draw, 20)
+            write = not fetch and chance(draw, 45)
+            user, ac = chance(draw, 35), chance(draw, 30)
+            events.append(ev.Access(addr=addr, write=write, user=user, fetch=fetch, ac=ac, vcpu=vcpu))
         elif op < 15:  # rewrite a pte that is there: a flag flipped, or a whole new entry
             gpa, level = draw(st.sampled_from(slots))
             if draw(st.booleans()):
-                value = draw(entry(mode, level, paging))[0]
-                store(gpa, value, level)
+                value = draw(entry(mode, level, pagings[vcpu]))[0]
             else:
                 old = next(e.val for e in reversed(events) if isinstance(e, ev.Write) and e.gpa == gpa)
-                bit = draw(st.sampled_from((P, W, U, A_BIT, D_BIT, PS) + ((NX,) if mode.size == 8 else ())))
-                store(gpa, old ^ bit, level)
+                value = old ^ draw(st.sampled_from((P, W, U, A_BIT, D_BIT, PS) + ((NX,) if mode.size == 8 else ())))
+            store(gpa, value, level, vcpu)
         elif op == 15:  # a partial store into a pte: half of an 8-byte pte, or 1-2 bytes (misaligned)
             gpa, level = draw(st.sampled_from(slots))
             size = draw(st.sampled_from((4, 2, 1) if mode.size == 8 else (2, 1)))
             part = draw(st.integers(0, mode.size // size - 1)) * size
-            events.append(ev.Write(gpa=gpa + part, val=draw(st.integers(0, (1 << (8 * size)) - 1)), len=size))
+            val = draw(st.integers(0, (1 << (8 * size)) - 1))
+            events.append(ev.Write(gpa=gpa + part, val=val, len=size, vcpu=vcpu))
         elif op == 16:
-            events.append(ev.Cr3(val=draw(st.sampled_from(cr3s))))
+            events.append(ev.Cr3(val=draw(st.sampled_from(cr3s)), vcpu=vcpu))
         elif op == 17:
             name = draw(st.sampled_from(FEATURES[mode.name]))
-            flipped = {**paging, name: not paging[name]}
+            flipped = {**pagings[vcpu], name: not pagings[vcpu][name]}
             if AVOID_KNOWN_BUGS and not flipped["cr0_wp"] and (flipped["cr4_smep"] or flipped["cr4_smap"]):
                 continue
-            paging = flipped
-            events.append(ev.Paging(**{name: paging[name]}))
+            pagings[vcpu] = flipped
+            events.append(ev.Paging(**{name: flipped[name]}, vcpu=vcpu))
         elif op == 18:
-            events.append(ev.Invlpg(addr=draw(st.sampled_from(gvas))))
+            events.append(ev.Invlpg(addr=draw(st.sampled_from(gvas)), vcpu=vcpu))
         else:  # store to a table at an entry nobody wrote yet
             table = draw(st.sampled_from(TABLE_GFNS))
             idx = draw(st.sampled_from(mode.idx))
             level = draw(st.integers(1, mode.levels))
-            store((table << PAGE_SHIFT) + idx * mode.size, draw(entry(mode, level, paging))[0], level)
+            store((table << PAGE_SHIFT) + idx * mode.size, draw(entry(mode, level, pagings[vcpu]))[0], level, vcpu)
     return Program(header, events)
 
 

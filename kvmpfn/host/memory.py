@@ -40,6 +40,10 @@ class Host:
         self.memory_image = memory_image
         self._slots = MemslotTable()
         self._invalidate_hooks: list[InvalidateHook] = []
+        #: gfn -> guest pte size, for the page tables the simulated CPU's walk caches read: a store there
+        #: that does more than set A/D bits calls ``on_watched_write`` (the caches are dropped) first
+        self.watched: dict[int, int] = {}
+        self.on_watched_write: Callable[[], None] | None = None
         # kvm_init: bad_page = alloc_page(GFP_KERNEL | __GFP_ZERO); the allocation's reference is the host's.
         self.bad_pfn = BAD_PFN
         self.frames[BAD_PFN] = Frame(BAD_PFN, host_mapped=True)
@@ -284,8 +288,30 @@ class Host:
             n -= chunk
         return bytes(out)
 
+    def _watched_store(self, gpa: int, size: int, val: int | None) -> None:
+        """A store into a watched page table: drop the walk caches unless it only sets A/D bits (which never
+        change what a walk answers, and which the walker itself writes)."""
+        pte_size = self.watched.get(gpa >> PAGE_SHIFT)
+        if pte_size is None:
+            return
+        if val is not None and size <= 8:
+            old = self.read_guest(gpa, size)
+            changed = old ^ (val & ((1 << (8 * size)) - 1))
+            ad = 0
+            for k in range(size):
+                if (gpa + k) % pte_size == 0:
+                    ad |= 0x60 << (8 * k)
+            if not changed & ~ad and not changed & old:
+                return
+        self.watched.clear()
+        if self.on_watched_write is not None:
+            self.on_watched_write()
+
     def write_bytes(self, gpa: int, data: bytes | bytearray) -> bool:
         """``kvm_write_guest``: store ``data`` at ``gpa``; False if a part fell outside every slot."""
+        if self.watched:
+            for gfn in range(gpa >> PAGE_SHIFT, ((gpa + max(len(data), 1) - 1) >> PAGE_SHIFT) + 1):
+                self._watched_store(gfn << PAGE_SHIFT, len(data), None)
         ok = True
         pos = 0
         while pos < len(data):
@@ -308,6 +334,8 @@ class Host:
         data = (val & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         off = gpa & _OFFSET_MASK
         if off + size <= PAGE_SIZE:
+            if self.watched:
+                self._watched_store(gpa, size, val)
             buf = self._write_page(gpa >> PAGE_SHIFT)
             if buf is None:
                 return False

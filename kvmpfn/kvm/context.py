@@ -269,6 +269,29 @@ def leaf_of(path: list[tuple], addr: int) -> tuple[int, int, int]:
     )
 
 
+def hardware_walk(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool):
+    """The TDP CPU's walk of the guest's own tables: (ok, gfn or error code, set_accessed, set_dirty).
+
+    A walk that wrote nothing (A, and D for a write, already set; or a fault) is memoised per vcpu, and the
+    memo is dropped as soon as one of the tables it read is stored to, or the vcpu's paging state or the
+    memory map changes, so it always answers what a fresh walk would: an exact stand-in for the TLB.
+    """
+    key = (addr >> PAGE_SHIFT, write, user, fetch, ac)
+    hit = vcpu.walk_cache.get(key)
+    if hit is not None:
+        return hit[0], hit[1], [], None
+    cpu = vcpu.cpu
+    ok, w = walk_addr(cpu, kvm.host, addr, write, user, fetch, ac=ac, set_ad=True)
+    value = w.gfn if ok else w.error_code
+    if not w.set_accessed and w.set_dirty is None:
+        vcpu.walk_cache[key] = (ok, value)
+        watched = kvm.host.watched
+        size = 4 if cpu.paging == "32" else 8
+        for gfn in w.table_gfn[w.level - 1 :]:
+            watched[gfn] = size
+    return ok, value, list(w.set_accessed), w.set_dirty
+
+
 def guest_access(
     vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool
 ) -> AccessOutcome:
@@ -284,11 +307,10 @@ def guest_access(
     set_dirty = None
     tdp_addr = addr
     if kvm.tdp_enabled and cpu.paging != "none":
-        ok, w = walk_addr(cpu, kvm.host, addr, write, user, fetch, ac=ac, set_ad=True)
+        ok, value, set_accessed, set_dirty = hardware_walk(vcpu, kvm, addr, write, user, fetch, ac)
         if not ok:
-            return AccessOutcome("guest_fault", err=w.error_code, set_accessed=[])
-        set_accessed, set_dirty = list(w.set_accessed), w.set_dirty
-        tdp_addr = w.gfn << PAGE_SHIFT | (addr & 0xFFF)
+            return AccessOutcome("guest_fault", err=value, set_accessed=[])
+        tdp_addr = value << PAGE_SHIFT | (addr & 0xFFF)
     pte_len = 4 if cpu.paging == "32" else 8
     result = None
     gpa = None

@@ -129,6 +129,8 @@ class Vcpu:
     fault_walker: object = None
     fault_sptep: tuple | None = None
     fault_ac: bool = False
+    # the TDP hardware walk's memo: (gva page, write, user, fetch, ac) -> (ok, gfn or error code)
+    walk_cache: dict = field(default_factory=dict)
 
 
 class Kvm:
@@ -172,6 +174,13 @@ class Kvm:
         self.on_rmap_add: Callable | None = None
         self.on_rmap_remove: Callable | None = None
         self.audit_point: Callable | None = None  # kvm_mmu_audit(vcpu, msg) at the kernel's audit points
+        host.on_watched_write = self.flush_walk_caches
+
+    def flush_walk_caches(self) -> None:
+        """Forget every memoised guest walk (a page table they read was written, or the memory map changed)."""
+        for vcpu in self.vcpus.values():
+            vcpu.walk_cache.clear()
+        self.host.watched.clear()
 
     def consume(self, fault: str) -> bool:
         """Take one injected failure of this kind, if any is pending (TRACE_FORMAT ``inject``)."""
