@@ -45,11 +45,14 @@ def main() -> None:
 @click.option(
     "--bug", "bugs", multiple=True, metavar="NAME", help="Re-create a historical MMU bug (repeatable)."
 )
+@click.option(
+    "--paranoid", is_flag=True, help="Full audit and a check of kvmpfn's own MMU structures after every event."
+)
 @click.option("--emit", type=click.Path(dir_okay=False), help="Write one outcome record per event to FILE.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", help="Report format.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the report to FILE.")
 def replay(
-    trace: str, mmu, kernel, audit_every: int, kernel_audit: bool, bugs, emit, fmt: str, output
+    trace: str, mmu, kernel, audit_every: int, kernel_audit: bool, bugs, paranoid: bool, emit, fmt: str, output
 ) -> None:
     """Replay TRACE (.jsonl, .jsonl.gz, .jsonl.zst or - for stdin) and report what the MMU did.
 
@@ -62,7 +65,12 @@ def replay(
         if name not in BUGS:
             _fail(f"--bug: unknown bug {name!r} (kvmpfn bugs lists them)")
     options = ReplayOptions(
-        mmu=mmu, kernel=kernel, audit_every=audit_every, bugs=frozenset(bugs), kernel_audit=kernel_audit
+        mmu=mmu,
+        kernel=kernel,
+        audit_every=audit_every,
+        bugs=frozenset(bugs),
+        kernel_audit=kernel_audit,
+        paranoid=paranoid,
     )
     emit_fh = None
     if emit:

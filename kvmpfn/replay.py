@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from kvmpfn.audit import Auditor
+from kvmpfn.audit.paranoid import check_mmu_structures
 from kvmpfn.audit.recorded import RecordedChecks
 from kvmpfn.host import Host, HostError
 from kvmpfn.host.elfcore import guest_from_core, open_header_memory
@@ -55,6 +56,7 @@ class ReplayOptions:
     audit_every: int = 0
     bugs: frozenset[str] = frozenset()
     kernel_audit: bool = False  # also audit at the kernel's own four kvm_mmu_audit() points
+    paranoid: bool = False  # full audit and a check of the simulator's own structures after every event
 
 
 @dataclass
@@ -84,6 +86,10 @@ class InputError(Exception):
         super().__init__(message)
         self.field = field_name
         self.message = message
+
+
+class InternalError(Exception):
+    """The simulator's own data structures disagree (``--paranoid``): a defect in kvmpfn."""
 
 
 class Replayer:
@@ -323,7 +329,12 @@ class Replayer:
                 out.pop(key, None)
             out["result"] = "error"
         every = self.options.audit_every
-        if every and (seq + 1) % every == 0 and not self.torn_down:
+        if self.options.paranoid and not self.torn_down:
+            self.auditor.full_audit("paranoid")
+            problems = check_mmu_structures(kvm)
+            if problems:
+                raise InternalError("; ".join(problems[:3]))
+        elif every and (seq + 1) % every == 0 and not self.torn_down:
             self.auditor.full_audit(f"audit-every {every}")
         if e.t is not None:
             out["t"] = e.t
@@ -373,6 +384,8 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
                     raise TraceError(
                         path, line, err.message, field=err.field, context=f'event "{op}"'
                     ) from None
+                except InternalError as err:
+                    raise TraceError(path, line, f"internal consistency: {err}", context="paranoid") from None
                 except KernelBug as bug:
                     raise TraceError(path, line, f"simulated kernel BUG: {bug}", context="kernel") from None
                 except (

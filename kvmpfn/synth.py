@@ -58,8 +58,12 @@ __all__ = [
 
 PAGINGS = ("none", "32", "pae", "64")
 
-P, W, U, PS = 0x1, 0x2, 0x4, 0x80
+P, W, U, A, D, PS = 0x1, 0x2, 0x4, 0x20, 0x40, 0x80
 PWU = P | W | U
+# Linux's x86 protections carry _PAGE_ACCESSED, so a pte is born accessed (and dirty after a write fault); an
+# accessed pte is what lets kvm_mmu_pte_write prefetch the new mapping (FNAME(update_pte)).
+USER_PTE = PWU | A  # PAGE_SHARED
+KERNEL_PTE = P | W | A | D  # PAGE_KERNEL
 PAGE = 4096
 
 LOW_PAGES = 0x100
@@ -162,7 +166,7 @@ class _Space:
         out.append(op(gpa=(pt << 12) + slot * self.size, val=val, len=self.size))
         return out
 
-    def map(self, vpn: int, gfn: int, flags: int = PWU, op: type = ev.Write) -> list[ev.Event]:
+    def map(self, vpn: int, gfn: int, flags: int = USER_PTE, op: type = ev.Write) -> list[ev.Event]:
         return self.pte(vpn, (gfn << 12) | flags, op)
 
 
@@ -242,16 +246,16 @@ def _demand_fault(space: _Space | None, res: _Resident, vcpu: int) -> Iterator[e
     if space is not None:
         yield from space.pte(old, 0)
         yield _access(space.gva(new), write=write, vcpu=vcpu)
-        yield from space.map(new, DATA_GFN + new)
+        yield from space.map(new, DATA_GFN + new, USER_PTE | (D if write else 0))
     yield _access(_addr(space, new), write=write, vcpu=vcpu)
 
 
 def _protect_fault(space: _Space, res: _Resident, vcpu: int) -> Iterator[ev.Event]:
     """mprotect(PROT_READ) of a resident page, a write that takes a guest #PF, PROT_WRITE back, the write."""
     vpn = res.pages[res.rng.randrange(len(res.pages))]
-    yield from space.map(vpn, DATA_GFN + vpn, P | U)
+    yield from space.map(vpn, DATA_GFN + vpn, P | U | A)
     yield _access(space.gva(vpn), write=True, vcpu=vcpu)
-    yield from space.map(vpn, DATA_GFN + vpn)
+    yield from space.map(vpn, DATA_GFN + vpn, USER_PTE | D)
     yield _access(space.gva(vpn), write=True, vcpu=vcpu)
 
 
@@ -307,7 +311,7 @@ def _boot(spec: SynthSpec, rng: random.Random) -> Iterator[ev.Event]:
         for vpn in range(DATA_PAGES):
             gfn = DATA_GFN + (vpn + shift) % DATA_PAGES
             if space is not None:
-                yield from space.map(vpn, gfn)
+                yield from space.map(vpn, gfn, KERNEL_PTE)
                 addr = space.gva(vpn)
             else:
                 addr = gfn * PAGE
@@ -343,9 +347,9 @@ def _fork_storm(spec: SynthSpec, rng: random.Random) -> Iterator[ev.Event]:
         window = range(start, start + k)
         for vpn in window:  # copy_page_range
             op = ev.PteWrite if rng.random() < 0.125 else ev.Write
-            yield from parent.map(vpn, DATA_GFN + vpn, P | U, op)
+            yield from parent.map(vpn, DATA_GFN + vpn, P | U | A | D, op)  # ptep_set_wrprotect
             read_only[vpn] = 1
-            yield from child.map(vpn, DATA_GFN + vpn, P | U)
+            yield from child.map(vpn, DATA_GFN + vpn, P | U | D)  # pte_wrprotect, pte_mkold
         yield ev.Cr3(val=child.cr3, vcpu=1)
         copied = bytearray(k)
         for _ in range(k):
@@ -354,7 +358,7 @@ def _fork_storm(spec: SynthSpec, rng: random.Random) -> Iterator[ev.Event]:
             if rng.random() < 0.4:
                 if not copied[vpn - start]:
                     yield _access(gva, write=True, vcpu=1)  # guest #PF: read-only
-                    yield from child.map(vpn, COW_GFN + cow)
+                    yield from child.map(vpn, COW_GFN + cow, USER_PTE | D)
                     cow = (cow + 1) % COW_PAGES
                     copied[vpn - start] = 1
                 yield _access(gva, write=True, vcpu=1)
@@ -367,7 +371,7 @@ def _fork_storm(spec: SynthSpec, rng: random.Random) -> Iterator[ev.Event]:
             if rng.random() < 0.5:
                 if read_only[vpn]:
                     yield _access(gva, write=True)  # guest #PF: COW fault on a page no one shares now
-                    yield from parent.map(vpn, DATA_GFN + vpn)
+                    yield from parent.map(vpn, DATA_GFN + vpn, USER_PTE | D)
                     read_only[vpn] = 0
                 yield _access(gva, write=True)
             else:
@@ -435,7 +439,7 @@ def _hugepages(spec: SynthSpec, rng: random.Random) -> Iterator[ev.Event]:
     nlarge = HUGE_PAGES // lpage
     if space is not None:
         for j in range(nlarge):
-            yield space.pde(j, ((HUGE_GFN + j * lpage) << 12) | PWU | PS)
+            yield space.pde(j, ((HUGE_GFN + j * lpage) << 12) | USER_PTE | PS)
         yield ev.Cr3(val=space.cr3)
     target = list(range(nlarge))  # guest large page j -> huge page target[j]
     never = -1
@@ -511,7 +515,7 @@ def _hugepages(spec: SynthSpec, rng: random.Random) -> Iterator[ev.Event]:
         elif r < 0.5 and space is not None:
             j = rng.randrange(nlarge)
             target[j] = rng.randrange(nlarge)
-            yield space.pde(j, ((HUGE_GFN + target[j] * lpage) << 12) | PWU | PS)
+            yield space.pde(j, ((HUGE_GFN + target[j] * lpage) << 12) | USER_PTE | PS)
 
 
 WORKLOADS: dict[str, Callable[[SynthSpec, random.Random], Iterator[ev.Event]]] = {

