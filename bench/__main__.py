@@ -3,7 +3,7 @@ bench/results.json.
 
     python -m bench            # 1M-event figures and a 2M-vs-1M RSS check (about 15 minutes)
     python -m bench --quick    # smaller sizes, about a minute: a smoke run
-    python -m bench --full     # also the 10M-vs-1M RSS check (10M traces written as .zst; slow)
+    python -m bench --full     # the RSS check at 10M vs 1M events instead (traces written as .zst; ~25 min)
     python -m bench --profile  # cProfile 1M tdp and shadow steady replays: top-20 tables (bench/profile.json)
 
 Timings depend on the machine and its load; results.json records the CPU model and the Python version.
@@ -116,15 +116,15 @@ def bench_rss(tmp: str, small: int, large: int) -> list[dict]:
             "small_events_per_s": a["events_per_s"],
             "large_events_per_s": b["events_per_s"],
             "findings": a["findings"] + b["findings"],
-            "small_stats": a["stats"],
-            "large_stats": b["stats"],
+            "small_stats": {**a["stats"], "host_frames": a["host_frames"]},
+            "large_stats": {**b["stats"], "host_frames": b["host_frames"]},
         }
         rows.append(row)
         say(
             f"steady/{mmu:<7} {a['peak_rss_kib'] / 1024:7.1f} MiB at {small:,}, {b['peak_rss_kib'] / 1024:7.1f} MiB "
             f"at {large:,} (growth {row['growth_kib'] / 1024:+.1f} MiB); live sptes {a['stats'].get('sptes')} -> "
             f"{b['stats'].get('sptes')}, frames referenced {a['stats'].get('frames_referenced')} -> "
-            f"{b['stats'].get('frames_referenced')}"
+            f"{b['stats'].get('frames_referenced')}, host frames {a['host_frames']} -> {b['host_frames']}"
         )
     return rows
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+import kvmpfn.replay
 from bench.bench_decode import decode_in_subprocess
 from kvmpfn.replay import ReplayOptions, replay_file
 from kvmpfn.synth import SynthSpec, write_synth
@@ -27,12 +28,26 @@ from kvmpfn.synth import SynthSpec, write_synth
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+class _Replayer(kvmpfn.replay.Replayer):
+    """The replay engine, remembered so that the VM's size can be reported after ``replay_file``."""
+
+    last: kvmpfn.replay.Replayer | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _Replayer.last = self
+
+
 def replay(path: str) -> dict:
-    """Replay ``path`` in this process with the header's options: events, seconds, events/s, peak RSS (KiB)."""
+    """Replay ``path`` in this process with the header's options: events, seconds, events/s, peak RSS (KiB),
+    and ``host_frames``: the guest frames the host backs at the end (guest memory touched so far)."""
+    kvmpfn.replay.Replayer = _Replayer
     start = time.perf_counter()
     result = replay_file(path, ReplayOptions())
     seconds = time.perf_counter() - start
+    rp = _Replayer.last
     return {
+        "host_frames": None if rp is None else len(rp.host.frames),
         "events": result.events,
         "seconds": round(seconds, 3),
         "events_per_s": round(result.events / seconds) if seconds else 0,

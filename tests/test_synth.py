@@ -204,12 +204,6 @@ LIVELOCK = """\
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MMU: dirty-log harvest clears W in pointer sptes of a level-2 page holding a large leaf "
-    "(era kvm_mmu_slot_remove_write_access, reference §2.15); the next store through that table is a "
-    "fault-loop. Later kernels only write-protect last-level sptes.",
-)
 @pytest.mark.parametrize("mmu", MMUS)
 def test_dirty_log_harvest_after_a_4k_split_does_not_livelock(tmp_path, mmu: str) -> None:
     path = tmp_path / "livelock.jsonl"

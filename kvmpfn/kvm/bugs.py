@@ -25,4 +25,5 @@ BUGS: dict[str, str] = {
     "cr0wp-shared-sp": "shadow pages shared across CR0.WP (fixed in v2.6.35)",
     "sp-access-inherit": "role.access taken from the whole walk (fixed in 2021)",
     "no-rsvd-check": "the era's walker without reserved-bit checks",
+    "dirty-log-pointer-wp": "§2.15 kvm_mmu_slot_remove_write_access clears W in table pointers too (a livelock)",
 }

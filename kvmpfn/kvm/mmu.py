@@ -682,15 +682,24 @@ def kvm_mmu_unload(vcpu: Vcpu, kvm: Kvm) -> None:
 
 
 def kvm_mmu_slot_remove_write_access(kvm: Kvm, slot: int) -> None:
-    """``kvm_mmu_slot_remove_write_access``: clear W in every entry (leaves, large leaves and pointers alike)
-    of every page that maps into the slot, without touching rmaps or dirtying frames (reference §2.15)."""
+    """``kvm_mmu_slot_remove_write_access``: clear W in the leaves (4K and large) of every page that maps into
+    the slot, without touching rmaps or dirtying frames (reference §2.15).
+
+    Differs from the kernel: v2.6.26 cleared W in every entry of such a page, table pointers included, and no
+    fault path gave a present pointer its W back, so a store through a 4K table under a level-2 page holding a
+    large leaf of the slot exited forever (a livelock the guest sees); later kernels protect last-level sptes
+    only, as here. ``--bug dirty-log-pointer-wp`` re-creates the era's loop.
+    """
+    leaves_only = "dirty-log-pointer-wp" not in kvm.bugs
     for sp in kvm.active_mmu_pages.values():
         if slot not in sp.slot_bitmap:
             continue
         spt = sp.spt
+        level = sp.level
         for i in range(512):
-            if spt[i] & PT_WRITABLE_MASK:
-                spt[i] &= ~PT_WRITABLE_MASK
+            ent = spt[i]
+            if ent & PT_WRITABLE_MASK and (level == 1 or ent & PT_PAGE_SIZE_MASK or not leaves_only):
+                spt[i] = ent & ~PT_WRITABLE_MASK
     kvm.stat["remote_tlb_flush"] += 1
 
 

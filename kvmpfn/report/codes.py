@@ -102,7 +102,7 @@ CODES: dict[str, Code] = {
     "fault-loop": Code(
         "address, vcpu",
         "The same address faults again and again with no change in between.",
-        "Replay: an access exits to KVM, the fault is fixed, and the retried access exits again, every time. "
+        "Replay: an access exits to KVM, the fault is fixed, and each retry of the access exits again. "
         "Recorded traces: at least 8 consecutive faults on one vcpu at one address with no spte set, changed "
         "or zapped for it in between (kvmpfn/audit/recorded.py).",
     ),
