@@ -355,11 +355,6 @@ def test_dirty_lost_writable_leaf_missing_from_the_bitmap():
     assert (f["gfn"], f["slot"]) == ("0x5", 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the auditor has no check for rmap_write_protect clearing W without kvm_set_pfn_dirty "
-    "(TRACE_FORMAT dirty-lost, reference I14)",
-)
 def test_dirty_lost_when_rmap_write_protect_does_not_dirty():
     """The guest writes gpa 0x20000 through a writable spte, then uses that page as a page table: KVM shadows
     it and rmap_write_protect takes W away, which must mark the frame dirty. Here kvm_set_pfn_dirty is made
@@ -378,11 +373,6 @@ def test_dirty_lost_when_rmap_write_protect_does_not_dirty():
     assert "dirty-lost" in g.codes()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: GuestView.walk (kvmpfn/audit/checks.py) translates as a supervisor read with EFLAGS.AC=0, so "
-    "under CR4.SMAP every user page looks unmapped: false spte-hpa-mismatch (found by test_audit_property)",
-)
 def test_smap_guest_user_pages_audit_clean():
     """CR4.SMAP governs the guest's supervisor data accesses, not what a gva translates to. A kernel access
     with EFLAGS.AC=1 to a user page is legal and mapped; the audit must agree."""
@@ -392,11 +382,6 @@ def test_smap_guest_user_pages_audit_clean():
     assert g.audit() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: under CR4.SMAP the audit's walk of a user page fails, so check_permission is never reached "
-    "for user pages (kvmpfn/audit/checks.py GuestView.walk)",
-)
 def test_smap_guest_permission_is_still_checked():
     g = Guest(cr4_smap=True)
     g.pte(0x10000, 0x10005 | A)  # a read-only user page

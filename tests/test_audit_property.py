@@ -297,12 +297,6 @@ def pat_header(mmu: str = "shadow") -> dict:
     return {"kvmpfn": 1, "mmu": mmu, "kernel": "pfn", "guest": {"paging": "64", "cr3": 0x1000}, "memslots": slots}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: mmu_guess_page_from_pte_write (kvmpfn/kvm/pte_write.py) takes bit 7 of any written pte for PS "
-    "and FNAME(update_pte) (kvmpfn/kvm/paging.py) passes that 'largepage' to mmu_set_spte for a level-1 spte: "
-    "rmap_add files it in the 2 MiB rmap (rmap-mismatch), and rmap_remove BUGs at teardown",
-)
 def test_pat_bit_in_a_level_1_pte_write_is_not_a_large_page():
     """Found by test_correct_mmu_audits_clean (a 32-bit guest; here the 64-bit form): a valid guest, no switch,
     yet the simulated kernel reaches BUG()."""
@@ -323,12 +317,6 @@ def divergence(header: dict, events: list[dict]) -> tuple[list, list]:
     return outs, findings
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the shadow-page role (kvm_mmu_get_page, kvmpfn/kvm/mmu.py) lacks EFER.NX: after the guest "
-    "turns NX off, the cached shadow pages still map a pte whose bit 63 is now reserved (the guest hits; the "
-    "architecture, and TDP, give #PF RSVD)",
-)
 def test_efer_nx_change_is_seen_by_the_shadow_mmu():
     header = {"kvmpfn": 1, "kernel": "pfn", "guest": {"paging": "64", "cr3": 0x1000}, "memslots": SLOTS}
     events = [

@@ -32,6 +32,7 @@ class Auditor:
         kvm.api.hook = self.ledger.hook
         kvm.on_rmap_add = self.ledger.rmap_add
         kvm.on_rmap_remove = self.ledger.rmap_remove
+        kvm.on_write_protect = self.ledger.write_protect
         if kernel_points:
             kvm.audit_point = self.kvm_mmu_audit
 

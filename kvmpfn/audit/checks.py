@@ -74,7 +74,8 @@ class GuestView:
             if self.kvm.tdp_enabled or cpu.paging == "none":
                 hit = (True, None)
             else:
-                hit = walk_addr(cpu, self.kvm.host, va, False, False, False, set_ad=False)
+                # a supervisor read with EFLAGS.AC=1: SMAP must not hide user pages from the audit
+                hit = walk_addr(cpu, self.kvm.host, va, False, False, False, ac=True, set_ad=False)
             self.cache[page] = hit
         return hit
 
@@ -127,7 +128,7 @@ def audit_mappings_page(kvm, findings, view: GuestView, sp, va: int, level: int)
         addr = canonicalize(va + (index << shift))
         if level > 1 and not (ent & PT_PAGE_SIZE_MASK and level == 2 and ent != NOTRAP):
             if ent == NOTRAP:
-                if not kvm.tdp_enabled and guest_entry_present(view, addr, level):
+                if not kvm.tdp_enabled and guest_entry_present(kvm, view, sp, index, addr, level):
                     findings.report(
                         "notrap-nonleaf",
                         f"notrap entry at level {level} for gva {addr:#x} whose guest entry is present",
@@ -140,12 +141,11 @@ def audit_mappings_page(kvm, findings, view: GuestView, sp, va: int, level: int)
             if child is not None:
                 audit_mappings_page(kvm, findings, view, child, addr, level - 1)
             continue
-        gpa = view.gva_to_gpa(addr)
         if ent == NOTRAP:
-            if gpa != UNMAPPED_GVA:
+            if not kvm.tdp_enabled and guest_entry_present(kvm, view, sp, index, addr, level):
                 findings.report(
                     "notrap-valid-gva",
-                    f"notrap leaf for gva {addr:#x}, which the guest maps to gpa {gpa:#x}",
+                    f"notrap leaf for gva {addr:#x}, whose guest pte is present",
                     ("addr", addr, level),
                     addr=addr,
                     level=level,
@@ -154,6 +154,7 @@ def audit_mappings_page(kvm, findings, view: GuestView, sp, va: int, level: int)
         gfn = sp.gfns[index]
         if gfn_to_kvm_slot(kvm, gfn) is None:
             continue  # spte-without-memslot, reported by check_memslots
+        gpa = view.gva_to_gpa(addr)
         pfn = spte_to_pfn(ent)
         want = None if gpa == UNMAPPED_GVA else host.peek_pfn(gpa >> PAGE_SHIFT)
         if "audit-no-release" in kvm.bugs and gpa != UNMAPPED_GVA:
@@ -189,8 +190,17 @@ def audit_mappings_page(kvm, findings, view: GuestView, sp, va: int, level: int)
             check_permission(kvm, findings, view, sp, index, addr, level, ent)
 
 
-def guest_entry_present(view: GuestView, addr: int, level: int) -> bool:
-    """Whether the guest entry at ``level`` on the walk of ``addr`` is present (I6)."""
+def guest_entry_present(kvm, view: GuestView, sp, index: int, addr: int, level: int) -> bool:
+    """Whether the guest entry that entry ``index`` of ``sp`` shadows is present (I6). A page that shadows a
+    guest table reads that entry directly (a 32-bit guest's tables in quadrants: 512 ptes of 1024 per
+    level-1 page, one 4-byte pde per two 2 MiB shadow pdes); elsewhere the guest walk of ``addr`` says."""
+    if not sp.metaphysical:
+        if sp.glevels == 2:
+            guest_index = (sp.quadrant << 9) + index if sp.level == 1 else (sp.quadrant << 8) + index // 2
+            gpte = kvm.host.read_guest((sp.gfn << PAGE_SHIFT) + 4 * guest_index, 4)
+        else:
+            gpte = kvm.host.read_guest((sp.gfn << PAGE_SHIFT) + 8 * index, 8)
+        return bool(gpte & PT_PRESENT_MASK)
     ok, w = view.walk(addr)
     if w is None:
         return False

@@ -40,6 +40,7 @@ class RefLedger:
         self.refs: dict[int, list[Ref]] = {}
         self._removing: dict[int, tuple] = {}  # pfn -> sptep whose reference the next put releases
         self._removed_writable: dict[int, bool] = {}
+        self._dirtied: set[int] = set()  # frames marked dirty since rmap_write_protect began
 
     # -- the pfn API hook ------------------------------------------------------------------------------------
 
@@ -54,7 +55,9 @@ class RefLedger:
                 [{"seq": f.seq, "line": f.line, "function": function, "caller": caller}],
                 pfn=pfn,
             )
-        if op == "get":
+        if op == "dirty":
+            self._dirtied.add(pfn)
+        elif op == "get":
             self.refs.setdefault(pfn, []).append(Ref(f.seq, f.line, function, caller))
         elif op == "put":
             self._put(pfn, function, caller)
@@ -107,6 +110,25 @@ class RefLedger:
             return  # a frame KVM does not refcount (pfn-io device memory), or an underflow to come
         self._removing[pfn] = sptep
         self._removed_writable[pfn] = bool(spte & PT_WRITABLE_MASK)
+
+    def write_protect(self, cleared: set[int] | None) -> None:
+        """``rmap_write_protect`` took W from sptes of these frames: each must have been marked dirty (I14),
+        unless it is a frame the helpers never dirty (PageReserved, or no struct page)."""
+        if cleared is None:
+            self._dirtied.clear()
+            return
+        f = self.findings
+        for pfn in sorted(cleared - self._dirtied):
+            frame = self.host.frames.get(pfn)
+            if frame is None or frame.reserved or not frame.struct_page:
+                continue
+            f.report(
+                "dirty-lost",
+                f"rmap_write_protect cleared W on frame {pfn:#x} without kvm_set_pfn_dirty",
+                ("pfn", pfn),
+                [{"seq": f.seq, "line": f.line, "function": "rmap_write_protect", "caller": "kvm_mmu_get_page"}],
+                pfn=pfn,
+            )
 
     # -- queries ---------------------------------------------------------------------------------------------
 

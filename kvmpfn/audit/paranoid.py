@@ -31,7 +31,9 @@ def check_mmu_structures(kvm) -> list[str]:
             problems.append(f"{sp!r} is in the hash {hashed[sp_id]} times")
         if kvm.page_header.get(sp.hpa) is not sp:
             problems.append(f"{sp!r} has no page header")
-        want = role_word(sp.glevels, sp.level, sp.quadrant, sp.metaphysical, sp.access, sp.invalid, sp.cr0_wp)
+        want = role_word(
+            sp.glevels, sp.level, sp.quadrant, sp.metaphysical, sp.access, sp.invalid, sp.cr0_wp, sp.ext
+        )
         if sp.role != want:
             problems.append(f"{sp!r} role word {sp.role:#x} disagrees with its fields ({want:#x})")
         if sp.root_count < 0:

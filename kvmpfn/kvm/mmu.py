@@ -210,15 +210,18 @@ def kvm_mmu_get_page(
     """``kvm_mmu_get_page``: find the page for (gfn, role) or create it: hash it, write-protect the guest
     table it shadows (``rmap_write_protect``, which accounts it) and prefetch its entries.
 
-    The role includes the quadrant for 32-bit guests and real mode, and ``cr0_wp`` (v2.6.35's fix; the era's
+    The role includes the quadrant for 32-bit guests and real mode, EFER.NX and CR4.PSE (later kernels' role
+    bits: they change what a guest pte means), and ``cr0_wp`` (v2.6.35's fix; the era's
     pages were shared across CR0.WP: ``--bug cr0wp-shared-sp``). ``parent_pte`` is ``(sp, index)`` or None.
     """
     root_level = vcpu.root_level
     quadrant = 0
     if root_level <= PT32_ROOT_LEVEL:
         quadrant = (gaddr >> (PAGE_SHIFT + 9 * level)) & ((1 << level) - 1)
-    cr0_wp = 1 if vcpu.cpu.cr0_wp or "cr0wp-shared-sp" in kvm.bugs or kvm.tdp_enabled else 0
-    role = role_word(root_level, level, quadrant, metaphysical, access, 0, cr0_wp)
+    cpu = vcpu.cpu
+    cr0_wp = 1 if cpu.cr0_wp or "cr0wp-shared-sp" in kvm.bugs or kvm.tdp_enabled else 0
+    ext = 0 if kvm.tdp_enabled else int(bool(cpu.efer_nx)) | int(bool(cpu.cr4_pse)) << 1
+    role = role_word(root_level, level, quadrant, metaphysical, access, 0, cr0_wp, ext)
     bucket = kvm.mmu_page_hash.setdefault(gfn, [])
     for sp in bucket:
         if sp.role == role:
@@ -234,6 +237,7 @@ def kvm_mmu_get_page(
     sp.metaphysical = metaphysical
     sp.access = access
     sp.cr0_wp = cr0_wp
+    sp.ext = ext
     bucket.insert(0, sp)  # hlist_add_head
     if not metaphysical:
         rmap_write_protect(kvm, gfn)

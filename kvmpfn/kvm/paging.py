@@ -277,7 +277,8 @@ def update_pte(vcpu, kvm, sp, sptep: tuple, gpte: int) -> None:
     reference (``kvm_get_pfn``, +1) for the new spte. A non-present gpte makes the spte notrap.
 
     Differs from the kernel: a gpte with reserved bits set is left trap (later kernels'
-    ``prefetch_invalid_gpte``), so the guest's next access faults with RSVD.
+    ``prefetch_invalid_gpte``), so the guest's next access faults with RSVD; a level-1 spte is never made large
+    from a PAT bit the guess took for PS.
     """
     if not (gpte & PT_PRESENT_MASK and gpte & PT_ACCESSED_MASK):
         if not gpte & PT_PRESENT_MASK:
@@ -296,17 +297,7 @@ def update_pte(vcpu, kvm, sp, sptep: tuple, gpte: int) -> None:
     if kvm.notifiers and mmu_notifier_retry(kvm, vcpu.update_pte_mmu_seq):
         return
     api.kvm_get_pfn(pfn, "update_pte")
-    mmu_set_spte(
-        vcpu,
-        kvm,
-        sptep,
-        sp.access,
-        pte_access,
-        0,
-        0,
-        gpte & PT_DIRTY_MASK,
-        vcpu.update_pte_largepage,
-        gfn,
-        pfn,
-        True,
-    )
+    # mmu_guess_page_from_pte_write reads bit 7 as PS whatever the level; in a level-1 pte it is PAT, and the
+    # era then wrote a "large" spte into a page table (reference §2.10's hazard): only level 2 goes large here
+    largepage = vcpu.update_pte_largepage if sp.level == 2 else 0
+    mmu_set_spte(vcpu, kvm, sptep, sp.access, pte_access, 0, 0, gpte & PT_DIRTY_MASK, largepage, gfn, pfn, True)

@@ -146,17 +146,23 @@ def rmap_write_protect(kvm, gfn: int) -> None:
 
     api = kvm.api
     write_protected = False
+    cleared: set[int] = set()
+    if kvm.on_write_protect is not None:
+        kvm.on_write_protect(None)
     table, key = gfn_to_rmap(kvm, gfn, 0)
     sptep = rmap_next(table, key, None)
     while sptep is not None:
         sp, index = sptep
         if is_writeble_pte(sp.spt[index]):
             sp.spt[index] &= ~PT_WRITABLE_MASK
+            cleared.add(spte_to_pfn(sp.spt[index]))
             write_protected = True
         sptep = rmap_next(table, key, sptep)
     if write_protected:
         sp, index = rmap_next(table, key, None)
         api.kvm_set_pfn_dirty(spte_to_pfn(sp.spt[index]), "rmap_write_protect")
+    if kvm.on_write_protect is not None:
+        kvm.on_write_protect(cleared)
 
     restart = "rmap-wp-hugepage-iter" not in kvm.bugs
     table, key = gfn_to_rmap(kvm, gfn, 1)

@@ -16,10 +16,12 @@ SHADOW_PAGE_FIRST_PFN = 0x40000000
 
 
 def role_word(
-    glevels: int, level: int, quadrant: int, metaphysical: int, access: int, invalid: int, cr0_wp: int
+    glevels: int, level: int, quadrant: int, metaphysical: int, access: int, invalid: int, cr0_wp: int, ext: int = 0
 ) -> int:
     """``union kvm_mmu_page_role`` packed as in v2.6.26 (glevels 0-3, level 4-7, quadrant 8-9,
-    metaphysical 16, access 17-19, invalid 20). Bit 21 holds ``cr0_wp``, the role bit v2.6.35 added."""
+    metaphysical 16, access 17-19, invalid 20). Bit 21 holds ``cr0_wp``, the role bit v2.6.35 added; bits 22-23
+    (``ext``) EFER.NX and CR4.PSE, which later kernels also key shadow pages on (``role.nxe``,
+    ``role.ext.cr4_pse``): both change what a guest pte means."""
     return (
         glevels
         | level << 4
@@ -28,6 +30,7 @@ def role_word(
         | access << 17
         | invalid << 20
         | cr0_wp << 21
+        | ext << 22
     )
 
 
@@ -47,6 +50,7 @@ class KvmMmuPage:
         "metaphysical",
         "access",
         "cr0_wp",
+        "ext",
         "invalid",
         "spt",
         "gfns",
@@ -68,6 +72,7 @@ class KvmMmuPage:
         self.metaphysical = 0
         self.access = 0
         self.cr0_wp = 0
+        self.ext = 0
         self.invalid = 0
         self.spt = [SHADOW_TRAP_NONPRESENT_PTE] * PT64_ENT_PER_PAGE
         self.gfns = [0] * PT64_ENT_PER_PAGE
@@ -173,6 +178,8 @@ class Kvm:
         # observers (the auditor's ledger): called when an spte takes/drops ownership of its reference
         self.on_rmap_add: Callable | None = None
         self.on_rmap_remove: Callable | None = None
+        # rmap_write_protect: called with None before its 4K loop, then with the frames whose W it cleared
+        self.on_write_protect: Callable | None = None
         self.audit_point: Callable | None = None  # kvm_mmu_audit(vcpu, msg) at the kernel's audit points
         host.on_watched_write = self.flush_walk_caches
 
