@@ -39,6 +39,7 @@ from kvmpfn.trace import events as ev
 from kvmpfn.trace.reader import TraceError, open_trace
 
 KVM_MEMORY_SLOTS = 32
+GUEST_STATE = ("paging", "cr0_wp", "efer_nx", "cr4_pse", "cr4_smep", "cr4_smap", "maxphyaddr", "gbpages")
 STORE_OR_FAULT = frozenset({"access", "pf", "write", "pte_write"})
 TDP_GPA_BITS = 48  # a 4-level TDP table maps 48 bits of guest-physical address
 
@@ -239,19 +240,15 @@ class Replayer:
             if pdptrs is None:
                 return {"result": "guest_fault", "vector": "gp"}
             cpu.pdptrs = pdptrs
-        for name in (
-            "paging",
-            "cr0_wp",
-            "efer_nx",
-            "cr4_pse",
-            "cr4_smep",
-            "cr4_smap",
-            "maxphyaddr",
-            "gbpages",
-        ):
+        cpuid = (cpu.maxphyaddr, cpu.gbpages)
+        for name in GUEST_STATE:
             value = getattr(e, name)
             if value is not None:
                 setattr(cpu, name, value)
+        if (cpu.maxphyaddr, cpu.gbpages) != cpuid:
+            # a CPUID change: what a guest pte may hold changed for every shadow page (later kernels zap the
+            # MMU after KVM_SET_CPUID)
+            kvm_mmu_zap_all(self.kvm)
         kvm_mmu_reset_context(vcpu, self.kvm)
         return {"result": "ok"}
 

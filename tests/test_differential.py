@@ -706,13 +706,6 @@ BUG_1G_ROLE_ACCESS = """
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: FNAME(fetch) (kvm/paging.py) gives the level-1 shadow pages of a 1 GiB guest page "
-    "role.access = walker.access_at[0] = 0, so differently-privileged 1 GiB mappings share them and a user "
-    "access through a supervisor-only PDPTE hits",
-)
 def test_bug_1g_split_role_access(tmp_path: Path) -> None:
     header, events = parse(BUG_1G_ROLE_ACCESS, tmp_path)
     # the auditor sees it too (spte-permission at the second access); this checks what the guest sees
@@ -752,13 +745,6 @@ FEATURE_FLIPS = {
 FLIPPED = {"cr4_pse": False, "efer_nx": False, "gbpages": False, "maxphyaddr": 36}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: a paging event that changes CR4.PSE, EFER.NX, gbpages or MAXPHYADDR (kvm_mmu_reset_context, "
-    "kvm/context.py) keeps the shadow pages, whose role does not record the feature: the guest keeps the "
-    "old translation under shadow paging, TDP walks with the new rules",
-)
 @pytest.mark.parametrize("feature", sorted(FEATURE_FLIPS))
 def test_bug_feature_change_keeps_stale_sptes(feature: str, tmp_path: Path) -> None:
     guest, tables, addr = FEATURE_FLIPS[feature]
@@ -784,13 +770,6 @@ BUG_CR0WP0 = """
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: mmu_set_spte (kvm/mmu.py) turns a read-only user page into a writable supervisor spte for a "
-    "CR0.WP=0 supervisor write, which disables the host's SMEP/SMAP checks on it: later supervisor fetches "
-    "(SMEP) and AC=0 data accesses (SMAP) hit under shadow paging instead of faulting",
-)
 @pytest.mark.parametrize("feature", ["smep", "smap"])
 def test_bug_cr0wp0_smep_smap(feature: str, tmp_path: Path) -> None:
     what, fetch = ("fetch", 1) if feature == "smep" else ("read", 0)
@@ -814,12 +793,6 @@ BUG_AUDIT_SMAP = """
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: audit GuestView.walk (audit/checks.py) translates with walk_addr(..., user=False, ac=False), "
-    "so with CR4.SMAP every spte of a user page is reported as spte-hpa-mismatch",
-)
 def test_bug_audit_smap_false_positive(tmp_path: Path) -> None:
     path = tmp_path / "smap.jsonl"
     path.write_text(BUG_AUDIT_SMAP)

@@ -418,7 +418,9 @@ def mmu_set_spte(
     a write fault then returns 1 (``*ptwrite``: the caller emulates the write).
 
     Differs from the kernel: the CR0.WP=0 supervisor-write path drops U and marks the page dirty (the v2.6.35
-    fix; ``--bug cr0wp-user-write`` keeps the era's U); ``pte_access |= PT_ACCESSED_MASK`` is kept as the
+    fix; ``--bug cr0wp-user-write`` keeps the era's U), takes exec away from a user page under CR4.SMEP, and
+    under CR4.SMAP leaves a user page read-only and has the write emulated (later kernels' smep/smap_andnot_wp
+    handling, so the guest's SMEP/SMAP still apply); ``pte_access |= PT_ACCESSED_MASK`` is kept as the
     era's no-op (§5.8), so fault-made sptes start with A clear. Returns the ``*ptwrite`` value.
     """
     sp, index = sptep
@@ -450,12 +452,22 @@ def mmu_set_spte(
 
     if pte_access & ACC_WRITE_MASK or (write_fault and not vcpu.cpu.cr0_wp and not user_fault):
         spte |= PT_WRITABLE_MASK
+        wp0_user_page = False
         if not pte_access & ACC_WRITE_MASK and not kvm.tdp_enabled:
             # CR0.WP=0 supervisor write to a read-only gpte (v2.6.35 fix: no user access, dirty like any W)
             if "cr0wp-user-write" not in kvm.bugs:
+                wp0_user_page = bool(pte_access & ACC_USER_MASK)
                 spte &= ~PT_USER_MASK
                 pte_access |= ACC_WRITE_MASK
-        if user_fault and "user-fault-unshadow" in kvm.bugs:
+                if wp0_user_page and vcpu.cpu.cr4_smep:
+                    spte |= PT64_NX_MASK  # a supervisor fetch must still exit and meet the guest's SMEP
+        if wp0_user_page and vcpu.cpu.cr4_smap:
+            # without U the host's SMAP check would pass later AC=0 supervisor accesses: keep the user
+            # page read-only and emulate this write instead (later kernels check SMAP in software here)
+            spte = (spte & ~PT_WRITABLE_MASK & ~PT64_NX_MASK) | PT_USER_MASK
+            pte_access &= ~ACC_WRITE_MASK
+            pt_write = 1
+        elif user_fault and "user-fault-unshadow" in kvm.bugs:
             mmu_unshadow(kvm, gfn)  # the seed's heuristic (§5.5)
         elif "no-write-protect" not in kvm.bugs and (
             kvm_mmu_lookup_page(kvm, gfn) is not None or (largepage and has_wrprotected_page(kvm, gfn))

@@ -206,7 +206,9 @@ def fetch(
                 sp.spt[index] = TRAP
             kvm.stat["lpages"] -= 1
         if "sp-access-inherit" not in kvm.bugs:
-            access = walker.access_at[level - 1]
+            # the guest entries above the child: down to this level, or to the guest leaf when the child
+            # splits a guest large page (its role then records the large page's own rights too)
+            access = walker.access_at[max(level, leaf_level) - 1]
         if level - 1 < leaf_level:
             metaphysical = 1
             if not walker.ptes[leaf_level - 1] & PT_DIRTY_MASK:
