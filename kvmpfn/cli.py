@@ -48,7 +48,9 @@ def main() -> None:
 @click.option(
     "--paranoid", is_flag=True, help="Full audit and a check of kvmpfn's own MMU structures after every event."
 )
-@click.option("--emit", type=click.Path(dir_okay=False), help="Write one outcome record per event to FILE.")
+@click.option(
+    "--emit", type=click.Path(dir_okay=False), help="Write one outcome record per event to FILE (- for stdout)."
+)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", help="Report format.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the report to FILE.")
 def replay(
@@ -73,7 +75,9 @@ def replay(
         paranoid=paranoid,
     )
     emit_fh = None
-    if emit:
+    if emit == "-":
+        emit_fh = sys.stdout
+    elif emit:
         try:
             emit_fh = open(emit, "w", encoding="utf-8")  # noqa: SIM115
         except OSError as err:
@@ -81,7 +85,7 @@ def replay(
     try:
         result = replay_file(trace, options, emit_fh)
     finally:
-        if emit_fh is not None:
+        if emit_fh is not None and emit_fh is not sys.stdout:
             emit_fh.close()
     if fmt == "json":
         doc = {
