@@ -438,7 +438,9 @@ def snapshot(g: Guest) -> dict:
         pfn: (f.count, f.dirty, f.accessed, f.reserved, f.host_mapped, None if f.data is None else bytes(f.data))
         for pfn, f in host.frames.items()
     }
-    refs = {pfn: [(r.seq, r.function, r.caller, r.owner) for r in refs] for pfn, refs in g.rp.auditor.ledger.refs.items()}
+    refs = {
+        pfn: [(r.seq, r.function, r.caller, r.owner) for r in refs] for pfn, refs in g.rp.auditor.ledger.refs.items()
+    }
     sptes = {sp.id: (list(sp.spt), list(sp.parent_ptes), sp.root_count) for sp in g.kvm.active_mmu_pages.values()}
     return {
         "frames": frames,
@@ -611,11 +613,16 @@ def test_audit_every_1_on_10000_events(tmp_path):
         "memslots": [{"slot": 0, "gfn": 0, "npages": 1024, "backing": "ram"}],
     }
     events = [{"op": "write", "gpa": "0x1000", "val": "0x2007", "len": 4}]
-    events += [{"op": "write", "gpa": hex(0x2000 + 4 * i), "val": hex(0x100000 + (i % 64 << 12) | 7), "len": 4} for i in range(512)]
+    events += [
+        {"op": "write", "gpa": hex(0x2000 + 4 * i), "val": hex(0x100000 + (i % 64 << 12) | 7), "len": 4}
+        for i in range(512)
+    ]
     while len(events) < 10_000:
         i = rnd.randrange(64)
         if rnd.random() < 0.9:
-            events.append({"op": "access", "addr": hex(i << 12), "write": rnd.randrange(2), "user": rnd.randrange(2), "fetch": 0})
+            events.append(
+                {"op": "access", "addr": hex(i << 12), "write": rnd.randrange(2), "user": rnd.randrange(2), "fetch": 0}
+            )
         else:
             val = 0x100000 + (rnd.randrange(64) << 12) | rnd.choice([5, 7, 0x27, 0x67])
             events.append({"op": "write", "gpa": hex(0x2000 + 4 * i), "val": hex(val), "len": 4})

@@ -293,7 +293,10 @@ PAT_TRACE = [
 
 
 def pat_header(mmu: str = "shadow") -> dict:
-    slots = [{"slot": 0, "gfn": 0, "npages": 512, "backing": "ram"}, {"slot": 1, "gfn": 0x400, "npages": 512, "backing": "hugetlb"}]
+    slots = [
+        {"slot": 0, "gfn": 0, "npages": 512, "backing": "ram"},
+        {"slot": 1, "gfn": 0x400, "npages": 512, "backing": "hugetlb"},
+    ]
     return {"kvmpfn": 1, "mmu": mmu, "kernel": "pfn", "guest": {"paging": "64", "cr3": 0x1000}, "memslots": slots}
 
 
@@ -368,6 +371,11 @@ def test_kernel_bug_at_the_implicit_teardown_is_reported_not_raised(tmp_path, mo
 
     monkeypatch.setattr(kvmpfn.replay, "kvm_arch_destroy_vm", destroy)
     path = tmp_path / "t.jsonl"
-    path.write_text(as_jsonl({"kvmpfn": 1, "mmu": "tdp", "guest": {"paging": "none"}}, [{"op": "access", "addr": 0x5000, "write": True, "user": False, "fetch": False}]))
+    path.write_text(
+        as_jsonl(
+            {"kvmpfn": 1, "mmu": "tdp", "guest": {"paging": "none"}},
+            [{"op": "access", "addr": 0x5000, "write": True, "user": False, "fetch": False}],
+        )
+    )
     result = replay_file(str(path))
     assert result.error is not None and "kernel BUG" in result.error

@@ -233,19 +233,20 @@ def parse(text: str, tmp_path: Path) -> tuple[ev.Header, list]:
 
 # --- known bugs -------------------------------------------------------------------------------------------------
 
-#: Keep the generated family off the known bugs pinned by the xfail tests at the end of this file, so that it
-#: keeps looking for new ones: no flip of a feature that changes the guest translation but not the shadow-page
-#: role (CR4.PSE, EFER.NX, gbpages: test_bug_feature_change_keeps_stale_sptes), no CR0.WP=0 together with
-#: SMEP or SMAP (test_bug_cr0wp0_smep_smap), and no finding check while SMAP is on
-#: (test_bug_audit_smap_false_positive). Set it to False once they are fixed.
+#: Keep the generated family off the open bugs pinned by the xfail tests at the end of this file, so that it
+#: keeps looking for new ones: a program either runs with CR0.WP=0 or changes CR4.SMEP/SMAP, never both
+#: (test_bug_cr0wp0_sptes_outlive_smep_smap), never has CR0.WP=0 and CR4.SMAP at once
+#: (test_bug_cr0wp0_smap_makes_nx_page_executable), and changes CPUID features (gbpages) on every vcpu at once
+#: (test_bug_cpuid_differs_between_vcpus). Set it to False once they are fixed.
 AVOID_KNOWN_BUGS = True
 
 #: The features a ``paging`` event of the family may flip, per mode.
 FEATURES = {
-    "32": ("cr0_wp", "cr4_smep", "cr4_smap") + (() if AVOID_KNOWN_BUGS else ("cr4_pse",)),
-    "pae": ("cr0_wp", "cr4_smep", "cr4_smap") + (() if AVOID_KNOWN_BUGS else ("efer_nx",)),
-    "64": ("cr0_wp", "cr4_smep", "cr4_smap") + (() if AVOID_KNOWN_BUGS else ("efer_nx", "gbpages")),
+    "32": ("cr0_wp", "cr4_pse", "cr4_smep", "cr4_smap"),
+    "pae": ("cr0_wp", "efer_nx", "cr4_smep", "cr4_smap"),
+    "64": ("cr0_wp", "efer_nx", "cr4_smep", "cr4_smap", "gbpages"),
 }
+CPUID = ("gbpages", "maxphyaddr")  # the features that are CPUID bits rather than control registers
 
 
 # --- the hypothesis family -----------------------------------------------------------------------------------
@@ -361,7 +362,7 @@ def guest_programs(draw, modes: Sequence[str] = ("32", "pae", "64"), max_ops: in
         "gbpages": mode.name == "64" and draw(st.booleans()),
     }
     if AVOID_KNOWN_BUGS and not paging["cr0_wp"]:
-        paging["cr4_smep"] = paging["cr4_smap"] = False  # test_bug_cr0wp0_* : no SMEP/SMAP with CR0.WP=0
+        paging["cr4_smap"] = False  # test_bug_cr0wp0_smap_makes_nx_page_executable
     guest = ev.Guest(paging=mode.name, cr3=0, **paging)
     header = ev.Header(kvmpfn=1, kernel=draw(st.sampled_from(KERNELS)), guest=guest, memslots=list(MEMSLOTS))
     events: list = []
@@ -403,6 +404,8 @@ def guest_programs(draw, modes: Sequence[str] = ("32", "pae", "64"), max_ops: in
     for vcpu in range(nvcpus):
         events.append(ev.Cr3(val=draw(st.sampled_from(cr3s)) if vcpu else cr3s[0], vcpu=vcpu))
 
+    wp0_seen = not paging["cr0_wp"]  # some vcpu ran with CR0.WP=0: there may be U-less writable sptes
+    smx_flipped = False  # some vcpu's SMEP or SMAP changed: the vcpus may disagree on them
     for _ in range(draw(st.integers(1, max_ops))):
         vcpu = 1 if nvcpus == 2 and chance(draw, 30) else 0
         op = draw(st.integers(0, 19))
@@ -439,11 +442,16 @@ def guest_programs(draw, modes: Sequence[str] = ("32", "pae", "64"), max_ops: in
             events.append(ev.Cr3(val=draw(st.sampled_from(cr3s)), vcpu=vcpu))
         elif op == 17:
             name = draw(st.sampled_from(FEATURES[mode.name]))
-            flipped = {**pagings[vcpu], name: not pagings[vcpu][name]}
-            if AVOID_KNOWN_BUGS and not flipped["cr0_wp"] and (flipped["cr4_smep"] or flipped["cr4_smap"]):
+            value = not pagings[vcpu][name]
+            smx = name in ("cr4_smep", "cr4_smap")
+            smap_on = any(pg["cr4_smap"] for pg in pagings)
+            if AVOID_KNOWN_BUGS and (smx and wp0_seen or name == "cr0_wp" and not value and (smx_flipped or smap_on)):
                 continue
-            pagings[vcpu] = flipped
-            events.append(ev.Paging(**{name: flipped[name]}, vcpu=vcpu))
+            wp0_seen |= name == "cr0_wp" and not value
+            smx_flipped |= smx
+            for v in range(nvcpus) if AVOID_KNOWN_BUGS and name in CPUID else (vcpu,):
+                pagings[v] = {**pagings[v], name: value}
+                events.append(ev.Paging(**{name: value}, vcpu=v))
         elif op == 18:
             events.append(ev.Invlpg(addr=draw(st.sampled_from(gvas)), vcpu=vcpu))
         else:  # store to a table at an entry nobody wrote yet
@@ -458,9 +466,8 @@ def guest_programs(draw, modes: Sequence[str] = ("32", "pae", "64"), max_ops: in
 COMMON = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def check_program(program: Program) -> None:
-    smap = program.header.guest.cr4_smap or any(isinstance(e, ev.Paging) and e.cr4_smap for e in program.events)
-    differential(program.header, program.events, check_findings=not (AVOID_KNOWN_BUGS and smap))
+def check_program(program: Program, **options) -> None:
+    differential(program.header, program.events, **options)
 
 
 @settings(COMMON, max_examples=40)
@@ -480,8 +487,7 @@ def test_random_guest_programs_agree_fuzz(program: Program) -> None:
 @settings(COMMON, max_examples=500)
 @given(guest_programs(max_ops=60))
 def test_random_guest_programs_agree_with_kernel_audit_fuzz(program: Program) -> None:
-    smap = program.header.guest.cr4_smap or any(isinstance(e, ev.Paging) and e.cr4_smap for e in program.events)
-    differential(program.header, program.events, kernel_audit=True, check_findings=not (AVOID_KNOWN_BUGS and smap))
+    check_program(program, kernel_audit=True)
 
 
 # --- hand-written traces -----------------------------------------------------------------------------------
@@ -680,7 +686,7 @@ def test_recycling_shadow_pages_agrees(paging: str, n: int) -> None:
     assert rp.kvm.stat["mmu_recycled"] > n  # the budget really ran out, again and again
 
 
-# --- bugs found by this test (xfail until fixed) ---------------------------------------------------------------
+# --- bugs found by this test: fixed ones as regressions, open ones as xfail ---------------------------------------
 
 TABLES_64 = """
 {"op": "write", "gpa": "0x20000", "val": "0x21007", "len": 8}
@@ -691,10 +697,10 @@ TABLES_64 = """
 
 BUG_1G_ROLE_ACCESS = """
 # 64-bit with 1 GiB pages: PDPT[0] maps gpa 0 as a supervisor-only 1 GiB page (gva 0), PDPT[1] maps the same
-# gpa 0 as a user page (gva 0x40000000). Both are shadowed as metaphysical 2 MiB and 4 KiB pieces; the level-1
-# pieces get role.access 0 for both (walker.access_at[0] is never set by a walk that ends at level 3), so
-# they are one shared shadow page. The user access through PDPT[1] rewrites the shared spte with U, and a user
-# read through the supervisor-only PDPT[0] then hits: shadow lets the guest in, TDP gives #PF P|U.
+# gpa 0 as a user page (gva 0x40000000). Both are shadowed as metaphysical 2 MiB and 4 KiB pieces. The level-1
+# pieces got role.access 0 for both (walker.access_at[0] is never set by a walk that ends at level 3), so
+# they were one shared shadow page: the user access through PDPT[1] rewrote the shared spte with U, and a user
+# read through the supervisor-only PDPT[0] then hit. TDP gives #PF P|U. (Fixed in 79289c6.)
 {"kvmpfn": 1, "guest": {"paging": "64", "cr3": "0x20000", "gbpages": true}}
 {"op": "write", "gpa": "0x20000", "val": "0x21007", "len": 8}
 {"op": "write", "gpa": "0x21000", "val": "0xe3", "len": 8}
@@ -708,13 +714,13 @@ BUG_1G_ROLE_ACCESS = """
 
 def test_bug_1g_split_role_access(tmp_path: Path) -> None:
     header, events = parse(BUG_1G_ROLE_ACCESS, tmp_path)
-    # the auditor sees it too (spte-permission at the second access); this checks what the guest sees
-    differential(header, events, check_findings=False)
+    shadow, _ = differential(header, events)
+    assert shadow.views[-1].outcome == ("fault", 0x5)
 
 
 #: A feature that changes how the guest tables are read, flipped after the tables were shadowed. The shadow
-#: page role (glevels, level, quadrant, metaphysical, access, cr0_wp) does not record it, so
-#: kvm_mmu_reset_context finds the old shadow pages again and their sptes keep the old translation.
+#: page role did not record it, so kvm_mmu_reset_context found the old shadow pages again and their sptes kept
+#: the old translation. (Fixed in 062a4ec and 79289c6: EFER.NX and CR4.PSE in the role, a CPUID change zaps.)
 FEATURE_FLIPS = {
     # a 4 MiB page (PSE) becomes a pointer to a page table at gpa 0x400000, which is empty: #PF P=0
     "cr4_pse": (
@@ -743,45 +749,160 @@ FEATURE_FLIPS = {
     ),
 }
 FLIPPED = {"cr4_pse": False, "efer_nx": False, "gbpages": False, "maxphyaddr": 36}
+FAULT_AFTER_FLIP = {"cr4_pse": 0x4, "efer_nx": 0xD, "gbpages": 0xD, "maxphyaddr": 0xD}
 
 
-@pytest.mark.parametrize("feature", sorted(FEATURE_FLIPS))
-def test_bug_feature_change_keeps_stale_sptes(feature: str, tmp_path: Path) -> None:
+def feature_flip_trace(feature: str, before: Sequence[int], flip: int, after: Sequence[int]) -> str:
+    """The tables of FEATURE_FLIPS[feature], a user read on each vcpu of ``before``, the feature flipped on vcpu
+    ``flip``, then a user read on each vcpu of ``after``."""
     guest, tables, addr = FEATURE_FLIPS[feature]
     memslots = [{"slot": 0, "gfn": 0, "npages": 2048, "backing": "ram"}]
     if feature == "maxphyaddr":  # memory at 2^39 for the leaf to map
         memslots.append({"slot": 1, "gfn": "0x8000000", "npages": 16, "backing": "ram"})
-    header = json.dumps({"kvmpfn": 1, "guest": guest, "memslots": memslots})
-    access = f'{{"op": "access", "addr": "{addr}", "write": 0, "user": 1, "fetch": 0}}'
-    flip = json.dumps({"op": "paging", feature: FLIPPED[feature]})
-    header, events = parse("\n".join([header, tables, access, flip, access]), tmp_path)
+
+    def read(vcpu: int) -> str:
+        return json.dumps({"op": "access", "addr": addr, "write": 0, "user": 1, "fetch": 0, "vcpu": vcpu})
+
+    lines = [json.dumps({"kvmpfn": 1, "guest": guest, "memslots": memslots}), tables]
+    lines += [read(v) for v in before]
+    lines.append(json.dumps({"op": "paging", feature: FLIPPED[feature], "vcpu": flip}))
+    lines += [read(v) for v in after]
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURE_FLIPS))
+def test_bug_feature_change_keeps_stale_sptes(feature: str, tmp_path: Path) -> None:
+    header, events = parse(feature_flip_trace(feature, [0], 0, [0]), tmp_path)
+    shadow, _ = differential(header, events)
+    assert shadow.views[0].outcome[0] == "done"
+    assert shadow.views[1].outcome == ("fault", FAULT_AFTER_FLIP[feature])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="BUG: CPUID features (gbpages, MAXPHYADDR) are per vcpu, but neither the shadow-page role nor the zap "
+    "on a CPUID change (Replayer.do_paging) covers vcpus that disagree: vcpu 1 (gbpages) shadows a 1 GiB page "
+    "and vcpu 0 (no gbpages, for which the PDPTE is reserved) hits its sptes",
+)
+@pytest.mark.parametrize("feature", ["gbpages", "maxphyaddr"])
+def test_bug_cpuid_differs_between_vcpus(feature: str, tmp_path: Path) -> None:
+    """vcpu 0 drops the feature (the MMU is zapped), then vcpu 1, which still has it, maps the page; vcpu 0's
+    access must fault with RSVD, as under TDP."""
+    header, events = parse(feature_flip_trace(feature, [], 0, [1, 0]), tmp_path)
     differential(header, events, check_findings=False)
 
 
 BUG_CR0WP0 = """
 # CR0.WP=0 and CR4.{feature}: a supervisor write (EFLAGS.AC=1) to a read-only user page is allowed, and KVM
-# maps it with a writable spte without U (v2.6.35). The host CPU then sees a supervisor page: a supervisor
-# {what} of that user page, which SMEP/SMAP forbid, hits under shadow paging; TDP gives #PF.
+# maps it with a writable spte without U (v2.6.35). The host CPU then saw a supervisor page: a supervisor
+# {what} of that user page, which SMEP/SMAP forbid, hit under shadow paging; TDP gives #PF. (Fixed in
+# 79289c6: NX under SMEP, the write emulated under SMAP.)
 {{"kvmpfn": 1, "guest": {{"paging": "64", "cr3": "0x20000", "cr0_wp": false, "cr4_{feature}": true}}}}
 {tables}
 {{"op": "write", "gpa": "0x23000", "val": "0x40065", "len": 8}}
 {{"op": "access", "addr": "0x0", "write": 1, "user": 0, "fetch": 0, "ac": 1}}
 {{"op": "access", "addr": "0x0", "write": 0, "user": 0, "fetch": {fetch}, "ac": 0}}
 """
+WHAT = {"smep": ("fetch", 1, 0x11), "smap": ("read", 0, 0x1)}
 
 
 @pytest.mark.parametrize("feature", ["smep", "smap"])
 def test_bug_cr0wp0_smep_smap(feature: str, tmp_path: Path) -> None:
-    what, fetch = ("fetch", 1) if feature == "smep" else ("read", 0)
+    what, fetch, err = WHAT[feature]
     text = BUG_CR0WP0.format(feature=feature, what=what, fetch=fetch, tables=TABLES_64.strip())
+    header, events = parse(text, tmp_path)
+    shadow, _ = differential(header, events)
+    assert shadow.views[-1].outcome == ("fault", err)
+
+
+BUG_CR0WP0_THEN = """
+# CR0.WP=0 with CR4.{feature} off: a supervisor write to a read-only user page gets a writable spte without U.
+# Then CR4.{feature} is switched on ({how}). The shadow page's role does not record SMEP/SMAP (later kernels'
+# role.smep_andnot_wp / smap_andnot_wp), so the U-less spte stays in use: a supervisor {what} of the user page
+# hits under shadow paging instead of faulting.
+{{"kvmpfn": 1, "guest": {{"paging": "64", "cr3": "0x20000", "cr0_wp": false, "cr4_{feature}": {start}}}}}
+{tables}
+{{"op": "write", "gpa": "0x23000", "val": "0x40065", "len": 8}}
+{setup}
+{{"op": "access", "addr": "0x0", "write": 1, "user": 0, "fetch": 0, "ac": 1}}
+{switch}
+{{"op": "access", "addr": "0x0", "write": 0, "user": 0, "fetch": {fetch}, "ac": 0, "vcpu": {vcpu}}}
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="BUG: the shadow-page role (vm.role_word) has no smep_andnot_wp/smap_andnot_wp: a U-less writable spte "
+    "made for a CR0.WP=0 supervisor write while SMEP/SMAP were off is reused after they are switched on (or by "
+    "a vcpu that has them on), and the guest's SMEP/SMAP no longer apply to that user page",
+)
+@pytest.mark.parametrize("how", ["switched-on", "other-vcpu"])
+@pytest.mark.parametrize("feature", ["smep", "smap"])
+def test_bug_cr0wp0_sptes_outlive_smep_smap(feature: str, how: str, tmp_path: Path) -> None:
+    what, fetch, _ = WHAT[feature]
+    if how == "switched-on":  # one vcpu: write, then CR4.X on
+        setup, switch, vcpu, start = "", json.dumps({"op": "paging", f"cr4_{feature}": True}), 0, "false"
+    else:  # the header has CR4.X on; vcpu 0 switches it off and writes, vcpu 1 (CR4.X on) reads/fetches
+        setup, switch, vcpu, start = json.dumps({"op": "paging", f"cr4_{feature}": False}), "", 1, "true"
+    text = BUG_CR0WP0_THEN.format(
+        feature=feature,
+        what=what,
+        fetch=fetch,
+        how=how,
+        tables=TABLES_64.strip(),
+        setup=setup,
+        switch=switch,
+        vcpu=vcpu,
+        start=start,
+    )
     header, events = parse(text, tmp_path)
     differential(header, events, check_findings=False)
 
 
+BUG_SMAP_NX = """
+# CR0.WP=0 and CR4.SMAP: a supervisor write (AC=1) to a read-only, NX user page. mmu_set_spte keeps the page
+# read-only with U and emulates the write (the SMAP fix), but builds that spte with NX cleared: the auditor
+# reports spte-permission (X beyond the guest translation) and a user fetch of the NX page then hits under
+# shadow paging; TDP gives #PF P|U|FETCH.
+{"kvmpfn": 1, "guest": {"paging": "64", "cr3": "0x20000", "cr0_wp": false, "cr4_smap": true}}
+{"op": "write", "gpa": "0x20000", "val": "0x21007", "len": 8}
+{"op": "write", "gpa": "0x21000", "val": "0x22007", "len": 8}
+{"op": "write", "gpa": "0x22000", "val": "0x23007", "len": 8}
+{"op": "write", "gpa": "0x23000", "val": "0x8000000000040065", "len": 8}
+{"op": "access", "addr": "0x0", "write": 1, "user": 0, "fetch": 0, "ac": 1}
+{"op": "access", "addr": "0x0", "write": 0, "user": 1, "fetch": 1}
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="BUG: mmu_set_spte's CR0.WP=0 + CR4.SMAP path (kvm/mmu.py) does spte & ~PT64_NX_MASK, so the "
+    "read-only user spte it keeps for an NX gpte is executable",
+)
+def test_bug_cr0wp0_smap_makes_nx_page_executable(tmp_path: Path) -> None:
+    header, events = parse(BUG_SMAP_NX, tmp_path)
+    differential(header, events, check_findings=False)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="BUG: the same NX-clearing in mmu_set_spte's CR0.WP=0 + CR4.SMAP path, seen by the auditor "
+    "(spte-permission)",
+)
+def test_bug_cr0wp0_smap_nx_audit(tmp_path: Path) -> None:
+    header, events = parse(BUG_SMAP_NX, tmp_path)
+    run = replay(header, events[:-1], "shadow")
+    assert run.findings == []
+
+
 BUG_AUDIT_SMAP = """
-# CR4.SMAP on, one user page mapped by a user read: nothing is wrong, but the auditor's guest translation is a
-# supervisor read with EFLAGS.AC=0, which SMAP forbids, so it reports spte-hpa-mismatch ("the address is not
-# mapped by the guest") for every user page.
+# CR4.SMAP on, one user page mapped by a user read: nothing is wrong, but the auditor's guest translation was a
+# supervisor read with EFLAGS.AC=0, which SMAP forbids, so it reported spte-hpa-mismatch ("the address is not
+# mapped by the guest") for every user page. (Fixed in 062a4ec.)
 {"kvmpfn": 1, "guest": {"paging": "64", "cr3": "0x20000", "cr4_smap": true}}
 {"op": "write", "gpa": "0x20000", "val": "0x21007", "len": 8}
 {"op": "write", "gpa": "0x21000", "val": "0x22007", "len": 8}

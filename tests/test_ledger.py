@@ -266,9 +266,7 @@ def test_pageless_refcount_is_reported_at_the_operation():
     (f,) = g.findings
     assert f["code"] == "pageless-refcount"
     assert (f["seq"], f["line"], f["point"], f["pfn"]) == (seq, LINE0 + seq, "access", hex(MMIO_PFN))
-    assert f["provenance"] == [
-        {"seq": seq, "line": LINE0 + seq, "function": "gfn_to_pfn", "caller": "tdp_page_fault"}
-    ]
+    assert f["provenance"] == [{"seq": seq, "line": LINE0 + seq, "function": "gfn_to_pfn", "caller": "tdp_page_fault"}]
     g.teardown()  # the put on the same frame is the same defect: still one finding
     assert [x["code"] for x in g.findings] == ["pageless-refcount"]
 
@@ -356,9 +354,7 @@ def record_audits(g: Guest) -> list[tuple]:
         scratch = Findings()
         check_refcounts(g.kvm, g.ledger, scratch, Counter())
         without = [x["code"] for x in scratch.items]
-        calls.append(
-            (point, Counter(in_flight or {}), {k: v for k, v in unowned.items() if v}, mappings, without)
-        )
+        calls.append((point, Counter(in_flight or {}), {k: v for k, v in unowned.items() if v}, mappings, without))
         inner(point, in_flight, mappings)
 
     auditor.full_audit = full_audit

@@ -556,23 +556,41 @@ def __direct_map(vcpu: Vcpu, kvm: Kvm, v: int, write: int, largepage: int, gfn: 
         level -= 1
 
 
-def nonpaging_map(vcpu: Vcpu, kvm: Kvm, v: int, write: int, gfn: int) -> int:
-    """``nonpaging_map``: R(pfn) from ``gfn_to_pfn``; an error pfn is released (MMIO: return 1, emulate);
-    else recycle shadow pages if needed and ``__direct_map`` at PT32E_ROOT_LEVEL."""
+FAULT_RETRY = -1
+
+
+def fault_gfn_to_pfn(vcpu: Vcpu, kvm: Kvm, gfn: int, caller: str) -> int | None:
+    """The pfn step that ``nonpaging_map``, ``tdp_page_fault`` and ``FNAME(page_fault)`` each spell out in the
+    kernel: R(pfn) from ``gfn_to_pfn``; an error pfn (its ``bad_page`` reference) is released and the fault is
+    MMIO (None: the caller returns 1, emulate); under ``notifier`` an invalidation that ran meanwhile releases
+    it too (FAULT_RETRY: the caller returns 0 and the guest faults again). ``--bug error-pfn-no-release``
+    skips the MMIO release (§5.21)."""
+    mmu_seq = kvm.mmu_notifier_seq
+    api = kvm.api
+    pfn = api.gfn_to_pfn(gfn, caller)
+    if api.is_error_pfn(pfn):
+        if "error-pfn-no-release" not in kvm.bugs:
+            api.kvm_release_pfn_clean(pfn, caller)
+        vcpu.fault_mmio = True
+        return None
+    if kvm.notifiers and mmu_notifier_retry(kvm, mmu_seq):
+        api.kvm_release_pfn_clean(pfn, caller)
+        return FAULT_RETRY
+    return pfn
+
+
+def nonpaging_map(vcpu: Vcpu, kvm: Kvm, v: int, write: int, gfn: int, caller: str = "nonpaging_map") -> int:
+    """``nonpaging_map``: a large mapping when the host backs the 2 MiB region, R(pfn) (``fault_gfn_to_pfn``),
+    recycle shadow pages if needed, then ``__direct_map`` from the root (PT32E_ROOT_LEVEL with paging off, the
+    TDP level under ``tdp_page_fault``), which consumes R."""
     largepage = 0
     if is_largepage_backed(vcpu, kvm, gfn & ~(KVM_PAGES_PER_HPAGE - 1)):
         gfn &= ~(KVM_PAGES_PER_HPAGE - 1)
         largepage = 1
-    mmu_seq = kvm.mmu_notifier_seq
-    api = kvm.api
-    pfn = api.gfn_to_pfn(gfn, "nonpaging_map")
-    if api.is_error_pfn(pfn):
-        if "error-pfn-no-release" not in kvm.bugs:
-            api.kvm_release_pfn_clean(pfn, "nonpaging_map")
-        vcpu.fault_mmio = True
+    pfn = fault_gfn_to_pfn(vcpu, kvm, gfn, caller)
+    if pfn is None:
         return 1
-    if kvm.notifiers and mmu_notifier_retry(kvm, mmu_seq):
-        api.kvm_release_pfn_clean(pfn, "nonpaging_map")
+    if pfn == FAULT_RETRY:
         return 0
     kvm_mmu_free_some_pages(vcpu, kvm)
     return __direct_map(vcpu, kvm, v, write, largepage, gfn, pfn)
@@ -587,33 +605,17 @@ def nonpaging_page_fault(vcpu: Vcpu, kvm: Kvm, gva: int, error_code: int) -> int
 
 
 def tdp_page_fault(vcpu: Vcpu, kvm: Kvm, gpa: int, error_code: int) -> int:
-    """``tdp_page_fault`` (NPT/EPT): like ``nonpaging_map`` on the fault's gpa, at the TDP root level.
+    """``tdp_page_fault`` (NPT/EPT): ``nonpaging_map`` on the fault's gpa, whose ``__direct_map`` starts at the
+    TDP root (the kernel repeats that body here rather than calling it).
 
     ``--bug tdp-gpa-32bit`` truncates the gpa to 32 bits (the era's ``gva_t gpa`` on i386 hosts, §5.18).
     """
     if "tdp-gpa-32bit" in kvm.bugs:
         gpa &= 0xFFFFFFFF
-    gfn = gpa >> PAGE_SHIFT
     r = mmu_topup_memory_caches(vcpu, kvm)
     if r:
         return r
-    largepage = 0
-    if is_largepage_backed(vcpu, kvm, gfn & ~(KVM_PAGES_PER_HPAGE - 1)):
-        gfn &= ~(KVM_PAGES_PER_HPAGE - 1)
-        largepage = 1
-    mmu_seq = kvm.mmu_notifier_seq
-    api = kvm.api
-    pfn = api.gfn_to_pfn(gfn, "tdp_page_fault")
-    if api.is_error_pfn(pfn):
-        if "error-pfn-no-release" not in kvm.bugs:
-            api.kvm_release_pfn_clean(pfn, "tdp_page_fault")
-        vcpu.fault_mmio = True
-        return 1
-    if kvm.notifiers and mmu_notifier_retry(kvm, mmu_seq):
-        api.kvm_release_pfn_clean(pfn, "tdp_page_fault")
-        return 0
-    kvm_mmu_free_some_pages(vcpu, kvm)
-    return __direct_map(vcpu, kvm, gpa, error_code & PFERR_WRITE_MASK, largepage, gfn, pfn)
+    return nonpaging_map(vcpu, kvm, gpa, error_code & PFERR_WRITE_MASK, gpa >> PAGE_SHIFT, "tdp_page_fault")
 
 
 def mmu_notifier_retry(kvm: Kvm, mmu_seq: int) -> bool:

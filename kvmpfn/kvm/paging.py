@@ -25,6 +25,8 @@ from kvmpfn.kvm.defs import (
     PT_WRITABLE_MASK,
 )
 from kvmpfn.kvm.mmu import (
+    FAULT_RETRY,
+    fault_gfn_to_pfn,
     is_largepage_backed,
     kvm_mmu_audit,
     kvm_mmu_free_some_pages,
@@ -147,16 +149,10 @@ def paging_page_fault(vcpu, kvm, addr: int, error_code: int) -> int:
         if is_largepage_backed(vcpu, kvm, large_gfn):
             gfn = large_gfn
             largepage = 1
-    mmu_seq = kvm.mmu_notifier_seq
-    api = kvm.api
-    pfn = api.gfn_to_pfn(gfn, "page_fault")
-    if api.is_error_pfn(pfn):
-        if "error-pfn-no-release" not in kvm.bugs:
-            api.kvm_release_pfn_clean(pfn, "page_fault")
-        vcpu.fault_mmio = True
+    pfn = fault_gfn_to_pfn(vcpu, kvm, gfn, "page_fault")
+    if pfn is None:
         return 1
-    if kvm.notifiers and mmu_notifier_retry(kvm, mmu_seq):
-        api.kvm_release_pfn_clean(pfn, "page_fault")
+    if pfn == FAULT_RETRY:
         return 0
     kvm_mmu_free_some_pages(vcpu, kvm)
     write_pt = fetch(vcpu, kvm, addr, walker, user_fault, write_fault, largepage, gfn, pfn)
