@@ -250,6 +250,26 @@ def test_notrap_leaf_over_an_unmapped_gva_is_fine():
     assert g.audit() == []
 
 
+@pytest.mark.parametrize("kernel", ["pfn", "notifier"])
+def test_notrap_valid_gva_after_a_memslot_move(kernel):
+    """Kernel behaviour, no corruption: moving memslots flushes nothing (only deletion does, from v2.6.27), so
+    a shadowed page table whose gfn now reads from another slot's memory is stale. Here the moved-in table
+    maps gva 0x10000, which the shadow still holds as notrap (prefetched from the old table)."""
+    slots = ((0, 0, 512, "ram"), (1, 0x400, 1, "ram"), (2, 0x600, 1, "ram"))
+    g = Guest(kernel=kernel, slots=slots)
+    g.write(0x3000, 0x400007)  # PD entry 0 -> a page table at gpa 0x400000 (slot 1)
+    g.write(0x400088, 0x11007)  # gva 0x11000 -> 0x11000; gva 0x10000 not mapped
+    g.access(0x11000)  # the table is shadowed; entry 0x10 is prefetched notrap
+    assert g.access(0x10000)["result"] == "guest_fault"
+    g.write(0x600080, 0x10007)  # slot 2's page: the same table, with gva 0x10000 mapped
+    g.write(0x600088, 0x11007)
+    assert g.audit() == []
+    g.do("memslot", slot=1, gfn=0x800, npages=1, backing="ram")  # slot 1 moves away
+    g.do("memslot", slot=2, gfn=0x400, npages=1, backing="ram")  # slot 2 moves in under the shadowed gfn
+    f = only(g.audit(), "notrap-valid-gva")
+    assert (f["addr"], f["level"]) == ("0x10000", 1)
+
+
 def test_notrap_pointer_over_a_present_guest_entry():
     g = mapped()
     sp, index = g.entry(0x10000, level=2)

@@ -18,10 +18,19 @@ Each replay must also be clean: no finding with an audit after every event, ever
 returned at teardown, and no livelock (an access reported ``mapped`` must now be a hit: the CPU's walk of the
 shadow/TDP tables allows it).
 
-Inputs: the hand-written traces ``traces/shadow/diff-*.jsonl`` (all three paging modes, CR0.WP=0/1, EFER.NX,
-SMEP/SMAP with EFLAGS.AC, 4K/2M/4M/1G pages, pte rewrites, cr3 switches) and a hypothesis-generated family of
-random guest page tables, accesses, pte rewrites, cr3 switches and feature changes. Bugs found this way are
-pinned as minimal traces in ``xfail(strict=True)`` tests at the end of this file.
+Inputs:
+
+- every guest-action trace in traces/shadow/: the ``diff-*.jsonl`` traces written for this test (all three
+  paging modes, CR0.WP=0/1, EFER.NX on and off, SMEP/SMAP with EFLAGS.AC, 4K/2M/4M/1G pages, large pages over
+  RAM and hugetlbfs, pte rewrites of every size, feature changes, cr3 switches) and the shadow scenarios, in
+  every kernel variant;
+- a hypothesis-generated family: random page-table shapes (shared and looping tables, random flags, reserved
+  bits, large pages) in 32-bit, PAE and 64-bit paging, random accesses, pte rewrites through ``write`` (whole,
+  half, misaligned), cr3 switches between two address spaces, feature changes, invlpg, one or two vcpus;
+- a guest with more page tables than the shadow-page budget (recycling).
+
+Bugs found this way are pinned as minimal traces at the end of this file: ``xfail(strict=True)`` while open,
+plain regression tests once fixed.
 """
 
 from __future__ import annotations
@@ -236,15 +245,15 @@ def parse(text: str, tmp_path: Path) -> tuple[ev.Header, list]:
 #: Keep the generated family off the open bugs pinned by the xfail tests at the end of this file, so that it
 #: keeps looking for new ones: a program either runs with CR0.WP=0 or changes CR4.SMEP/SMAP, never both
 #: (test_bug_cr0wp0_sptes_outlive_smep_smap), never has CR0.WP=0 and CR4.SMAP at once
-#: (test_bug_cr0wp0_smap_makes_nx_page_executable), and changes CPUID features (gbpages) on every vcpu at once
-#: (test_bug_cpuid_differs_between_vcpus). Set it to False once they are fixed.
+#: (test_bug_cr0wp0_smap_makes_nx_page_executable), and changes CPUID features (gbpages, MAXPHYADDR) on every
+#: vcpu at once (test_bug_cpuid_differs_between_vcpus). Set it to False once they are fixed.
 AVOID_KNOWN_BUGS = True
 
 #: The features a ``paging`` event of the family may flip, per mode.
 FEATURES = {
-    "32": ("cr0_wp", "cr4_pse", "cr4_smep", "cr4_smap"),
-    "pae": ("cr0_wp", "efer_nx", "cr4_smep", "cr4_smap"),
-    "64": ("cr0_wp", "efer_nx", "cr4_smep", "cr4_smap", "gbpages"),
+    "32": ("cr0_wp", "cr4_pse", "cr4_smep", "cr4_smap", "maxphyaddr"),
+    "pae": ("cr0_wp", "efer_nx", "cr4_smep", "cr4_smap", "maxphyaddr"),
+    "64": ("cr0_wp", "efer_nx", "cr4_smep", "cr4_smap", "gbpages", "maxphyaddr"),
 }
 CPUID = ("gbpages", "maxphyaddr")  # the features that are CPUID bits rather than control registers
 
@@ -252,16 +261,19 @@ CPUID = ("gbpages", "maxphyaddr")  # the features that are CPUID bits rather tha
 # --- the hypothesis family -----------------------------------------------------------------------------------
 
 KERNELS = ("page", "pfn", "pfn-io", "notifier")
-#: 8 MiB of RAM (the page tables live at gfns 0x20..0x2f), 4 MiB of hugetlbfs (two 2 MiB regions, so guest
-#: large pages can get large sptes), 16 device frames (no struct page).
+#: 8 MiB of RAM (the page tables live at gfns 0x20..0x2b), 4 MiB of hugetlbfs (two 2 MiB regions, so guest
+#: large pages can get large sptes), 16 device frames (no struct page), and RAM at 2^39, which an 8-byte pte
+#: reaches only while MAXPHYADDR is above 39.
 MEMSLOTS = (
     ev.Memslot(slot=0, gfn=0, npages=0x800, backing="ram"),
     ev.Memslot(slot=1, gfn=0x800, npages=0x400, backing="hugetlb"),
     ev.Memslot(slot=2, gfn=0xFE000, npages=0x10, backing="mmio"),
+    ev.Memslot(slot=3, gfn=0x8000000, npages=0x10, backing="ram"),
 )
 TABLE_GFNS = tuple(range(0x20, 0x2C)) + (0x905,)  # one in a hugetlbfs region: no large spte over it
-#: leaf targets: RAM, the page tables themselves, hugetlbfs frames, device frames, and a frame in no slot
-DATA_GFNS = (0x40, 0x41, 0x42, 0x7FF, 0x20, 0x21, 0x22, 0x23, 0x800, 0x801, 0xA05, 0xFE000, 0xF0000)
+#: leaf targets: RAM, the page tables themselves, hugetlbfs frames, device frames, a frame in no slot, and
+#: (8-byte ptes only) RAM at 2^39
+DATA_GFNS = (0x40, 0x41, 0x42, 0x7FF, 0x20, 0x21, 0x22, 0x23, 0x800, 0x801, 0xA05, 0xFE000, 0xF0000, 0x8000001)
 
 
 @dataclass(frozen=True)
@@ -328,7 +340,8 @@ def entry(draw, mode: Mode, level: int, paging: dict, fresh: list | None = None)
         return table << PAGE_SHIFT | P | junk, "table", table
     large_ok = level in mode.large and (level == 2 or paging["gbpages"])
     if level == 1:
-        return draw(st.sampled_from(DATA_GFNS)) << PAGE_SHIFT | draw(flags(mode, True, paging["efer_nx"])), "leaf", None
+        gfn = draw(st.sampled_from([g for g in DATA_GFNS if mode.size == 8 or g < 1 << 20]))
+        return gfn << PAGE_SHIFT | draw(flags(mode, True, paging["efer_nx"])), "leaf", None
     if large_ok and draw(st.integers(0, 3)) == 0:
         base = draw(st.sampled_from(mode.large[level]))
         if draw(st.integers(0, 7)) == 0:
@@ -360,6 +373,7 @@ def guest_programs(draw, modes: Sequence[str] = ("32", "pae", "64"), max_ops: in
         "cr4_smep": draw(st.booleans()),
         "cr4_smap": draw(st.booleans()),
         "gbpages": mode.name == "64" and draw(st.booleans()),
+        "maxphyaddr": draw(st.sampled_from((40, 36))),
     }
     if AVOID_KNOWN_BUGS and not paging["cr0_wp"]:
         paging["cr4_smap"] = False  # test_bug_cr0wp0_smap_makes_nx_page_executable
@@ -426,7 +440,9 @@ def guest_programs(draw, modes: Sequence[str] = ("32", "pae", "64"), max_ops: in
             if draw(st.booleans()):
                 value = draw(entry(mode, level, pagings[vcpu]))[0]
             else:
-                old = next(e.val for e in reversed(events) if isinstance(e, ev.Write) and e.gpa == gpa)
+                old = next(
+                    e.val for e in reversed(events) if isinstance(e, ev.Write) and e.gpa == gpa and e.len == mode.size
+                )
                 value = old ^ draw(st.sampled_from((P, W, U, A_BIT, D_BIT, PS) + ((NX,) if mode.size == 8 else ())))
             store(gpa, value, level, vcpu)
         elif op == 15:  # a store that is not one whole pte: half of an 8-byte pte, 1-2 bytes, or (32-bit
@@ -442,7 +458,7 @@ def guest_programs(draw, modes: Sequence[str] = ("32", "pae", "64"), max_ops: in
             events.append(ev.Cr3(val=draw(st.sampled_from(cr3s)), vcpu=vcpu))
         elif op == 17:
             name = draw(st.sampled_from(FEATURES[mode.name]))
-            value = not pagings[vcpu][name]
+            value = not pagings[vcpu][name] if name != "maxphyaddr" else 76 - pagings[vcpu][name]  # 40 <-> 36
             smx = name in ("cr4_smep", "cr4_smap")
             smap_on = any(pg["cr4_smap"] for pg in pagings)
             if AVOID_KNOWN_BUGS and (smx and wp0_seen or name == "cr0_wp" and not value and (smx_flipped or smap_on)):
@@ -477,14 +493,14 @@ def test_random_guest_programs_agree(program: Program) -> None:
 
 
 @pytest.mark.fuzz
-@settings(COMMON, max_examples=2000)
+@settings(COMMON, max_examples=5000)
 @given(guest_programs(max_ops=80))
 def test_random_guest_programs_agree_fuzz(program: Program) -> None:
     check_program(program)
 
 
 @pytest.mark.fuzz
-@settings(COMMON, max_examples=500)
+@settings(COMMON, max_examples=1000)
 @given(guest_programs(max_ops=60))
 def test_random_guest_programs_agree_with_kernel_audit_fuzz(program: Program) -> None:
     check_program(program, kernel_audit=True)
@@ -527,74 +543,52 @@ def test_hand_written_trace_agrees(name: str, kernel: str) -> None:
 
 
 def test_hand_written_traces_cover_the_features() -> None:
-    """What the hand-written traces exercise, counted over both replays' records."""
+    """What the hand-written traces exercise, read off the shadow replay's records and the traces."""
     seen: set[str] = set()
     for name in guest_action_traces():
         header, events = load(TRACES / name)
-        shadow, tdp = differential(header, events, audit_every=0)
+        shadow, _ = differential(header, events, audit_every=0)
         guest = header.guest
         for v in shadow.views:
-            e = events[v.seq]
-            if v.outcome[0] == "fault":
-                err = v.outcome[1]
-                seen |= {bit for mask, bit in ((8, "rsvd"), (16, "fetch-fault"), (1, "protection")) if err & mask}
-            if v.outcome[0] == "done":
+            kind, value = v.outcome
+            if kind == "fault":
+                seen |= {bit for mask, bit in ((8, "rsvd"), (16, "fetch-fault"), (1, "protection")) if value & mask}
+            if kind == "done":
                 seen.add(f"done-{guest.paging}")
-                if e.user:
-                    seen.add("user")
+                seen |= {"user"} if events[v.seq].user else set()
+                seen |= {"ac"} if events[v.seq].ac and guest.cr4_smap else set()
+            if kind == "mmio":
+                seen.add("mmio")
             if v.record["result"] == "emulated":
                 seen.add("emulated")
-            if "D" in {b for _, b in v.ad_changes}:
+            if "spte" in v.record and int(v.record["spte"], 16) & PS:
+                seen.add("large-spte")
+            if "D" in {bit for _, bit in v.ad_changes}:
                 seen.add("dirty")
-        if not guest.cr0_wp or any(isinstance(e, ev.Paging) and e.cr0_wp is False for e in events):
-            seen.add("cr0.wp=0")
-        if guest.cr4_smep:
-            seen.add("smep")
-        if guest.gbpages:
-            seen.add("gbpages")
+        seen |= {f for f in ("cr4_smep", "cr4_smap", "gbpages") if getattr(guest, f)}
+        cr3_loads = 0
         for e in events:
             if isinstance(e, ev.Write) and e.len < (4 if guest.paging == "32" else 8):
                 seen.add("partial-pte-write")
-            if isinstance(e, ev.Cr3) and events.index(e) > 0:
-                seen.add("cr3")
-    expected = {"rsvd", "fetch-fault", "protection", "done-32", "done-pae", "done-64", "user", "emulated", "dirty"}
-    expected |= {"cr0.wp=0", "smep", "gbpages", "partial-pte-write", "cr3"}
+            if isinstance(e, ev.Write) and e.len == 8 and guest.paging == "32":
+                seen.add("wide-pte-write")
+            cr3_loads += isinstance(e, ev.Cr3)
+            if isinstance(e, ev.Paging):
+                seen |= {f"flip-{f}" for f in ev.Paging.__struct_fields__ if getattr(e, f) is not None}
+        if cr3_loads > 1:
+            seen.add("cr3-switch")
+        if not guest.cr0_wp:
+            seen.add("flip-cr0_wp")
+    expected = {"rsvd", "fetch-fault", "protection", "done-32", "done-pae", "done-64", "user", "ac", "mmio"}
+    expected |= {"emulated", "large-spte", "dirty", "cr4_smep", "cr4_smap", "gbpages", "partial-pte-write"}
+    expected |= {"cr3-switch", "flip-cr0_wp", "flip-efer_nx", "flip-cr4_pse", "flip-gbpages", "flip-maxphyaddr"}
+    expected |= {"flip-cr4_smep", "flip-cr4_smap", "wide-pte-write"}
     assert expected <= seen, expected - seen
 
 
-#: SMAP with EFLAGS.AC. Not a file in traces/shadow/: with SMAP on, the auditor reports a false
-#: spte-hpa-mismatch for every user page (test_bug_audit_smap_false_positive), which would break the corpus gate.
-SMAP_TRACE = """
-# 64-bit, CR4.SMAP and CR4.SMEP on, CR0.WP=1. PT[0] gva 0x0 -> gfn 0x10 (P|W|U); PT[1] gva 0x1000 -> gfn 0x11
-# (P|W, supervisor). Supervisor data accesses to the user page fault unless EFLAGS.AC is set; supervisor
-# fetches from it fault whatever AC says; user accesses and accesses to the supervisor page are not affected.
-{"kvmpfn": 1, "mmu": "shadow", "guest": {"paging": "64", "cr3": "0x1000", "cr4_smap": true, "cr4_smep": true}}
-{"op": "write", "gpa": "0x1000", "val": "0x2007", "len": 8}
-{"op": "write", "gpa": "0x2000", "val": "0x3007", "len": 8}
-{"op": "write", "gpa": "0x3000", "val": "0x4007", "len": 8}
-{"op": "write", "gpa": "0x4000", "val": "0x10007", "len": 8}
-{"op": "write", "gpa": "0x4008", "val": "0x11003", "len": 8}
-{"op": "cr3", "val": "0x1000"}
-{"op": "access", "addr": "0x0", "write": 0, "user": 0, "fetch": 0, "ac": 0}
-{"op": "access", "addr": "0x0", "write": 0, "user": 0, "fetch": 0, "ac": 1}
-{"op": "access", "addr": "0x0", "write": 0, "user": 0, "fetch": 0, "ac": 0}
-{"op": "access", "addr": "0x0", "write": 1, "user": 0, "fetch": 0, "ac": 0}
-{"op": "access", "addr": "0x0", "write": 1, "user": 0, "fetch": 0, "ac": 1}
-{"op": "access", "addr": "0x0", "write": 0, "user": 0, "fetch": 1, "ac": 1}
-{"op": "access", "addr": "0x0", "write": 1, "user": 1, "fetch": 0, "ac": 0}
-{"op": "access", "addr": "0x0", "write": 0, "user": 1, "fetch": 1, "ac": 0}
-{"op": "access", "addr": "0x1000", "write": 1, "user": 0, "fetch": 0, "ac": 0}
-{"op": "access", "addr": "0x1000", "write": 0, "user": 0, "fetch": 1, "ac": 0}
-{"op": "paging", "cr4_smap": false}
-{"op": "access", "addr": "0x0", "write": 1, "user": 0, "fetch": 0, "ac": 0}
-{"op": "paging", "cr4_smap": true}
-{"op": "access", "addr": "0x0", "write": 0, "user": 0, "fetch": 0, "ac": 0}
-"""
-
-
-def test_smap_with_ac_agrees(tmp_path: Path) -> None:
-    header, events = parse(SMAP_TRACE, tmp_path)
-    shadow, tdp = differential(header, events, check_findings=False)
+def test_smap_with_ac_agrees() -> None:
+    header, events = load(TRACES / "diff-64-smap.jsonl")
+    shadow, tdp = differential(header, events)
     assert [v.outcome[1] if v.outcome[0] == "fault" else v.outcome[0] for v in shadow.views] == [
         0x1,  # SMAP, AC=0
         "done",  # AC=1
