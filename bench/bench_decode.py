@@ -49,9 +49,7 @@ def decode(path: str) -> dict:
 
 
 def decode_in_subprocess(path: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--decode", path], capture_output=True, check=True, text=True
-    )
+    out = subprocess.run([sys.executable, __file__, "--decode", path], capture_output=True, check=True, text=True)
     return json.loads(out.stdout)
 
 

@@ -36,15 +36,9 @@ def main() -> None:
 @click.argument("trace")
 @click.option("--mmu", type=click.Choice(["shadow", "tdp"]), help="Override the header's MMU.")
 @click.option("--kernel", type=click.Choice(KERNELS), help="Override the header's kernel variant.")
-@click.option(
-    "--audit-every", type=click.IntRange(min=0), default=0, help="Full audit every N events (0: off)."
-)
-@click.option(
-    "--kernel-audit", is_flag=True, help="Also audit at the kernel's kvm_mmu_audit() points (shadow paging)."
-)
-@click.option(
-    "--bug", "bugs", multiple=True, metavar="NAME", help="Re-create a historical MMU bug (repeatable)."
-)
+@click.option("--audit-every", type=click.IntRange(min=0), default=0, help="Full audit every N events (0: off).")
+@click.option("--kernel-audit", is_flag=True, help="Also audit at the kernel's kvm_mmu_audit() points (shadow paging).")
+@click.option("--bug", "bugs", multiple=True, metavar="NAME", help="Re-create a historical MMU bug (repeatable).")
 @click.option(
     "--paranoid", is_flag=True, help="Full audit and a check of kvmpfn's own MMU structures after every event."
 )
@@ -137,13 +131,9 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.argument("paths", nargs=-1, metavar="[PATH ...]")
 @click.option("--mmu", type=click.Choice(["shadow", "tdp"]), help="Override every header's MMU.")
 @click.option("--kernel", type=click.Choice(KERNELS), help="Override every header's kernel variant.")
-@click.option(
-    "--audit-every", type=click.IntRange(min=0), default=0, help="Full audit every N events (0: off)."
-)
+@click.option("--audit-every", type=click.IntRange(min=0), default=0, help="Full audit every N events (0: off).")
 @click.option("--kernel-audit", is_flag=True, help="Also audit at the kernel's kvm_mmu_audit() points.")
-@click.option(
-    "--bug", "bugs", multiple=True, metavar="NAME", help="Re-create a historical MMU bug (repeatable)."
-)
+@click.option("--bug", "bugs", multiple=True, metavar="NAME", help="Re-create a historical MMU bug (repeatable).")
 @click.option(
     "--baseline",
     type=click.Path(dir_okay=False),
@@ -151,9 +141,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 )
 @click.option("--update-baseline", is_flag=True, help="Rewrite the baseline from this run's findings.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), help="Parallel replay processes [default: CPUs].")
-@click.option(
-    "--shard", callback=_parse_shard, metavar="I/N", help="Run shard I of N: trace k goes to (k mod N)+1."
-)
+@click.option("--shard", callback=_parse_shard, metavar="I/N", help="Run shard I of N: trace k goes to (k mod N)+1.")
 @click.option("--fail-fast", is_flag=True, help="Stop after the first failing trace.")
 @click.option("--format", "fmt", type=click.Choice(AUDIT_FORMATS), default="text", help="Report format.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the report to FILE.")

@@ -159,9 +159,7 @@ def load_baseline(path: str, required: bool = False) -> Baseline:
             raise GateError(f"{path}: no such baseline file") from None
         return {}
     except (OSError, UnicodeDecodeError) as err:
-        raise GateError(
-            f"{path}: cannot read the baseline: {getattr(err, 'strerror', None) or err}"
-        ) from None
+        raise GateError(f"{path}: cannot read the baseline: {getattr(err, 'strerror', None) or err}") from None
     try:
         doc = json.loads(text)
     except ValueError as err:
@@ -218,9 +216,7 @@ def stale_keys(refs: Sequence[TraceRef], baselines: dict[str, Baseline]) -> list
     ]
 
 
-def update_baselines(
-    refs: Sequence[TraceRef], report: AuditReport, baselines: dict[str, Baseline]
-) -> list[str]:
+def update_baselines(refs: Sequence[TraceRef], report: AuditReport, baselines: dict[str, Baseline]) -> list[str]:
     """``--update-baseline``: every trace that replayed without an input error gets its findings as its entry
     (none if clean) and passes; entries of traces not run are kept while their file exists. Writes each
     baseline file and returns their paths."""
@@ -287,9 +283,7 @@ def run(
 ) -> list[TraceOutcome]:
     """Replay ``refs`` and judge each against its ``expected`` counts; outcomes in selection order. After the
     first outcome (in order) whose status is in ``stop_on``, the rest are left ``not run``."""
-    outcomes = [
-        TraceOutcome(trace=r.path, key=r.key, expected=dict(e)) for r, e in zip(refs, expected, strict=True)
-    ]
+    outcomes = [TraceOutcome(trace=r.path, key=r.key, expected=dict(e)) for r, e in zip(refs, expected, strict=True)]
     done = on_done or (lambda trace: None)
     workers = min(jobs, len(refs))
     if workers <= 1:

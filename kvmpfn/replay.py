@@ -108,6 +108,7 @@ class Replayer:
         self.findings = self.auditor.findings
         self.recorded = RecordedChecks.for_header(self.findings, header)
         self.torn_down = False
+        self.cpuid: tuple[int, bool] | None = None  # (maxphyaddr, gbpages) after a CPUID change
         self.seq = -1
         self.line = 0
         if self.kvm.notifiers:
@@ -128,6 +129,8 @@ class Replayer:
             if not 0 <= vcpu_id < KVM_MAX_VCPUS:
                 raise InputError("vcpu", f"must be below {KVM_MAX_VCPUS}")
             vcpu = new_vcpu(self.kvm, vcpu_id, self.header.guest)
+            if self.cpuid is not None:
+                vcpu.cpu.maxphyaddr, vcpu.cpu.gbpages = self.cpuid
         return vcpu
 
     def _check_slot_id(self, slot: int, name: str = "slot") -> None:
@@ -139,9 +142,7 @@ class Replayer:
         if is_gpa:
             limit = min(vcpu.cpu.maxphyaddr, TDP_GPA_BITS)
             if addr >> limit:
-                raise InputError(
-                    "addr", f"gpa {addr:#x} is beyond the guest's {limit}-bit physical address space"
-                )
+                raise InputError("addr", f"gpa {addr:#x} is beyond the guest's {limit}-bit physical address space")
         elif paging == "none":
             if addr >> 32:
                 raise InputError("addr", f"{addr:#x} is beyond 4 GiB with paging off")
@@ -246,6 +247,11 @@ class Replayer:
             if value is not None:
                 setattr(cpu, name, value)
         if (cpu.maxphyaddr, cpu.gbpages) != cpuid:
+            # CPUID is the VM's (QEMU gives every vcpu the same): the change reaches every vcpu and later ones
+            for other in self.kvm.vcpus.values():
+                other.cpu.maxphyaddr, other.cpu.gbpages = cpu.maxphyaddr, cpu.gbpages
+                other.walk_cache.clear()
+            self.cpuid = (cpu.maxphyaddr, cpu.gbpages)
             # a CPUID change: what a guest pte may hold changed for every shadow page (later kernels zap the
             # MMU after KVM_SET_CPUID)
             kvm_mmu_zap_all(self.kvm)
@@ -317,11 +323,7 @@ class Replayer:
         kvm.consumed_failure = api.consumed_failure = False
         out = {"seq": seq, "line": line, "op": op}
         out.update(handler(e))
-        if (
-            (kvm.consumed_failure or api.consumed_failure)
-            and op in STORE_OR_FAULT
-            and out["result"] != "error"
-        ):
+        if (kvm.consumed_failure or api.consumed_failure) and op in STORE_OR_FAULT and out["result"] != "error":
             for key in ("gpa", "pfn", "spte", "err", "set_dirty"):
                 out.pop(key, None)
             out["result"] = "error"
@@ -368,9 +370,7 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
                 reader.header.guest = guest_from_core(reader.header.guest, image)
                 rp = Replayer(reader.header, options, memory_image=image)
             except (HostError, InputError) as err:
-                raise TraceError(
-                    path, reader.header_line, err.message, field=err.field, context="header"
-                ) from None
+                raise TraceError(path, reader.header_line, err.message, field=err.field, context="header") from None
             seq = -1
             for line, e in reader:
                 seq += 1
@@ -378,16 +378,12 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
                     rec = rp.apply(seq, line, e)
                 except (HostError, InputError) as err:
                     op = e.__struct_config__.tag
-                    raise TraceError(
-                        path, line, err.message, field=err.field, context=f'event "{op}"'
-                    ) from None
+                    raise TraceError(path, line, err.message, field=err.field, context=f'event "{op}"') from None
                 except InternalError as err:
                     raise TraceError(path, line, f"internal consistency: {err}", context="paranoid") from None
                 except KernelBug as bug:
                     raise TraceError(path, line, f"simulated kernel BUG: {bug}", context="kernel") from None
-                except (
-                    Exception
-                ) as exc:  # a defect in kvmpfn itself: report it on one line, keep the findings
+                except Exception as exc:  # a defect in kvmpfn itself: report it on one line, keep the findings
                     if os.environ.get("KVMPFN_DEBUG"):
                         raise
                     msg = f"internal error: {type(exc).__name__}: {exc} (KVMPFN_DEBUG=1 shows the traceback)"
@@ -399,7 +395,10 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
             rp.recorded.finish()
             if reader.header.teardown and not rp.torn_down:
                 rp.findings.seq, rp.findings.point = seq + 1, "teardown"
-                rp.do_teardown()
+                try:
+                    rp.do_teardown()
+                except KernelBug as bug:
+                    raise TraceError(path, rp.findings.line, f"simulated kernel BUG at teardown: {bug}") from None
             result.stats = rp.final_stats if rp.torn_down else rp.stats()
     except TraceError as err:
         result.error = str(err)

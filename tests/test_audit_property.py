@@ -358,11 +358,6 @@ def test_cr4_pse_change_is_seen_by_the_shadow_mmu():
     assert findings == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: replay_file (kvmpfn/replay.py) runs the implicit teardown outside the per-event handler: a "
-    "KernelBug there escapes as a traceback instead of the one-line 'simulated kernel BUG' error",
-)
 def test_kernel_bug_at_the_implicit_teardown_is_reported_not_raised(tmp_path, monkeypatch):
     import kvmpfn.replay
     from kvmpfn.kvm.rmap import KernelBug

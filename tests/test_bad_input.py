@@ -19,9 +19,7 @@ import zstandard
 
 HEADER = b'{"kvmpfn": 1}\n'
 VALID = b'{"op": "audit"}\n{"op": "invlpg", "addr": "0x1000"}\n{"op": "pf", "addr": 4096, "err": 2}\n'
-BIG_BODY = HEADER + b"".join(
-    b'{"op": "invlpg", "addr": %d, "x": "%d"}\n' % (i * 4096, i) for i in range(200_000)
-)
+BIG_BODY = HEADER + b"".join(b'{"op": "invlpg", "addr": %d, "x": "%d"}\n' % (i * 4096, i) for i in range(200_000))
 
 
 def event(line: bytes) -> bytes:
@@ -94,9 +92,7 @@ CASES = [
     Case("only comments", b"# nothing\n\n   # here\n", None, words="no header"),
     Case("binary garbage", bytes(range(256)) * 64, 1),
     Case("NUL bytes", HEADER + VALID + b'{"op": "audit"\x00}\n', 5, words="NUL byte"),
-    Case(
-        "invalid UTF-8", HEADER + VALID + b'{"op": "audit", "label": "caf\xe9"}\n', 5, words="invalid UTF-8"
-    ),
+    Case("invalid UTF-8", HEADER + VALID + b'{"op": "audit", "label": "caf\xe9"}\n', 5, words="invalid UTF-8"),
     Case("invalid UTF-8 in a comment", HEADER + b"# caf\xe9\n", 2, words="invalid UTF-8"),
     Case("missing file", None, None, filename="nosuch.jsonl", words="no such file"),
     Case("directory as trace", b"<dir>", None, filename="traces.jsonl", words="is a directory"),

@@ -772,13 +772,6 @@ def test_bug_feature_change_keeps_stale_sptes(feature: str, tmp_path: Path) -> N
     assert shadow.views[1].outcome == ("fault", FAULT_AFTER_FLIP[feature])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: CPUID features (gbpages, MAXPHYADDR) are per vcpu, but neither the shadow-page role nor the zap "
-    "on a CPUID change (Replayer.do_paging) covers vcpus that disagree: vcpu 1 (gbpages) shadows a 1 GiB page "
-    "and vcpu 0 (no gbpages, for which the PDPTE is reserved) hits its sptes",
-)
 @pytest.mark.parametrize("feature", ["gbpages", "maxphyaddr"])
 def test_bug_cpuid_differs_between_vcpus(feature: str, tmp_path: Path) -> None:
     """vcpu 0 drops the feature (the MMU is zapped), then vcpu 1, which still has it, maps the page; vcpu 0's
@@ -825,13 +818,6 @@ BUG_CR0WP0_THEN = """
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: the shadow-page role (vm.role_word) has no smep_andnot_wp/smap_andnot_wp: a U-less writable spte "
-    "made for a CR0.WP=0 supervisor write while SMEP/SMAP were off is reused after they are switched on (or by "
-    "a vcpu that has them on), and the guest's SMEP/SMAP no longer apply to that user page",
-)
 @pytest.mark.parametrize("how", ["switched-on", "other-vcpu"])
 @pytest.mark.parametrize("feature", ["smep", "smap"])
 def test_bug_cr0wp0_sptes_outlive_smep_smap(feature: str, how: str, tmp_path: Path) -> None:
@@ -870,23 +856,11 @@ BUG_SMAP_NX = """
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: mmu_set_spte's CR0.WP=0 + CR4.SMAP path (kvm/mmu.py) does spte & ~PT64_NX_MASK, so the "
-    "read-only user spte it keeps for an NX gpte is executable",
-)
 def test_bug_cr0wp0_smap_makes_nx_page_executable(tmp_path: Path) -> None:
     header, events = parse(BUG_SMAP_NX, tmp_path)
     differential(header, events, check_findings=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: the same NX-clearing in mmu_set_spte's CR0.WP=0 + CR4.SMAP path, seen by the auditor "
-    "(spte-permission)",
-)
 def test_bug_cr0wp0_smap_nx_audit(tmp_path: Path) -> None:
     header, events = parse(BUG_SMAP_NX, tmp_path)
     run = replay(header, events[:-1], "shadow")

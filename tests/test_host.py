@@ -214,9 +214,7 @@ def test_memslot_resize_keeps_covered_memory_and_grows():
     assert host.peek_pfn(3) == pfn and host.read_guest(3 << 12, 2) == 0x1234
     # hva ranges stay disjoint after the remap
     a, b = host.memslot(0), host.memslot(1)
-    assert (
-        a.userspace_addr + a.npages * 4096 <= b.userspace_addr or b.userspace_addr + 4096 <= a.userspace_addr
-    )
+    assert a.userspace_addr + a.npages * 4096 <= b.userspace_addr or b.userspace_addr + 4096 <= a.userspace_addr
 
 
 def test_memslot_delete_unmaps_its_memory():

@@ -178,9 +178,7 @@ def test_recycle_under_a_tiny_budget_zaps_from_the_tail():
             assert i in kvm.active_mmu_pages or i in invalid
         assert kvm.n_free_mmu_pages + len(new) >= KVM_REFILL_PAGES
         orphans_seen += sum(
-            1
-            for sp in kvm.active_mmu_pages.values()
-            if sp.level < 4 and not sp.parent_ptes and not sp.root_count
+            1 for sp in kvm.active_mmu_pages.values() if sp.level < 4 and not sp.parent_ptes and not sp.root_count
         )
     assert recycles >= 2 and orphans_seen > 0
     assert kvm.stat["mmu_recycled"] > 0 and len(kvm.active_mmu_pages) <= 30

@@ -109,9 +109,7 @@ def test_json_report_shape(documents):
     assert clean["status"] == PASS and clean["findings"] == [] and clean["expected"] == {}
     assert leak["status"] == FAIL
     assert leak["new"] == {"dirty-lost": 1, "refcount-leak": 1} and leak["missing"] == {}
-    assert leak["findings"][0] == finding(
-        "refcount-leak", 4, pfn="0x100001", message="1 reference never released"
-    )
+    assert leak["findings"][0] == finding("refcount-leak", 4, pfn="0x100001", message="1 reference never released")
     assert missing["missing"] == {"spte-permission": 2} and missing["new"] == {}
     assert bad["status"] == "error" and bad["error"].startswith("corpus/sub/bad.jsonl:4: ")
     assert bad["expected"] == {"dirty-lost": 1} and bad["new"] == {} and bad["missing"] == {}
@@ -242,10 +240,7 @@ def test_junit_parses_with_one_testcase_per_trace(documents):
     failure = leak.find("failure")
     assert failure.get("message") == "findings differ from the baseline: new dirty-lost +1, refcount-leak +1"
     assert "refcount-leak at line 7 (seq 5)" in failure.text
-    assert (
-        missing.find("failure").get("message")
-        == "findings differ from the baseline: missing spte-permission -2"
-    )
+    assert missing.find("failure").get("message") == "findings differ from the baseline: missing spte-permission -2"
     error = bad.find("error")
     assert error.get("type") == "input-error"
     assert error.get("message").startswith("corpus/sub/bad.jsonl:4: ")

@@ -154,12 +154,7 @@ def test_header_defaults(tmp_path):
     header, events = read_all(write(tmp_path, HEADER))
     assert events == []
     assert header == Header(kvmpfn=1)
-    assert (
-        header.mmu == "shadow"
-        and header.kernel == "pfn"
-        and header.teardown is True
-        and header.memory is None
-    )
+    assert header.mmu == "shadow" and header.kernel == "pfn" and header.teardown is True and header.memory is None
     assert header.guest == Guest(paging="64", cr3=0, maxphyaddr=40)
     assert (header.guest.cr0_wp, header.guest.efer_nx, header.guest.cr4_pse) == (True, True, True)
     assert (header.guest.cr4_smep, header.guest.cr4_smap, header.guest.gbpages) == (False, False, False)
@@ -189,9 +184,7 @@ def test_header_flags_and_annotation(tmp_path):
     )
     header, _ = read_all(write(tmp_path, line + b"\n"))
     assert header.teardown is False and header.x == {"why": [1, 2]}
-    assert header.guest == Guest(
-        paging="pae", cr0_wp=False, efer_nx=False, cr4_smep=True, gbpages=True, maxphyaddr=52
-    )
+    assert header.guest == Guest(paging="pae", cr0_wp=False, efer_nx=False, cr4_smep=True, gbpages=True, maxphyaddr=52)
     assert header.guest.cr4_smep is True and header.guest.cr0_wp is False
     assert header.host.first_pfn == 0x200000
 
@@ -279,9 +272,7 @@ def test_comments_blank_lines_and_line_numbers(tmp_path):
 
 
 def test_error_comes_after_the_valid_lines_before_it(tmp_path):
-    data = (
-        HEADER + b'{"op": "audit"}\n' * 5 + b'{"op": "pf", "addr": "x7", "err": 0}\n' + b'{"op": "audit"}\n'
-    )
+    data = HEADER + b'{"op": "audit"}\n' * 5 + b'{"op": "pf", "addr": "x7", "err": 0}\n' + b'{"op": "audit"}\n'
     seen = []
     with open_trace(write(tmp_path, data)) as reader, pytest.raises(TraceError) as info:
         for line, _event in reader:
@@ -356,11 +347,7 @@ def test_bytes_and_syntax(tmp_path, data, needle):
 
 # --- files and compression ----------------------------------------------------------------------------------
 
-BODY = (
-    HEADER
-    + b"# comment\n"
-    + b"".join(b'{"op": "pf", "addr": %d, "err": 2}\n' % (i * 4096) for i in range(5000))
-)
+BODY = HEADER + b"# comment\n" + b"".join(b'{"op": "pf", "addr": %d, "err": 2}\n' % (i * 4096) for i in range(5000))
 
 
 def check_body(path: str) -> None:
@@ -407,9 +394,7 @@ def test_truncated_gzip(tmp_path):
 
 
 def test_truncated_zstd_reports_the_line_where_it_broke(tmp_path):
-    body = HEADER + b"".join(
-        b'{"op": "pf", "addr": %d, "err": %d}\n' % (i * 4096, i % 7) for i in range(100_000)
-    )
+    body = HEADER + b"".join(b'{"op": "pf", "addr": %d, "err": %d}\n' % (i * 4096, i % 7) for i in range(100_000))
     data = zstandard.ZstdCompressor(write_checksum=True).compress(body)
     path = write(tmp_path, data[: len(data) // 2], "t.jsonl.zst")
     seen = 0
@@ -433,9 +418,7 @@ def test_corrupt_zstd(tmp_path):
     assert "zstd" in str(err) and err.line is not None
 
 
-@pytest.mark.parametrize(
-    "name, needle", [("t.jsonl.gz", "not a gzip file"), ("t.jsonl.zst", "not a zstd file")]
-)
+@pytest.mark.parametrize("name, needle", [("t.jsonl.gz", "not a gzip file"), ("t.jsonl.zst", "not a zstd file")])
 def test_not_compressed(tmp_path, name, needle):
     err = error_of(tmp_path, BODY, name)
     assert str(err).endswith(f"{name}:1: {needle}")

@@ -37,9 +37,7 @@ SUFFIXES = ["t.jsonl", "t.jsonl.gz", "t.jsonl.zst"]
 
 EVERY_EVENT = [
     Access(addr=0x7F001000, write=True, user=True, fetch=False),
-    Access(
-        addr=2**64 - 1, write=False, user=False, fetch=True, ac=True, vcpu=15, t=1.25, x={"note": "kernel"}
-    ),
+    Access(addr=2**64 - 1, write=False, user=False, fetch=True, ac=True, vcpu=15, t=1.25, x={"note": "kernel"}),
     Pf(addr=0xFFFF800000001000, err=0x1F),
     Write(gpa=0xFF8, val=2**64 - 1, len=8),
     Write(gpa=2**52 - 1, val=0xAB, len=1, t="12:00"),
@@ -48,9 +46,7 @@ EVERY_EVENT = [
     Cr3(val=0x1000),
     Paging(),
     Paging(paging="pae", cr0_wp=False),
-    Paging(
-        paging="none", cr0_wp=True, efer_nx=False, cr4_pse=False, cr4_smep=True, cr4_smap=True, maxphyaddr=52
-    ),
+    Paging(paging="none", cr0_wp=True, efer_nx=False, cr4_pse=False, cr4_smep=True, cr4_smap=True, maxphyaddr=52),
     Paging(gbpages=True, maxphyaddr=32),
     Invlpg(addr=0x400000),
     MemslotEvent(slot=1, gfn=0xFE000, npages=16, backing="mmio"),
@@ -287,9 +283,7 @@ def memslot_events(draw):
     gfn = draw(st.integers(0, 2**40 - 1))
     npages = draw(st.integers(0, 2**40 - gfn))
     backing = draw(st.sampled_from(["ram", "hugetlb", "reserved", "mmio"]))
-    return MemslotEvent(
-        slot=draw(u64), gfn=gfn, npages=npages, backing=backing, **draw(st.fixed_dictionaries(common))
-    )
+    return MemslotEvent(slot=draw(u64), gfn=gfn, npages=npages, backing=backing, **draw(st.fixed_dictionaries(common)))
 
 
 def build(cls, **fields):

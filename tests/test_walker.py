@@ -238,9 +238,7 @@ def test_pae_without_pdptrs_is_a_caller_error():
 @pytest.mark.parametrize(("write", "user", "fetch"), [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0)])
 def test_not_present_at_each_level(mode, level, write, user, fetch):
     entries = {lvl: P | W | U for lvl in range(1, ROOT[mode] + 1)}  # A clear everywhere
-    entries[level] = (
-        W | U | A | D | (0xFFF << 52 if SIZE[mode] == 8 else 0)
-    )  # P clear: other bits don't matter
+    entries[level] = W | U | A | D | (0xFFF << 52 if SIZE[mode] == 8 else 0)  # P clear: other bits don't matter
     if mode == "pae":
         entries[3] = P if level != 3 else 0
     g = build(mode, entries, efer_nx=True)
@@ -340,9 +338,7 @@ def arch_expect(mode, chain, write, user, fetch, *, efer_nx, cr0_wp, smep, smap,
     return ("fault" if deny else "ok"), (EP | code if deny else 0), rights
 
 
-ACCESSES = [
-    (w_, u_, f_) for u_ in (False, True) for (w_, f_) in ((False, False), (True, False), (False, True))
-]
+ACCESSES = [(w_, u_, f_) for u_ in (False, True) for (w_, f_) in ((False, False), (True, False), (False, True))]
 CPU_FLAGS = list(itertools.product((False, True), repeat=5))  # efer_nx, cr0_wp, smep, smap, ac
 
 
@@ -384,9 +380,7 @@ def test_every_permission_combination_matches_the_architecture(mode):
                     expected_a = [g.gpa[lvl] for lvl in range(2, leaf - 1, -1)]
                     assert w.set_accessed == expected_a, where
                     assert w.set_dirty == (g.gpa[leaf] if write else None), where
-                    assert [x[0] for x in g.mem.writes] == expected_a + ([g.gpa[leaf]] if write else []), (
-                        where
-                    )
+                    assert [x[0] for x in g.mem.writes] == expected_a + ([g.gpa[leaf]] if write else []), where
                 else:
                     assert g.mem.writes == [] and w.set_accessed == [] and w.set_dirty is None, where
                 checked += 1
@@ -634,9 +628,7 @@ def test_set_ad_false_is_side_effect_free(mode):
     g = build(mode, entries)
     before = g.snapshot()
     calls = []
-    ok0, w0 = g.walk(
-        write=True, set_ad=False, mark_page_dirty=calls.append, pte_write=lambda *a: calls.append(a)
-    )
+    ok0, w0 = g.walk(write=True, set_ad=False, mark_page_dirty=calls.append, pte_write=lambda *a: calls.append(a))
     assert ok0 and calls == [] and g.mem.log == [] and g.snapshot() == before
     assert w0.set_accessed == [] and w0.set_dirty is None
     assert gva_to_gpa(g.cpu, g.mem, g.addr, True, set_ad=False) == LEAF[1] | 0xABC and g.snapshot() == before
@@ -745,11 +737,7 @@ def test_race_on_the_dirty_bit_restarts_and_rereads():
     mem = RacingMem(g.gpa[1], g.pte(1) | G)  # another vcpu sets G before our D cmpxchg
     mem.data = g.mem.data
     ok, w = walk_addr(g.cpu, mem, g.addr, True, False, False)
-    assert (
-        ok
-        and w.set_dirty == g.gpa[1]
-        and mem.read_guest(g.gpa[1], 8) == g.pte(1) == LEAF[1] | P | W | U | A | D | G
-    )
+    assert ok and w.set_dirty == g.gpa[1] and mem.read_guest(g.gpa[1], 8) == g.pte(1) == LEAF[1] | P | W | U | A | D | G
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -897,16 +885,12 @@ def test_random_tables_side_effect_free_walk_agrees_and_second_walk_sets_nothing
         w0.error_code,
         w0.pte_access,
     )
-    assert gva_to_gpa(*args, ac=ac, set_ad=False) == (
-        UNMAPPED_GVA if not ok0 else (w0.gfn << 12) | addr & 0xFFF
-    )
+    assert gva_to_gpa(*args, ac=ac, set_ad=False) == (UNMAPPED_GVA if not ok0 else (w0.gfn << 12) | addr & 0xFFF)
     if not ok1:
         assert mem.data == before and w1.set_accessed == [] and w1.set_dirty is None
         return
     size = SIZE[cpu.paging]
-    changed = {
-        gpa - gpa % size for gpa in set(mem.data) | set(before) if mem.data.get(gpa) != before.get(gpa)
-    }
+    changed = {gpa - gpa % size for gpa in set(mem.data) | set(before) if mem.data.get(gpa) != before.get(gpa)}
     for gpa in changed:  # only A/D bits of the entries the walk reports
         old = int.from_bytes(bytes(before.get(gpa + i, 0) for i in range(size)), "little")
         assert (mem.read_guest(gpa, size) ^ old) & ~(A | D) == 0

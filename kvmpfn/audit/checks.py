@@ -209,9 +209,7 @@ def guest_entry_present(kvm, view: GuestView, sp, index: int, addr: int, level: 
     return w.level < level or (w.level == level and bool(w.error_code & PFERR_PRESENT_MASK))
 
 
-def check_permission(
-    kvm, findings, view: GuestView, sp, index: int, addr: int, level: int, spte: int
-) -> None:
+def check_permission(kvm, findings, view: GuestView, sp, index: int, addr: int, level: int, spte: int) -> None:
     """I11: a leaf never grants more than the guest translation (W, U, NX), judged with the CR0.WP of its
     shadow page's role: a W spte over a read-only translation is legal only for CR0.WP=0 supervisor
     writes, and then without U (the v2.6.35 rule; violated in 2008, §5.17)."""
@@ -230,8 +228,7 @@ def check_permission(
     if excess:
         findings.report(
             "spte-permission",
-            f"spte for gva {addr:#x} grants {'+'.join(excess)} beyond the guest translation"
-            f" (role cr0_wp={sp.cr0_wp})",
+            f"spte for gva {addr:#x} grants {'+'.join(excess)} beyond the guest translation (role cr0_wp={sp.cr0_wp})",
             ("addr", addr, level),
             spte_provenance(findings, sp, index, spte),
             addr=addr,

@@ -47,9 +47,7 @@ class Findings:
         self.point = "setup"
         self.ledger = None  # the RefLedger, for the provenance of spte findings
 
-    def report(
-        self, code: str, message: str, subject: tuple, provenance: list | None = None, **fields
-    ) -> bool:
+    def report(self, code: str, message: str, subject: tuple, provenance: list | None = None, **fields) -> bool:
         """Record a finding unless the same code on the same subject was reported before."""
         key = (code, *subject)
         if key in self._seen:

@@ -31,16 +31,14 @@ def check_mmu_structures(kvm) -> list[str]:
             problems.append(f"{sp!r} is in the hash {hashed[sp_id]} times")
         if kvm.page_header.get(sp.hpa) is not sp:
             problems.append(f"{sp!r} has no page header")
-        want = role_word(
-            sp.glevels, sp.level, sp.quadrant, sp.metaphysical, sp.access, sp.invalid, sp.cr0_wp, sp.ext
-        )
+        want = role_word(sp.glevels, sp.level, sp.quadrant, sp.metaphysical, sp.access, sp.invalid, sp.cr0_wp, sp.ext)
         if sp.role != want:
             problems.append(f"{sp!r} role word {sp.role:#x} disagrees with its fields ({want:#x})")
         if sp.root_count < 0:
             problems.append(f"{sp!r} root_count {sp.root_count}")
         if len(set(sp.parent_ptes)) != len(sp.parent_ptes):
             problems.append(f"{sp!r} lists a parent twice")
-        for psp, index in sp.parent_ptes:
+        for psp, _index in sp.parent_ptes:
             if active.get(psp.id) is not psp:
                 problems.append(f"{sp!r} has a parent in freed page {psp!r}")
     if len(kvm.page_header) != len(active):

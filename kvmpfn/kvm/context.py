@@ -292,9 +292,7 @@ def hardware_walk(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetc
     return ok, value, list(w.set_accessed), w.set_dirty
 
 
-def guest_access(
-    vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool
-) -> AccessOutcome:
+def guest_access(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool) -> AccessOutcome:
     """One guest memory access on the simulated CPU (TRACE_FORMAT "The simulated CPU").
 
     Shadow: walk the sptes; a hit sets A in the sptes used; trap or a denying spte exits to
@@ -321,16 +319,16 @@ def guest_access(
         if end == NOTRAP and not kvm.tdp_enabled:
             err = guest_error_code(cpu, False, write, user, fetch)
             return AccessOutcome("guest_fault", err=err, set_accessed=set_accessed)
-        if end != TRAP and end != NOTRAP and (
-            tdp_allows(path, write) if kvm.tdp_enabled else leaf_allows(cpu, path, write, user, fetch, ac)
+        if (
+            end != TRAP
+            and end != NOTRAP
+            and (tdp_allows(path, write) if kvm.tdp_enabled else leaf_allows(cpu, path, write, user, fetch, ac))
         ):
             for sp, index in path:
                 sp.spt[index] |= PT_ACCESSED_MASK
             leaf_gpa, pfn, spte = leaf_of(path, tdp_addr)
             if result is None:
-                return AccessOutcome(
-                    "hit", leaf_gpa, pfn, spte, set_accessed=set_accessed, set_dirty=set_dirty
-                )
+                return AccessOutcome("hit", leaf_gpa, pfn, spte, set_accessed=set_accessed, set_dirty=set_dirty)
             return AccessOutcome(result, gpa, pfn, spte, set_accessed=set_accessed, set_dirty=set_dirty)
         error_code = (PFERR_PRESENT_MASK if end != TRAP else 0) | (PFERR_WRITE_MASK if write else 0)
         error_code |= (PFERR_USER_MASK if user else 0) | (PFERR_FETCH_MASK if fetch else 0)

@@ -220,7 +220,16 @@ def kvm_mmu_get_page(
         quadrant = (gaddr >> (PAGE_SHIFT + 9 * level)) & ((1 << level) - 1)
     cpu = vcpu.cpu
     cr0_wp = 1 if cpu.cr0_wp or "cr0wp-shared-sp" in kvm.bugs or kvm.tdp_enabled else 0
-    ext = 0 if kvm.tdp_enabled else int(bool(cpu.efer_nx)) | int(bool(cpu.cr4_pse)) << 1
+    ext = 0
+    if not kvm.tdp_enabled:
+        # role.nxe, role.ext.cr4_pse, and the smep/smap_andnot_wp bits later kernels added: a spte made for a
+        # CR0.WP=0 supervisor write must not serve a context where the guest's SMEP/SMAP apply
+        ext = (
+            int(bool(cpu.efer_nx))
+            | int(bool(cpu.cr4_pse)) << 1
+            | int(bool(cpu.cr4_smep) and not cpu.cr0_wp) << 2
+            | int(bool(cpu.cr4_smap) and not cpu.cr0_wp) << 3
+        )
     role = role_word(root_level, level, quadrant, metaphysical, access, 0, cr0_wp, ext)
     bucket = kvm.mmu_page_hash.setdefault(gfn, [])
     for sp in bucket:
@@ -452,22 +461,20 @@ def mmu_set_spte(
 
     if pte_access & ACC_WRITE_MASK or (write_fault and not vcpu.cpu.cr0_wp and not user_fault):
         spte |= PT_WRITABLE_MASK
-        wp0_user_page = False
-        if not pte_access & ACC_WRITE_MASK and not kvm.tdp_enabled:
+        if not pte_access & ACC_WRITE_MASK and not kvm.tdp_enabled and "cr0wp-user-write" not in kvm.bugs:
             # CR0.WP=0 supervisor write to a read-only gpte (v2.6.35 fix: no user access, dirty like any W)
-            if "cr0wp-user-write" not in kvm.bugs:
-                wp0_user_page = bool(pte_access & ACC_USER_MASK)
+            user_page = bool(pte_access & ACC_USER_MASK)
+            if user_page and vcpu.cpu.cr4_smap:
+                # without U the host's SMAP check would pass later AC=0 supervisor accesses: keep the user
+                # page read-only and emulate this write instead (later kernels check SMAP in software here)
+                spte &= ~PT_WRITABLE_MASK
+                pt_write = 1
+            else:
                 spte &= ~PT_USER_MASK
                 pte_access |= ACC_WRITE_MASK
-                if wp0_user_page and vcpu.cpu.cr4_smep:
+                if user_page and vcpu.cpu.cr4_smep:
                     spte |= PT64_NX_MASK  # a supervisor fetch must still exit and meet the guest's SMEP
-        if wp0_user_page and vcpu.cpu.cr4_smap:
-            # without U the host's SMAP check would pass later AC=0 supervisor accesses: keep the user
-            # page read-only and emulate this write instead (later kernels check SMAP in software here)
-            spte = (spte & ~PT_WRITABLE_MASK & ~PT64_NX_MASK) | PT_USER_MASK
-            pte_access &= ~ACC_WRITE_MASK
-            pt_write = 1
-        elif user_fault and "user-fault-unshadow" in kvm.bugs:
+        if user_fault and "user-fault-unshadow" in kvm.bugs:
             mmu_unshadow(kvm, gfn)  # the seed's heuristic (§5.5)
         elif "no-write-protect" not in kvm.bugs and (
             kvm_mmu_lookup_page(kvm, gfn) is not None or (largepage and has_wrprotected_page(kvm, gfn))
@@ -488,9 +495,7 @@ def mmu_set_spte(
     if not was_rmapped:
         rmap_add(vcpu, kvm, sptep, gfn, largepage)
         if "double-release" in kvm.bugs:
-            api.kvm_release_pfn_clean(
-                pfn, "mmu_set_spte"
-            )  # the v2.6.32 model's release, kept with rmap_remove's
+            api.kvm_release_pfn_clean(pfn, "mmu_set_spte")  # the v2.6.32 model's release, kept with rmap_remove's
     elif "same-pfn-no-release" not in kvm.bugs:
         if was_writeble:
             api.kvm_release_pfn_dirty(pfn, "mmu_set_spte")
@@ -648,9 +653,7 @@ def mmu_free_roots(vcpu: Vcpu, kvm: Kvm) -> None:
     vcpu.root_hpa = INVALID_PAGE
 
 
-PAE_ROOT_HPA = (
-    0x3FFFFFFF000  # __pa(vcpu->arch.mmu.pae_root): a marker, the four entries live in vcpu.pae_root
-)
+PAE_ROOT_HPA = 0x3FFFFFFF000  # __pa(vcpu->arch.mmu.pae_root): a marker, the four entries live in vcpu.pae_root
 
 
 def mmu_alloc_roots(vcpu: Vcpu, kvm: Kvm) -> None:

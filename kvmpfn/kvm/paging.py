@@ -71,9 +71,9 @@ GLEVELS_PAGING = {2: "32", 3: "pae", 4: "64"}
 def is_rsvd_bits_set(cpu, gpte: int, level: int, glevels: int) -> bool:
     """``is_rsvd_bits_set`` (a later kernel's): reserved bits of a guest entry at ``level`` in the paging mode
     of ``glevels``, with the vcpu's EFER.NX, CR4.PSE, MAXPHYADDR and 1 GiB support."""
-    nonleaf, large = _rsvd_masks(
-        GLEVELS_PAGING[glevels], cpu.maxphyaddr, cpu.efer_nx, cpu.cr4_pse, cpu.gbpages
-    )[level - 1]
+    nonleaf, large = _rsvd_masks(GLEVELS_PAGING[glevels], cpu.maxphyaddr, cpu.efer_nx, cpu.cr4_pse, cpu.gbpages)[
+        level - 1
+    ]
     if large is not None and gpte & PT_PAGE_SIZE_MASK:
         return bool(gpte & large)
     return bool(gpte & nonleaf)
@@ -162,9 +162,7 @@ def paging_page_fault(vcpu, kvm, addr: int, error_code: int) -> int:
     return write_pt
 
 
-def fetch(
-    vcpu, kvm, addr: int, walker, user_fault: bool, write_fault: bool, largepage: int, gfn: int, pfn: int
-) -> int:
+def fetch(vcpu, kvm, addr: int, walker, user_fault: bool, write_fault: bool, largepage: int, gfn: int, pfn: int) -> int:
     """``FNAME(fetch)``: walk the shadow from the root by ``addr``, creating the shadow page of each guest
     table on the way (``kvm_mmu_get_page``: write-protects it), re-reading the guest entry after protecting
     its table and bailing out if it changed (R released), then ``mmu_set_spte`` at the leaf. Returns
@@ -229,9 +227,7 @@ def fetch(
                     kvm_mmu_put_page(child, (sp, index))
                 kvm.api.kvm_release_pfn_clean(pfn, "fetch")
                 return 0
-        sp.spt[index] = (
-            child.hpa << PAGE_SHIFT | PT_PRESENT_MASK | PT_ACCESSED_MASK | PT_WRITABLE_MASK | PT_USER_MASK
-        )
+        sp.spt[index] = child.hpa << PAGE_SHIFT | PT_PRESENT_MASK | PT_ACCESSED_MASK | PT_WRITABLE_MASK | PT_USER_MASK
         sp = child
         level -= 1
     dirty = walker.ptes[leaf_level - 1] & PT_DIRTY_MASK

@@ -65,9 +65,7 @@ class PfnApi:
     :raises HostError: unknown ``kernel`` (field ``"kernel"``).
     """
 
-    def __init__(
-        self, host: Host, kernel: str, hook: Hook | None = None, bugs: frozenset[str] = frozenset()
-    ) -> None:
+    def __init__(self, host: Host, kernel: str, hook: Hook | None = None, bugs: frozenset[str] = frozenset()) -> None:
         if kernel not in KERNELS:
             raise HostError("kernel", f"unknown kernel {kernel!r} (expected one of {', '.join(KERNELS)})")
         self.host = host

@@ -19,9 +19,9 @@ def role_word(
     glevels: int, level: int, quadrant: int, metaphysical: int, access: int, invalid: int, cr0_wp: int, ext: int = 0
 ) -> int:
     """``union kvm_mmu_page_role`` packed as in v2.6.26 (glevels 0-3, level 4-7, quadrant 8-9,
-    metaphysical 16, access 17-19, invalid 20). Bit 21 holds ``cr0_wp``, the role bit v2.6.35 added; bits 22-23
-    (``ext``) EFER.NX and CR4.PSE, which later kernels also key shadow pages on (``role.nxe``,
-    ``role.ext.cr4_pse``): both change what a guest pte means."""
+    metaphysical 16, access 17-19, invalid 20). Bit 21 holds ``cr0_wp``, the role bit v2.6.35 added; bits 22-25
+    (``ext``) EFER.NX, CR4.PSE, SMEP-and-not-WP and SMAP-and-not-WP, which later kernels also key shadow pages
+    on (``role.nxe``, ``role.ext.cr4_pse``, ``smep_andnot_wp``, ``smap_andnot_wp``)."""
     return (
         glevels
         | level << 4

@@ -36,8 +36,7 @@ CODES: dict[str, Code] = {
     "spte-hpa-mismatch": Code(
         "address, level",
         "A present leaf spte maps a frame other than the one its address translates to now.",
-        "A present leaf spte maps a frame other than the one its address translates to now "
-        "(audit_mappings_page, I5).",
+        "A present leaf spte maps a frame other than the one its address translates to now (audit_mappings_page, I5).",
     ),
     "spte-pfn-truncated": Code(
         "address, level",
@@ -84,8 +83,7 @@ CODES: dict[str, Code] = {
     "spte-permission": Code(
         "address, level",
         "A leaf grants more than the guest translation allows.",
-        "A leaf grants more than the guest translation allows, judged with the CR0.WP of its shadow page's "
-        "role (I11).",
+        "A leaf grants more than the guest translation allows, judged with the CR0.WP of its shadow page's role (I11).",
     ),
     "mmu-page-accounting": Code(
         "(once)",

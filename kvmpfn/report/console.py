@@ -29,8 +29,7 @@ def _details(outcome: TraceOutcome) -> list[str]:
     lines.extend("+ " + finding_text(f) for f in outcome.findings if f["code"] in new)
     counts = outcome.counts
     lines.extend(
-        f"- {code}: baseline expects {outcome.expected[code]}, found {counts.get(code, 0)}"
-        for code in outcome.missing
+        f"- {code}: baseline expects {outcome.expected[code]}, found {counts.get(code, 0)}" for code in outcome.missing
     )
     if outcome.previous is not None and outcome.previous != outcome.expected:
         old = counts_text(dict(sorted(outcome.previous.items()))) or "clean"

@@ -174,9 +174,7 @@ class Memslot(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
         if not 0 <= self.gfn < GFN_LIMIT:
             raise _range_error("gfn", self.gfn, 0, GFN_LIMIT)
         if not 0 < self.npages or self.gfn + self.npages > GFN_LIMIT:
-            raise FieldError(
-                "npages", f"gfn {self.gfn:#x} + npages {self.npages:#x} is outside 1..2**40 frames"
-            )
+            raise FieldError("npages", f"gfn {self.gfn:#x} + npages {self.npages:#x} is outside 1..2**40 frames")
 
 
 class HostConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -209,9 +207,7 @@ class Header(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
         spans: list[tuple[int, int, int]] = []
         for i, ms in enumerate(self.memslots):
             if ms.slot in seen:
-                raise FieldError(
-                    f"memslots[{i}].slot", f"slot {ms.slot} is already memslots[{seen[ms.slot]}]"
-                )
+                raise FieldError(f"memslots[{i}].slot", f"slot {ms.slot} is already memslots[{seen[ms.slot]}]")
             seen[ms.slot] = i
             spans.append((ms.gfn, ms.gfn + ms.npages, i))
         spans.sort()
@@ -343,9 +339,7 @@ class MemslotEvent(_EventBase, tag="memslot"):
         if not 0 <= self.gfn < GFN_LIMIT:
             raise _range_error("gfn", self.gfn, 0, GFN_LIMIT)
         if not 0 <= self.npages or self.gfn + self.npages > GFN_LIMIT:
-            raise FieldError(
-                "npages", f"gfn {self.gfn:#x} + npages {self.npages:#x} is outside 0..2**40 frames"
-            )
+            raise FieldError("npages", f"gfn {self.gfn:#x} + npages {self.npages:#x} is outside 0..2**40 frames")
 
 
 class DirtyLog(_EventBase, tag="dirty_log"):

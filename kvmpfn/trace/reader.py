@@ -112,9 +112,7 @@ _INT = "int"
 _AT_RE = re.compile(r" - at `\$([^`]*)`$")
 _TOKEN_RE = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 # msgspec.inspect sorts the values of a Literal; messages list them in the order of the format.
-_LITERAL_ORDER = {
-    frozenset(get_args(t)): get_args(t) for t in (PagingMode, Backing, MmuKind, KernelName, FaultKind)
-}
+_LITERAL_ORDER = {frozenset(get_args(t)): get_args(t) for t in (PagingMode, Backing, MmuKind, KernelName, FaultKind)}
 
 
 def _parse_int(text: str) -> int | None:
@@ -295,9 +293,7 @@ def _expected(t: mi.Type, name: str, value: Any) -> str | None:
         limit = m.lt if m.lt is not None else (m.le + 1 if m.le is not None else 1 << 64)
         return f"expected {range_text(name, lo, limit)}, {got}"
     if isinstance(m, mi.LiteralType):
-        if name == "kvmpfn" and (
-            type(value) is int or (type(value) is str and _parse_int(value) is not None)
-        ):
+        if name == "kvmpfn" and (type(value) is int or (type(value) is str and _parse_int(value) is not None)):
             return f"unsupported trace format version {_show(value)} (this kvmpfn reads version 1)"
         values = _LITERAL_ORDER.get(frozenset(m.values), m.values)
         return f"expected one of {', '.join(_show(v) for v in values)}, {got}"
@@ -335,11 +331,7 @@ def _explain(exc: msgspec.ValidationError, raw: Any, top: type | None, context: 
         return _LineError(f"expected a JSON object, got {_json_kind(raw)}", None, context)
     if top is None or tokens == ["op"]:
         ops = ", ".join(EVENT_TYPES)
-        what = (
-            f"unknown op {_show(value)}"
-            if isinstance(value, str)
-            else f"expected a string, got {_show(value)}"
-        )
+        what = f"unknown op {_show(value)}" if isinstance(value, str) else f"expected a string, got {_show(value)}"
         return _LineError(f"{what} (ops: {ops})", "op", context)
     t = _type_at(mi.type_info(top), tokens)
     message = _expected(t, str(tokens[-1]), value) if t is not None and found else None

@@ -86,9 +86,7 @@ class TraceWriter:
         except _LineError as e:
             where = f"{e.context}: " if e.context else ""
             field = f'field "{e.field}": ' if e.field else ""
-            raise ValueError(
-                f"invalid {'header' if header else 'event'}: {where}{field}{e.message}"
-            ) from None
+            raise ValueError(f"invalid {'header' if header else 'event'}: {where}{field}{e.message}") from None
         if decoded != obj:  # e.g. a flag given as 1 or an integer as a string: write the canonical form
             return decoded, self._encoder.encode(decoded)
         return obj, data
