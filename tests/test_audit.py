@@ -130,7 +130,7 @@ def mapped(**kw) -> Guest:
     return g
 
 
-def only(findings: list[dict], code: str) -> dict:
+def assert_only(findings: list[dict], code: str) -> dict:
     assert [f["code"] for f in findings] == [code], findings
     return findings[0]
 
@@ -143,7 +143,7 @@ def test_refcount_leak_for_a_reference_no_spte_owns():
     pfn = g.frame(0x10)
     g.rp.findings.seq, g.rp.findings.line = 41, 42
     g.kvm.api.kvm_get_pfn(pfn, "corruption")  # CORRUPT: a reference nobody will release
-    f = only(g.audit(), "refcount-leak")
+    f = assert_only(g.audit(), "refcount-leak")
     assert f["pfn"] == hex(pfn)
     assert f["provenance"] == [{"seq": 41, "line": 42, "function": "kvm_get_pfn", "caller": "corruption"}]
 
@@ -155,14 +155,14 @@ def test_refcount_allowance_for_references_in_flight():
     g.rp.auditor.full_audit("point", Counter({pfn: 1}))
     assert g.findings == []
     g.rp.auditor.full_audit("point", Counter({pfn: 0}))
-    assert only(g.findings, "refcount-leak")["pfn"] == hex(pfn)
+    assert assert_only(g.findings, "refcount-leak")["pfn"] == hex(pfn)
 
 
 def test_rmap_leaf_missing_from_its_rmap():
     g = mapped()
     sp, index = g.leaf(0x10000)
     del g.kvm.rmap[0x10]  # CORRUPT: the leaf is in no rmap
-    f = only(g.audit(), "rmap-mismatch")
+    f = assert_only(g.audit(), "rmap-mismatch")
     assert (f["gfn"], f["level"]) == ("0x10", 1)
     assert "in 0 rmaps" in f["message"]
 
@@ -171,7 +171,7 @@ def test_rmap_leaf_in_the_wrong_rmap():
     g = mapped()
     sptep = g.leaf(0x10000)
     g.kvm.rmap[0x11] = [[g.kvm.rmap[0x11], sptep]]  # CORRUPT: also listed under gfn 0x11
-    f = only(g.audit(), "rmap-mismatch")  # "maps gfn 0x10" and "in 2 rmaps": one spte, one finding
+    f = assert_only(g.audit(), "rmap-mismatch")  # "maps gfn 0x10" and "in 2 rmaps": one spte, one finding
     assert f["gfn"] == "0x10"
 
 
@@ -180,7 +180,7 @@ def test_rmap_entry_pointing_at_a_non_present_spte():
     sp, index = g.leaf(0x10000)
     g.kvm.rmap[0x30] = (sp, 0x30)  # CORRUPT: entry 0x30 of the page is notrap (the guest maps nothing there)
     assert sp.spt[0x30] == NOTRAP
-    f = only(g.audit(), "rmap-mismatch")
+    f = assert_only(g.audit(), "rmap-mismatch")
     assert "non-present" in f["message"]
 
 
@@ -189,7 +189,7 @@ def test_rmap_entry_of_a_freed_shadow_page():
     ghost = KvmMmuPage(999, 0x7FFFFFFF)
     ghost.spt[0] = g.leaf(0x10000)[0].spt[0x10]
     g.kvm.rmap[0x40] = (ghost, 0)  # CORRUPT: a page that is not live
-    f = only(g.audit(), "rmap-mismatch")
+    f = assert_only(g.audit(), "rmap-mismatch")
     assert "freed shadow page" in f["message"]
 
 
@@ -200,7 +200,7 @@ def test_writable_spte_over_a_shadowed_table():
     assert g.audit() == []  # a read-only mapping of a shadowed table is fine (the 2008 check said otherwise)
     sp, index = g.leaf(0x4000)
     sp.spt[index] |= PT_WRITABLE_MASK  # CORRUPT
-    f = only(g.audit(), "writable-shadowed-gfn")
+    f = assert_only(g.audit(), "writable-shadowed-gfn")
     assert (f["gfn"], f["level"]) == ("0x4", 1)
 
 
@@ -208,7 +208,7 @@ def test_stale_spte_after_a_missed_pte_write():
     g = mapped()
     g.host.write_guest(0x4080, 0x12007, 8)  # CORRUPT: the guest pte changed without kvm_mmu_pte_write
     g.write(0x12000, 1)  # fault the new frame in
-    f = only(g.audit(), "spte-hpa-mismatch")
+    f = assert_only(g.audit(), "spte-hpa-mismatch")
     assert (f["addr"], f["level"], f["pfn"]) == ("0x10000", 1, hex(g.frame(0x10)))
     assert f["provenance"][0]["caller"] == "page_fault"  # where the spte's reference was taken
 
@@ -216,7 +216,7 @@ def test_stale_spte_after_a_missed_pte_write():
 def test_spte_mapping_an_unmapped_gva():
     g = mapped()
     g.host.write_guest(0x4080, 0, 8)  # CORRUPT: unmapped behind KVM's back
-    f = only(g.audit(), "spte-hpa-mismatch")
+    f = assert_only(g.audit(), "spte-hpa-mismatch")
     assert "not mapped by the guest" in f["message"]
 
 
@@ -239,7 +239,7 @@ def test_notrap_leaf_over_a_mapped_gva():
     sptep = g.leaf(0x10000)
     rmap_remove(g.kvm, sptep)
     sptep[0].spt[sptep[1]] = NOTRAP  # CORRUPT
-    f = only(g.audit(), "notrap-valid-gva")
+    f = assert_only(g.audit(), "notrap-valid-gva")
     assert (f["addr"], f["level"]) == ("0x10000", 1)
 
 
@@ -266,7 +266,7 @@ def test_notrap_valid_gva_after_a_memslot_move(kernel):
     assert g.audit() == []
     g.do("memslot", slot=1, gfn=0x800, npages=1, backing="ram")  # slot 1 moves away
     g.do("memslot", slot=2, gfn=0x400, npages=1, backing="ram")  # slot 2 moves in under the shadowed gfn
-    f = only(g.audit(), "notrap-valid-gva")
+    f = assert_only(g.audit(), "notrap-valid-gva")
     assert (f["addr"], f["level"]) == ("0x10000", 1)
 
 
@@ -275,7 +275,7 @@ def test_notrap_pointer_over_a_present_guest_entry():
     sp, index = g.entry(0x10000, level=2)
     mmu_page_remove_parent_pte(page_header(g.kvm, sp.spt[index]), (sp, index))
     sp.spt[index] = NOTRAP  # CORRUPT
-    f = only(g.audit(), "notrap-nonleaf")
+    f = assert_only(g.audit(), "notrap-nonleaf")
     assert (f["addr"], f["level"]) == ("0x0", 2)
 
 
@@ -303,7 +303,7 @@ def test_spte_granting_more_than_the_guest(gva, flip, granted):
     assert g.audit() == []
     sp, index = g.leaf(gva)
     sp.spt[index] ^= flip  # CORRUPT
-    f = only(g.audit(), "spte-permission")
+    f = assert_only(g.audit(), "spte-permission")
     assert f["addr"] == hex(gva) and f"grants {granted} " in f["message"]
 
 
@@ -315,7 +315,7 @@ def test_cr0wp0_supervisor_write_without_u_is_allowed():
     assert sp.spt[index] & PT_WRITABLE_MASK and not sp.spt[index] & PT_USER_MASK
     assert g.audit() == []
     sp.spt[index] |= PT_USER_MASK  # CORRUPT: the era's §5.17
-    only(g.audit(), "spte-permission")
+    assert_only(g.audit(), "spte-permission")
 
 
 def test_parent_link_missing_from_the_child():
@@ -323,7 +323,7 @@ def test_parent_link_missing_from_the_child():
     sp, index = g.entry(0x10000, level=2)
     child = page_header(g.kvm, sp.spt[index])
     child.parent_ptes.remove((sp, index))  # CORRUPT
-    f = only(g.audit(), "parent-link")
+    f = assert_only(g.audit(), "parent-link")
     assert (f["gfn"], f["level"]) == ("0x3", 2)
 
 
@@ -332,7 +332,7 @@ def test_parent_link_that_does_not_point_back():
     sp, index = g.entry(0x10000, level=2)
     child = page_header(g.kvm, sp.spt[index])
     child.parent_ptes.append((sp, index + 1))  # CORRUPT: entry 1 of the PD page is notrap
-    f = only(g.audit(), "parent-link")
+    f = assert_only(g.audit(), "parent-link")
     assert (f["gfn"], f["level"]) == ("0x4", 1)
 
 
@@ -340,7 +340,7 @@ def test_spte_without_memslot_after_a_v2626_deletion():
     g = Guest(mmu="tdp", paging="none", slots=((0, 0, 512, "ram"), (1, 0x400, 16, "ram")))
     g.access(0x400000, write=True)
     g.do("memslot", slot=1, gfn=0x400, npages=0, backing="ram")
-    f = only(g.audit(), "spte-without-memslot")
+    f = assert_only(g.audit(), "spte-without-memslot")
     assert (f["gfn"], f["level"]) == ("0x400", 1)
     assert f["provenance"][0]["caller"] == "tdp_page_fault"
 
@@ -349,7 +349,7 @@ def test_write_count_disagreeing_with_the_shadow_pages():
     g = mapped()
     slot = gfn_to_kvm_slot(g.kvm, 0)
     slot.write_count[0] += 1  # CORRUPT
-    f = only(g.audit(), "write-count")
+    f = assert_only(g.audit(), "write-count")
     assert (f["slot"], f["region"]) == (0, "0x0")
 
 
@@ -360,7 +360,7 @@ def test_mmu_page_accounting(corruption):
         g.kvm.n_free_mmu_pages -= 1  # CORRUPT: a page allocated and never counted
     else:
         g.kvm.mmu_page_hash.setdefault(0x99, []).append(KvmMmuPage(999, 0x7FFFFFFF))  # CORRUPT: a dead page
-    only(g.audit(), "mmu-page-accounting")
+    assert_only(g.audit(), "mmu-page-accounting")
 
 
 def test_dirty_lost_writable_leaf_missing_from_the_bitmap():
@@ -371,7 +371,7 @@ def test_dirty_lost_writable_leaf_missing_from_the_bitmap():
     assert 5 in slot.dirty_bitmap
     assert g.audit() == []
     slot.dirty_bitmap.discard(5)  # CORRUPT
-    f = only(g.audit(), "dirty-lost")
+    f = assert_only(g.audit(), "dirty-lost")
     assert (f["gfn"], f["slot"]) == ("0x5", 0)
 
 
@@ -408,7 +408,7 @@ def test_smap_guest_permission_is_still_checked():
     g.access(0x10000, user=True)
     sp, index = g.leaf(0x10000)
     sp.spt[index] |= PT_WRITABLE_MASK  # CORRUPT
-    only(g.audit(), "spte-permission")
+    assert_only(g.audit(), "spte-permission")
 
 
 # --- dedupe -----------------------------------------------------------------------------------------------
@@ -422,7 +422,7 @@ def test_same_code_and_subject_is_reported_once_across_points():
         g.do("audit", label="again")
     g.access(0x6000)
     g.do("teardown")
-    f = only(g.findings, "spte-hpa-mismatch")
+    f = assert_only(g.findings, "spte-hpa-mismatch")
     assert (f["seq"], f["point"]) == (1, "audit-every 1")
 
 
@@ -524,7 +524,7 @@ def test_tdp_is_audited_by_gpa():
     g.pte(0x10000, 0)  # the guest unmaps the gva: TDP does not care
     assert g.audit() == []
     g.do("host_remap", gfn=0x20)  # kernel pfn: no notifier, the TDP leaf keeps the old frame
-    f = only(g.audit(), "spte-hpa-mismatch")
+    f = assert_only(g.audit(), "spte-hpa-mismatch")
     assert (f["addr"], f["level"]) == ("0x20000", 1)
 
 
@@ -538,7 +538,7 @@ def test_large_sptes_are_checked_as_leaves(mmu):
     assert sp.level == 2 and sp.spt[index] & PS
     assert g.audit() == []
     g.do("host_remap", gfn=0x205)  # the whole 2 MiB block moves
-    f = only(g.audit(), "spte-hpa-mismatch")
+    f = assert_only(g.audit(), "spte-hpa-mismatch")
     assert (f["addr"], f["level"]) == ("0x200000", 2)
 
 
@@ -550,7 +550,7 @@ def test_large_shadow_spte_permissions_are_checked():
     assert sp.level == 2 and sp.spt[index] & PS and not sp.spt[index] & PT_WRITABLE_MASK
     assert g.audit() == []
     sp.spt[index] |= PT_WRITABLE_MASK  # CORRUPT
-    f = only(g.audit(), "spte-permission")
+    f = assert_only(g.audit(), "spte-permission")
     assert (f["addr"], f["level"]) == ("0x200000", 2)
 
 

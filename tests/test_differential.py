@@ -207,7 +207,9 @@ def ev_json(e) -> str:
     return msgspec.json.encode(e).decode()
 
 
-def differential(header: ev.Header, events: Sequence, *, check_findings: bool = True, **options) -> tuple[Run, Run]:
+def check_differential(
+    header: ev.Header, events: Sequence, *, check_findings: bool = True, **options
+) -> tuple[Run, Run]:
     """Replay under both MMUs and assert that the guest saw the same thing and that each replay was clean;
     returns the two runs. ``options`` go to :func:`replay`."""
     runs = [replay(header, events, mmu, **options) for mmu in ("shadow", "tdp")]
@@ -483,7 +485,7 @@ COMMON = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, He
 
 
 def check_program(program: Program, **options) -> None:
-    differential(program.header, program.events, **options)
+    check_differential(program.header, program.events, **options)
 
 
 @settings(COMMON, max_examples=40)
@@ -535,7 +537,7 @@ def test_hand_written_trace_agrees(name: str, kernel: str) -> None:
     under the other variants with the teardown audit only (the auditor's walks dominate the run time)."""
     header, events = load(TRACES / name)
     audits = {"kernel_audit": True, "audit_every": 1} if kernel == header.kernel else {"audit_every": 0}
-    shadow, tdp = differential(header, events, kernel=kernel, **audits)
+    shadow, tdp = check_differential(header, events, kernel=kernel, **audits)
     assert shadow.views, "the trace makes no access"
     # the trace is about something: both faults and completed accesses
     kinds = {v.outcome[0] for v in shadow.views}
@@ -547,7 +549,7 @@ def test_hand_written_traces_cover_the_features() -> None:
     seen: set[str] = set()
     for name in guest_action_traces():
         header, events = load(TRACES / name)
-        shadow, _ = differential(header, events, audit_every=0)
+        shadow, _ = check_differential(header, events, audit_every=0)
         guest = header.guest
         for v in shadow.views:
             kind, value = v.outcome
@@ -588,7 +590,7 @@ def test_hand_written_traces_cover_the_features() -> None:
 
 def test_smap_with_ac_agrees() -> None:
     header, events = load(TRACES / "diff-64-smap.jsonl")
-    shadow, tdp = differential(header, events)
+    shadow, tdp = check_differential(header, events)
     assert [v.outcome[1] if v.outcome[0] == "fault" else v.outcome[0] for v in shadow.views] == [
         0x1,  # SMAP, AC=0
         "done",  # AC=1
@@ -622,7 +624,7 @@ def test_a_guest_visible_mutant_is_caught(bug: str, name: str) -> None:
     runs = [replay(header, events, mmu, bugs=(bug,), audit_every=0) for mmu in ("shadow", "tdp")]
     assert any(s.outcome != t.outcome for s, t in zip(runs[0].views, runs[1].views, strict=True))
     with pytest.raises(AssertionError):
-        differential(header, events, bugs=(bug,), audit_every=0, check_findings=False)
+        check_differential(header, events, bugs=(bug,), audit_every=0, check_findings=False)
 
 
 # --- recycling -------------------------------------------------------------------------------------------------
@@ -673,7 +675,7 @@ def many_page_tables(paging: str, n: int, seed: int) -> tuple[ev.Header, list]:
 @pytest.mark.parametrize("paging, n", [("64", 90), ("32", 120)])
 def test_recycling_shadow_pages_agrees(paging: str, n: int) -> None:
     header, events = many_page_tables(paging, n, seed=1)
-    shadow, tdp = differential(header, events, audit_every=50)
+    shadow, tdp = check_differential(header, events, audit_every=50)
     rp = Replayer(header, ReplayOptions())
     for seq, e in enumerate(events):
         rp.apply(seq, seq + 1, e)
@@ -708,7 +710,7 @@ BUG_1G_ROLE_ACCESS = """
 
 def test_bug_1g_split_role_access(tmp_path: Path) -> None:
     header, events = parse(BUG_1G_ROLE_ACCESS, tmp_path)
-    shadow, _ = differential(header, events)
+    shadow, _ = check_differential(header, events)
     assert shadow.views[-1].outcome == ("fault", 0x5)
 
 
@@ -767,7 +769,7 @@ def feature_flip_trace(feature: str, before: Sequence[int], flip: int, after: Se
 @pytest.mark.parametrize("feature", sorted(FEATURE_FLIPS))
 def test_bug_feature_change_keeps_stale_sptes(feature: str, tmp_path: Path) -> None:
     header, events = parse(feature_flip_trace(feature, [0], 0, [0]), tmp_path)
-    shadow, _ = differential(header, events)
+    shadow, _ = check_differential(header, events)
     assert shadow.views[0].outcome[0] == "done"
     assert shadow.views[1].outcome == ("fault", FAULT_AFTER_FLIP[feature])
 
@@ -777,7 +779,7 @@ def test_bug_cpuid_differs_between_vcpus(feature: str, tmp_path: Path) -> None:
     """vcpu 0 drops the feature (the MMU is zapped), then vcpu 1, which still has it, maps the page; vcpu 0's
     access must fault with RSVD, as under TDP."""
     header, events = parse(feature_flip_trace(feature, [], 0, [1, 0]), tmp_path)
-    differential(header, events, check_findings=False)
+    check_differential(header, events, check_findings=False)
 
 
 BUG_CR0WP0 = """
@@ -799,7 +801,7 @@ def test_bug_cr0wp0_smep_smap(feature: str, tmp_path: Path) -> None:
     what, fetch, err = WHAT[feature]
     text = BUG_CR0WP0.format(feature=feature, what=what, fetch=fetch, tables=TABLES_64.strip())
     header, events = parse(text, tmp_path)
-    shadow, _ = differential(header, events)
+    shadow, _ = check_differential(header, events)
     assert shadow.views[-1].outcome == ("fault", err)
 
 
@@ -838,7 +840,7 @@ def test_bug_cr0wp0_sptes_outlive_smep_smap(feature: str, how: str, tmp_path: Pa
         start=start,
     )
     header, events = parse(text, tmp_path)
-    differential(header, events, check_findings=False)
+    check_differential(header, events, check_findings=False)
 
 
 BUG_SMAP_NX = """
@@ -858,7 +860,7 @@ BUG_SMAP_NX = """
 
 def test_bug_cr0wp0_smap_makes_nx_page_executable(tmp_path: Path) -> None:
     header, events = parse(BUG_SMAP_NX, tmp_path)
-    differential(header, events, check_findings=False)
+    check_differential(header, events, check_findings=False)
 
 
 def test_bug_cr0wp0_smap_nx_audit(tmp_path: Path) -> None:
