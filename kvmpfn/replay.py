@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from kvmpfn.audit import Auditor
+from kvmpfn.audit.findings import hexs
 from kvmpfn.audit.paranoid import check_mmu_structures
 from kvmpfn.audit.recorded import RecordedChecks
 from kvmpfn.host import Host, HostError
@@ -42,10 +43,6 @@ KVM_MEMORY_SLOTS = 32
 GUEST_STATE = ("paging", "cr0_wp", "efer_nx", "cr4_pse", "cr4_smep", "cr4_smap", "maxphyaddr", "gbpages")
 STORE_OR_FAULT = frozenset({"access", "pf", "write", "pte_write"})
 TDP_GPA_BITS = 48  # a 4-level TDP table maps 48 bits of guest-physical address
-
-
-def hexs(value: int) -> str:
-    return f"{value:#x}"
 
 
 @dataclass

@@ -245,7 +245,6 @@ def fetch(vcpu, kvm, addr: int, walker, user_fault: bool, write_fault: bool, lar
         pfn,
         False,
     )
-    vcpu.fault_sptep = (sp, index)
     return pt_write
 
 

@@ -8,7 +8,6 @@ from kvmpfn.kvm.defs import (
     PAGE_SHIFT,
     PT64_BASE_ADDR_MASK,
     PT_PAGE_SIZE_MASK,
-    PT_PRESENT_MASK,
     PT_WRITABLE_MASK,
     SHADOW_NOTRAP_NONPRESENT_PTE,
     SHADOW_TRAP_NONPRESENT_PTE,
@@ -34,11 +33,6 @@ def is_large_pte(spte: int) -> bool:
 def is_writeble_pte(spte: int) -> bool:
     """``is_writeble_pte`` (the kernel's spelling)."""
     return bool(spte & PT_WRITABLE_MASK)
-
-
-def is_present_pte(pte: int) -> bool:
-    """``is_present_pte``: the P bit of a guest pte or a PAE root entry."""
-    return bool(pte & PT_PRESENT_MASK)
 
 
 def spte_to_pfn(spte: int) -> int:

@@ -132,7 +132,6 @@ class Vcpu:
     fault_gpa: int | None = None
     fault_err: int | None = None
     fault_walker: object = None
-    fault_sptep: tuple | None = None
     fault_ac: bool = False
     # the TDP hardware walk's memo: (gva page, write, user, fetch, ac) -> (ok, gfn or error code)
     walk_cache: dict = field(default_factory=dict)
