@@ -224,9 +224,12 @@ class Replayer:
 
     def do_cr3(self, e: ev.Cr3) -> dict:
         vcpu = self.vcpu(e.vcpu)
-        vcpu.walk_cache.clear()
+        cpu = vcpu.cpu
+        before = (cpu.cr3, cpu.pdptrs)
         if not kvm_set_cr3(vcpu, self.kvm, e.val):
             return {"result": "guest_fault", "vector": "gp"}
+        if (cpu.cr3, cpu.pdptrs) != before:
+            vcpu.walk_cache.clear()  # the memoised walks stay exact across a reload of the same root
         return {"result": "ok"}
 
     def do_paging(self, e: ev.Paging) -> dict:

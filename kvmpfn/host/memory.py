@@ -40,10 +40,13 @@ class Host:
         self.memory_image = memory_image
         self._slots = MemslotTable()
         self._invalidate_hooks: list[InvalidateHook] = []
-        #: gfn -> guest pte size, for the page tables the simulated CPU's walk caches read: a store there
-        #: that does more than set A/D bits calls ``on_watched_write`` (the caches are dropped) first
-        self.watched: dict[int, int] = {}
-        self.on_watched_write: Callable[[], None] | None = None
+        #: guest-pte gpa -> (entry size, the memoised walks that read the entry): a store there that does
+        #: more than set A/D bits passes those walks to ``on_watched_write`` (they are dropped) first
+        self.watched: dict[int, tuple[int, set]] = {}
+        #: gfn -> the page's contents, for reads (a page that reads as zeros is not kept): dropped per gfn when
+        #: a frame is installed behind it, and wholly when memslots change or a vma is unmapped
+        self._page_data: dict[int, bytes | bytearray] = {}
+        self.on_watched_write: Callable[[set], None] | None = None
         # kvm_init: bad_page = alloc_page(GFP_KERNEL | __GFP_ZERO); the allocation's reference is the host's.
         self.bad_pfn = BAD_PFN
         self.frames[BAD_PFN] = Frame(BAD_PFN, host_mapped=True)
@@ -79,6 +82,7 @@ class Host:
         :raises HostError: overlap with another slot, deleting an absent slot, negative ``npages``, an
             unknown backing, or a range outside the 52-bit gpa space.
         """
+        self._page_data.clear()
         dropped = self._slots.set(slot, gfn, npages, backing)
         if dropped is not None:
             self._unmap_window(dropped)
@@ -174,6 +178,8 @@ class Host:
             f.data = bytearray(data[:PAGE_SIZE].ljust(PAGE_SIZE, b"\0"))
         self.frames[pfn] = f
         w.pages[off] = pfn
+        if w.slot is not None:
+            self._page_data.pop(w.slot.window_gfn + off, None)
 
     def _image_page(self, w: HvaWindow, off: int) -> bytes | None:
         ms = w.slot
@@ -186,6 +192,7 @@ class Host:
 
     def _unmap_window(self, w: HvaWindow) -> None:
         """munmap: drop the host's mapping reference of every frame in the window."""
+        self._page_data.clear()
         for pfn in w.pages.values():
             self.frames[pfn].host_mapped = False
             self.free_if_unused(pfn)
@@ -232,6 +239,14 @@ class Host:
     # -- guest-physical memory contents ------------------------------------------------------------------
     def _read_page(self, gfn: int) -> bytes | bytearray | None:
         """The current contents of ``gfn`` without allocating (None: zeros)."""
+        data = self._page_data.get(gfn)
+        if data is None:
+            data = self._page_contents(gfn)
+            if data is not None:
+                self._page_data[gfn] = data
+        return data
+
+    def _page_contents(self, gfn: int) -> bytes | bytearray | None:
         ms = self._slots.gfn_to_memslot(gfn)
         if ms is None:
             return None
@@ -288,30 +303,32 @@ class Host:
             n -= chunk
         return bytes(out)
 
-    def _watched_store(self, gpa: int, size: int, val: int | None) -> None:
-        """A store into a watched page table: drop the walk caches unless it only sets A/D bits (which never
-        change what a walk answers, and which the walker itself writes)."""
-        pte_size = self.watched.get(gpa >> PAGE_SHIFT)
-        if pte_size is None:
-            return
-        if val is not None and size <= 8:
-            old = self.read_guest(gpa, size)
-            changed = old ^ (val & ((1 << (8 * size)) - 1))
-            ad = 0
-            for k in range(size):
-                if (gpa + k) % pte_size == 0:
-                    ad |= 0x60 << (8 * k)
-            if not changed & ~ad and not changed & old:
-                return
-        self.watched.clear()
-        if self.on_watched_write is not None:
-            self.on_watched_write()
+    def _watched_store(self, gpa: int, data: bytes | bytearray) -> None:
+        """A store of ``data`` at ``gpa``: each watched guest pte it overlaps passes its memoised walks to
+        ``on_watched_write``, unless the store only sets that entry's A/D bits (which never change what a walk
+        answers, and which the walker itself writes)."""
+        watched = self.watched
+        end = gpa + len(data)
+        for a in range(gpa & ~7, end, 4):
+            entry = watched.get(a)
+            if entry is None or a + entry[0] <= gpa:
+                continue
+            esize, walks = entry
+            old = self.read_bytes(a, esize)
+            new = bytearray(old)
+            lo, hi = max(gpa, a), min(end, a + esize)
+            new[lo - a : hi - a] = data[lo - gpa : hi - gpa]
+            was, now = int.from_bytes(old, "little"), int.from_bytes(new, "little")
+            if not (was ^ now) & ~0x60 and not was & ~now:
+                continue  # sets A and/or D, nothing else
+            del watched[a]
+            if self.on_watched_write is not None:
+                self.on_watched_write(walks)
 
     def write_bytes(self, gpa: int, data: bytes | bytearray) -> bool:
         """``kvm_write_guest``: store ``data`` at ``gpa``; False if a part fell outside every slot."""
         if self.watched:
-            for gfn in range(gpa >> PAGE_SHIFT, ((gpa + max(len(data), 1) - 1) >> PAGE_SHIFT) + 1):
-                self._watched_store(gfn << PAGE_SHIFT, len(data), None)
+            self._watched_store(gpa, data)
         ok = True
         pos = 0
         while pos < len(data):
@@ -335,7 +352,7 @@ class Host:
         off = gpa & _OFFSET_MASK
         if off + size <= PAGE_SIZE:
             if self.watched:
-                self._watched_store(gpa, size, val)
+                self._watched_store(gpa, data)
             buf = self._write_page(gpa >> PAGE_SHIFT)
             if buf is None:
                 return False

@@ -40,6 +40,9 @@ from kvmpfn.kvm.spte import NOTRAP, TRAP, spte_to_pfn
 from kvmpfn.kvm.vm import Kvm, Vcpu
 from kvmpfn.kvm.walker import GuestCpu, load_pdptrs, walk_addr
 
+#: memoised TDP guest walks between two full flushes (a TLB's capacity, in spirit)
+WALK_MEMO_LIMIT = 1 << 14
+
 ROOT_LEVEL = {"none": 0, "32": PT32_ROOT_LEVEL, "pae": PT32E_ROOT_LEVEL, "64": PT64_ROOT_LEVEL}
 
 
@@ -212,14 +215,9 @@ def shadow_walk(vcpu: Vcpu, kvm: Kvm, addr: int) -> tuple[list[tuple], int]:
         shift -= 9
 
 
-def leaf_allows(cpu: GuestCpu, path: list[tuple], write: bool, user: bool, fetch: bool, ac: bool) -> bool:
-    """The host CPU's permission check over the sptes used (CR0.WP=1, EFER.NX=1, the guest's SMEP/SMAP)."""
-    both = PT_WRITABLE_MASK | PT_USER_MASK
-    nx = 0
-    for sp, index in path:
-        ent = sp.spt[index]
-        both &= ent
-        nx |= ent
+def rights_allow(cpu: GuestCpu, both: int, nx: int, write: bool, user: bool, fetch: bool, ac: bool) -> bool:
+    """The host CPU's permission check (CR0.WP=1, EFER.NX=1, the guest's SMEP/SMAP) given the W and U bits
+    that every spte used has (``both``) and the OR of them all (``nx``: NX in any entry)."""
     if write and not both & PT_WRITABLE_MASK:
         return False
     if user:
@@ -229,6 +227,63 @@ def leaf_allows(cpu: GuestCpu, path: list[tuple], write: bool, user: bool, fetch
     if both & PT_USER_MASK and (cpu.cr4_smep if fetch else cpu.cr4_smap and not ac):
         return False
     return True
+
+
+def leaf_allows(cpu: GuestCpu, path: list[tuple], write: bool, user: bool, fetch: bool, ac: bool) -> bool:
+    """:func:`rights_allow` over the sptes of a :func:`shadow_walk` path."""
+    both = PT_WRITABLE_MASK | PT_USER_MASK
+    nx = 0
+    for sp, index in path:
+        ent = sp.spt[index]
+        both &= ent
+        nx |= ent
+    return rights_allow(cpu, both, nx, write, user, fetch, ac)
+
+
+def host_cpu_hit(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool):
+    """The host CPU's walk of the shadow (or TDP) tables for an access that completes without an exit: the
+    leaf's ``(sp, index, spte)``, A set in every spte used; None when the walk ends on a trap, notrap or
+    absent root, or the sptes deny the access (:func:`guest_access` then takes the exit path). The hot path of
+    every access: one descent, no allocation (:func:`shadow_walk` is the general walk)."""
+    headers = kvm.page_header
+    if vcpu.shadow_root_level == PT32E_ROOT_LEVEL:
+        if addr >> 32:
+            return None
+        root = vcpu.pae_root[(addr >> 30) & 3]
+        if root == INVALID_PAGE or not root & PT_PRESENT_MASK:
+            return None
+        sp = headers[(root & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT]
+        shift = 21
+    else:
+        sp = headers[(vcpu.root_hpa & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT]
+        shift = 3 + 9 * vcpu.shadow_root_level
+    both = PT_WRITABLE_MASK | PT_USER_MASK
+    nx = 0
+    accessed = PT_ACCESSED_MASK
+    while True:
+        index = (addr >> shift) & 511
+        ent = sp.spt[index]
+        if ent == TRAP or ent == NOTRAP:
+            return None
+        both &= ent
+        nx |= ent
+        accessed &= ent
+        if shift == PAGE_SHIFT or ent & PT_PAGE_SIZE_MASK:
+            break
+        sp = headers.get((ent & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT)
+        if sp is None:
+            raise KernelBug(f"shadow walk: entry {ent:#x} is not a table")
+        shift -= 9
+    if kvm.tdp_enabled:
+        if write and not both & PT_WRITABLE_MASK:
+            return None
+    elif not rights_allow(vcpu.cpu, both, nx, write, user, fetch, ac):
+        return None
+    if not accessed:
+        for psp, pindex in shadow_walk(vcpu, kvm, addr)[0]:
+            psp.spt[pindex] |= PT_ACCESSED_MASK
+        ent = sp.spt[index]
+    return sp, index, ent
 
 
 def tdp_allows(path: list[tuple], write: bool) -> bool:
@@ -256,10 +311,9 @@ class AccessOutcome:
     looped: bool = False  # the fault was fixed RETRIES times and the access still exits
 
 
-def leaf_of(path: list[tuple], addr: int) -> tuple[int, int, int]:
-    """(gpa, pfn, spte) of the leaf a walk ended on: the leaf's gfn plus the offset, and the 4K frame reached
-    (for a large spte, its base frame plus the 4K index within)."""
-    sp, index = path[-1]
+def leaf_of(sp, index: int, addr: int) -> tuple[int, int, int]:
+    """(gpa, pfn, spte) of the leaf ``sp.spt[index]`` a walk for ``addr`` ended on: the leaf's gfn plus the
+    offset, and the 4K frame reached (for a large spte, its base frame plus the 4K index within)."""
     spte = sp.spt[index]
     mask = (1 << 21) - 1 if spte & PT_PAGE_SIZE_MASK and sp.level == 2 else 0xFFF
     return (
@@ -272,9 +326,11 @@ def leaf_of(path: list[tuple], addr: int) -> tuple[int, int, int]:
 def hardware_walk(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool):
     """The TDP CPU's walk of the guest's own tables: (ok, gfn or error code, set_accessed, set_dirty).
 
-    A walk that wrote nothing (A, and D for a write, already set; or a fault) is memoised per vcpu, and the
-    memo is dropped as soon as one of the tables it read is stored to, or the vcpu's paging state or the
-    memory map changes, so it always answers what a fresh walk would: an exact stand-in for the TLB.
+    A walk that wrote nothing (A, and D for a write, already set; or a fault) is memoised per vcpu, and each
+    guest pte it read is watched (``Host.watched``): a store to one of them that does more than set A/D drops
+    the walk, as does any change of the vcpu's paging state or of the memory map; so the memo always answers
+    what a fresh walk would, an exact stand-in for the TLB. After :data:`WALK_MEMO_LIMIT` fills everything is
+    dropped, which keeps the memos and the watch sets bounded.
     """
     key = (addr >> PAGE_SHIFT, write, user, fetch, ac)
     hit = vcpu.walk_cache.get(key)
@@ -284,11 +340,19 @@ def hardware_walk(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetc
     ok, w = walk_addr(cpu, kvm.host, addr, write, user, fetch, ac=ac, set_ad=True)
     value = w.gfn if ok else w.error_code
     if not w.set_accessed and w.set_dirty is None:
+        if kvm.walk_fills >= WALK_MEMO_LIMIT:
+            kvm.flush_walk_caches()
+        kvm.walk_fills += 1
         vcpu.walk_cache[key] = (ok, value)
         watched = kvm.host.watched
         size = 4 if cpu.paging == "32" else 8
-        for gfn in w.table_gfn[w.level - 1 :]:
-            watched[gfn] = size
+        dep = (vcpu.vcpu_id, key)
+        for gpa in w.pte_gpa[w.level - 1 :]:
+            entry = watched.get(gpa)
+            if entry is None:
+                watched[gpa] = (size, {dep})
+            else:
+                entry[1].add(dep)
     return ok, value, list(w.set_accessed), w.set_dirty
 
 
@@ -305,10 +369,19 @@ def guest_access(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch
     set_dirty = None
     tdp_addr = addr
     if kvm.tdp_enabled and cpu.paging != "none":
-        ok, value, set_accessed, set_dirty = hardware_walk(vcpu, kvm, addr, write, user, fetch, ac)
+        hit = vcpu.walk_cache.get((addr >> PAGE_SHIFT, write, user, fetch, ac))
+        if hit is None:
+            ok, value, set_accessed, set_dirty = hardware_walk(vcpu, kvm, addr, write, user, fetch, ac)
+        else:
+            ok, value = hit
         if not ok:
             return AccessOutcome("guest_fault", err=value, set_accessed=[])
         tdp_addr = value << PAGE_SHIFT | (addr & 0xFFF)
+    if not vcpu.mmu_reload_requested and vcpu.root_hpa != INVALID_PAGE:
+        leaf = host_cpu_hit(vcpu, kvm, tdp_addr, write, user, fetch, ac)
+        if leaf is not None:
+            leaf_gpa, pfn, spte = leaf_of(*leaf[:2], tdp_addr)
+            return AccessOutcome("hit", leaf_gpa, pfn, spte, set_accessed=set_accessed, set_dirty=set_dirty)
     pte_len = 4 if cpu.paging == "32" else 8
     result = None
     gpa = None
@@ -326,7 +399,7 @@ def guest_access(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch
         ):
             for sp, index in path:
                 sp.spt[index] |= PT_ACCESSED_MASK
-            leaf_gpa, pfn, spte = leaf_of(path, tdp_addr)
+            leaf_gpa, pfn, spte = leaf_of(*path[-1], tdp_addr)
             if result is None:
                 return AccessOutcome("hit", leaf_gpa, pfn, spte, set_accessed=set_accessed, set_dirty=set_dirty)
             return AccessOutcome(result, gpa, pfn, spte, set_accessed=set_accessed, set_dirty=set_dirty)
@@ -349,7 +422,7 @@ def guest_access(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch
     out = AccessOutcome("mapped", gpa, set_accessed=set_accessed, set_dirty=set_dirty, looped=True)
     path, end = shadow_walk(vcpu, kvm, tdp_addr)
     if path and end not in (TRAP, NOTRAP):
-        _, out.pfn, out.spte = leaf_of(path, tdp_addr)
+        _, out.pfn, out.spte = leaf_of(*path[-1], tdp_addr)
     return out
 
 
@@ -368,6 +441,6 @@ def recorded_fault(vcpu: Vcpu, kvm: Kvm, addr: int, err: int) -> AccessOutcome:
     if out.result == "mapped":
         path, end = shadow_walk(vcpu, kvm, addr)
         if path and end not in (TRAP, NOTRAP):
-            _, pfn, spte = leaf_of(path, addr)
+            _, pfn, spte = leaf_of(*path[-1], addr)
             return AccessOutcome("mapped", out.gpa, pfn, spte, set_accessed=sa, set_dirty=out.set_dirty)
     return AccessOutcome(out.result, out.gpa, set_accessed=sa, set_dirty=out.set_dirty)

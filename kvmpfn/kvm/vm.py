@@ -180,13 +180,24 @@ class Kvm:
         # rmap_write_protect: called with None before its 4K loop, then with the frames whose W it cleared
         self.on_write_protect: Callable | None = None
         self.audit_point: Callable | None = None  # kvm_mmu_audit(vcpu, msg) at the kernel's audit points
-        host.on_watched_write = self.flush_walk_caches
+        self.walk_fills = 0  # walks memoised since the last flush_walk_caches
+        host.on_watched_write = self.drop_walks
 
     def flush_walk_caches(self) -> None:
-        """Forget every memoised guest walk (a page table they read was written, or the memory map changed)."""
+        """Forget every memoised guest walk (the paging state or the memory map changed, or the memos grew to
+        :data:`WALK_MEMO_LIMIT` fills)."""
         for vcpu in self.vcpus.values():
             vcpu.walk_cache.clear()
         self.host.watched.clear()
+        self.walk_fills = 0
+
+    def drop_walks(self, walks: set) -> None:
+        """Forget the memoised walks ``{(vcpu_id, key)}`` that read a guest pte just stored to."""
+        vcpus = self.vcpus
+        for vcpu_id, key in walks:
+            vcpu = vcpus.get(vcpu_id)
+            if vcpu is not None:
+                vcpu.walk_cache.pop(key, None)
 
     def consume(self, fault: str) -> bool:
         """Take one injected failure of this kind, if any is pending (TRACE_FORMAT ``inject``)."""
