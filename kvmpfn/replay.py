@@ -42,6 +42,8 @@ from kvmpfn.trace.reader import TraceError, open_trace
 KVM_MEMORY_SLOTS = 32
 GUEST_STATE = ("paging", "cr0_wp", "efer_nx", "cr4_pse", "cr4_smep", "cr4_smap", "maxphyaddr", "gbpages")
 STORE_OR_FAULT = frozenset({"access", "pf", "write", "pte_write"})
+#: what :meth:`Replayer.do_access` returns when no outcome records are written (shared: never mutated)
+RESULT_ONLY = {r: {"result": r} for r in ("hit", "mapped", "mmio", "emulated", "guest_fault", "error")}
 TDP_GPA_BITS = 48  # a 4-level TDP table maps 48 bits of guest-physical address
 
 
@@ -91,10 +93,12 @@ class InternalError(Exception):
 
 
 class Replayer:
-    """One VM and the state of one replay."""
+    """One VM and the state of one replay. ``records``: :meth:`apply` returns whole outcome records (else
+    the ``result`` alone, which is all a replay that writes no records needs)."""
 
-    def __init__(self, header: ev.Header, options: ReplayOptions, memory_image=None) -> None:
+    def __init__(self, header: ev.Header, options: ReplayOptions, memory_image=None, records: bool = True) -> None:
         self.header = header
+        self.records = records
         self.mmu = options.mmu or header.mmu
         self.kernel = options.kernel or header.kernel
         self.options = options
@@ -135,6 +139,8 @@ class Replayer:
             raise InputError(name, f"slot {slot} is not below KVM_MEMORY_SLOTS ({KVM_MEMORY_SLOTS})")
 
     def _check_addr(self, vcpu, addr: int, is_gpa: bool) -> None:
+        if not is_gpa and not addr >> 32:
+            return  # valid in every paging mode
         paging = vcpu.cpu.paging
         if is_gpa:
             limit = min(vcpu.cpu.maxphyaddr, TDP_GPA_BITS)
@@ -175,9 +181,11 @@ class Replayer:
     # -- events ----------------------------------------------------------------------------------------------
 
     def do_access(self, e: ev.Access) -> dict:
-        vcpu = self.vcpu(e.vcpu)
+        vcpu = self.kvm.vcpus.get(e.vcpu) or self.vcpu(e.vcpu)
         self._check_addr(vcpu, e.addr, False)
-        out = guest_access(vcpu, self.kvm, e.addr, bool(e.write), bool(e.user), bool(e.fetch), bool(e.ac))
+        out = guest_access(vcpu, self.kvm, e.addr, e.write, e.user, e.fetch, e.ac, self.records)
+        if not self.records and not out.looped:
+            return RESULT_ONLY[out.result]
         if out.looped:
             self.findings.report(
                 "fault-loop",
@@ -321,12 +329,10 @@ class Replayer:
         f.seq, f.line, f.point = seq, line, op
         kvm, api = self.kvm, self.api
         kvm.consumed_failure = api.consumed_failure = False
-        out = {"seq": seq, "line": line, "op": op}
-        out.update(handler(e))
-        if (kvm.consumed_failure or api.consumed_failure) and op in STORE_OR_FAULT and out["result"] != "error":
-            for key in ("gpa", "pfn", "spte", "err", "set_dirty"):
-                out.pop(key, None)
-            out["result"] = "error"
+        rec = handler(e)
+        if (kvm.consumed_failure or api.consumed_failure) and op in STORE_OR_FAULT and rec["result"] != "error":
+            rec = {k: v for k, v in rec.items() if k not in ("gpa", "pfn", "spte", "err", "set_dirty")}
+            rec["result"] = "error"
         every = self.options.audit_every
         if self.options.paranoid and not self.torn_down:
             self.auditor.full_audit("paranoid")
@@ -335,10 +341,14 @@ class Replayer:
                 raise InternalError("; ".join(problems[:3]))
         elif every and (seq + 1) % every == 0 and not self.torn_down:
             self.auditor.full_audit(f"audit-every {every}")
+        if e.x is not None:
+            self.recorded.observe(e.x)
+        if not self.records:
+            return rec
+        out = {"seq": seq, "line": line, "op": op, **rec}
         if e.t is not None:
             out["t"] = e.t
         if e.x is not None:
-            self.recorded.observe(e.x)
             out["x"] = e.x
         return out
 
@@ -368,7 +378,7 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
             try:
                 image = open_header_memory(reader.header.memory, path)
                 reader.header.guest = guest_from_core(reader.header.guest, image)
-                rp = Replayer(reader.header, options, memory_image=image)
+                rp = Replayer(reader.header, options, memory_image=image, records=emit is not None)
             except (HostError, InputError) as err:
                 raise TraceError(path, reader.header_line, err.message, field=err.field, context="header") from None
             seq = -1

@@ -40,9 +40,10 @@ class Host:
         self.memory_image = memory_image
         self._slots = MemslotTable()
         self._invalidate_hooks: list[InvalidateHook] = []
-        #: guest-pte gpa -> (entry size, the memoised walks that read the entry): a store there that does
-        #: more than set A/D bits passes those walks to ``on_watched_write`` (they are dropped) first
-        self.watched: dict[int, tuple[int, set]] = {}
+        #: guest pte -> the memoised walks that read it, keyed by its gpa (an 8-byte pte) or gpa | 1 (a 4-byte
+        #: one): a store there that does more than set A/D bits passes those walks to ``on_watched_write``
+        #: (they are dropped) first
+        self.watched: dict[int, set] = {}
         #: gfn -> the page's contents, for reads (a page that reads as zeros is not kept): dropped per gfn when
         #: a frame is installed behind it, and wholly when memslots change or a vma is unmapped
         self._page_data: dict[int, bytes | bytearray] = {}
@@ -310,20 +311,20 @@ class Host:
         watched = self.watched
         end = gpa + len(data)
         for a in range(gpa & ~7, end, 4):
-            entry = watched.get(a)
-            if entry is None or a + entry[0] <= gpa:
-                continue
-            esize, walks = entry
-            old = self.read_bytes(a, esize)
-            new = bytearray(old)
-            lo, hi = max(gpa, a), min(end, a + esize)
-            new[lo - a : hi - a] = data[lo - gpa : hi - gpa]
-            was, now = int.from_bytes(old, "little"), int.from_bytes(new, "little")
-            if not (was ^ now) & ~0x60 and not was & ~now:
-                continue  # sets A and/or D, nothing else
-            del watched[a]
-            if self.on_watched_write is not None:
-                self.on_watched_write(walks)
+            for key, esize in ((a, 8), (a | 1, 4)):
+                walks = watched.get(key)
+                if walks is None or a + esize <= gpa:
+                    continue
+                old = self.read_bytes(a, esize)
+                new = bytearray(old)
+                lo, hi = max(gpa, a), min(end, a + esize)
+                new[lo - a : hi - a] = data[lo - gpa : hi - gpa]
+                was, now = int.from_bytes(old, "little"), int.from_bytes(new, "little")
+                if not (was ^ now) & ~0x60 and not was & ~now:
+                    continue  # sets A and/or D, nothing else
+                del watched[key]
+                if self.on_watched_write is not None:
+                    self.on_watched_write(walks)
 
     def write_bytes(self, gpa: int, data: bytes | bytearray) -> bool:
         """``kvm_write_guest``: store ``data`` at ``gpa``; False if a part fell outside every slot."""

@@ -323,6 +323,11 @@ def leaf_of(sp, index: int, addr: int) -> tuple[int, int, int]:
     )
 
 
+def walk_key(addr: int, write: bool, user: bool, fetch: bool, ac: bool) -> int:
+    """The walk memo's key: the gva page and the access kind."""
+    return addr >> PAGE_SHIFT << 4 | write << 3 | user << 2 | fetch << 1 | ac
+
+
 def hardware_walk(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool):
     """The TDP CPU's walk of the guest's own tables: (ok, gfn or error code, set_accessed, set_dirty).
 
@@ -332,7 +337,7 @@ def hardware_walk(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetc
     what a fresh walk would, an exact stand-in for the TLB. After :data:`WALK_MEMO_LIMIT` fills everything is
     dropped, which keeps the memos and the watch sets bounded.
     """
-    key = (addr >> PAGE_SHIFT, write, user, fetch, ac)
+    key = walk_key(addr, write, user, fetch, ac)
     hit = vcpu.walk_cache.get(key)
     if hit is not None:
         return hit[0], hit[1], [], None
@@ -345,31 +350,34 @@ def hardware_walk(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetc
         kvm.walk_fills += 1
         vcpu.walk_cache[key] = (ok, value)
         watched = kvm.host.watched
-        size = 4 if cpu.paging == "32" else 8
+        tag = 1 if cpu.paging == "32" else 0  # Host.watched keys a 4-byte pte by gpa | 1
         dep = (vcpu.vcpu_id, key)
         for gpa in w.pte_gpa[w.level - 1 :]:
-            entry = watched.get(gpa)
-            if entry is None:
-                watched[gpa] = (size, {dep})
+            walks = watched.get(gpa | tag)
+            if walks is None:
+                watched[gpa | tag] = {dep}
             else:
-                entry[1].add(dep)
+                walks.add(dep)
     return ok, value, list(w.set_accessed), w.set_dirty
 
 
-def guest_access(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool) -> AccessOutcome:
+def guest_access(
+    vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool, detail: bool = True
+) -> AccessOutcome:
     """One guest memory access on the simulated CPU (TRACE_FORMAT "The simulated CPU").
 
     Shadow: walk the sptes; a hit sets A in the sptes used; trap or a denying spte exits to
     ``kvm_mmu_page_fault`` and the access is retried; notrap or an absent PAE root is a guest #PF without an
     exit. TDP: the guest walk runs in hardware (guest A/D written directly), then the gpa goes through the
     TDP tables, a miss or a denial being a TDP fault on the gpa. Paging off: the address is the gpa.
+    ``detail=False``: a hit's outcome carries its result only (no outcome record will be written).
     """
     cpu = vcpu.cpu
     set_accessed: list = []
     set_dirty = None
     tdp_addr = addr
     if kvm.tdp_enabled and cpu.paging != "none":
-        hit = vcpu.walk_cache.get((addr >> PAGE_SHIFT, write, user, fetch, ac))
+        hit = vcpu.walk_cache.get(addr >> PAGE_SHIFT << 4 | write << 3 | user << 2 | fetch << 1 | ac)  # walk_key
         if hit is None:
             ok, value, set_accessed, set_dirty = hardware_walk(vcpu, kvm, addr, write, user, fetch, ac)
         else:
@@ -380,6 +388,8 @@ def guest_access(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch
     if not vcpu.mmu_reload_requested and vcpu.root_hpa != INVALID_PAGE:
         leaf = host_cpu_hit(vcpu, kvm, tdp_addr, write, user, fetch, ac)
         if leaf is not None:
+            if not detail:
+                return AccessOutcome("hit")
             leaf_gpa, pfn, spte = leaf_of(*leaf[:2], tdp_addr)
             return AccessOutcome("hit", leaf_gpa, pfn, spte, set_accessed=set_accessed, set_dirty=set_dirty)
     pte_len = 4 if cpu.paging == "32" else 8

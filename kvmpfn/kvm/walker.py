@@ -340,6 +340,7 @@ def _walk_once(
         masks = tuple((0, None if large is None else 0) for _nonleaf, large in masks)
     n = mode.root_level
     w = GuestWalker(n, 0, ACC_ALL, ACC_ALL, [0] * n, [0] * n, [0] * n, [0] * n)
+    table_gfns, pte_gpas, ptes, access_at = w.table_gfn, w.pte_gpa, w.ptes, w.access_at
     level = n
     pte = cpu.cr3
     if mode.ps[n - 1] == PS_PDPTE:
@@ -348,30 +349,36 @@ def _walk_once(
         index = (addr >> 30) & 3
         pte = cpu.pdptrs[index]
         pdpt = cpu.cr3 & PT32E_PDPT_ADDR_MASK
-        w.table_gfn[n - 1] = pdpt >> PAGE_SHIFT
-        w.pte_gpa[n - 1] = pdpt + 8 * index
-        w.ptes[n - 1] = pte
-        w.access_at[n - 1] = ACC_ALL
-        if not is_present_pte(pte):
+        table_gfns[n - 1] = pdpt >> PAGE_SHIFT
+        pte_gpas[n - 1] = pdpt + 8 * index
+        ptes[n - 1] = pte
+        access_at[n - 1] = ACC_ALL
+        if not pte & PT_PRESENT_MASK:
             w.error_code = code
             return False, w
         level -= 1
-    index_mask = (1 << mode.level_bits) - 1
+    # the hot loop: _gpte_to_gfn_lvl, is_present_pte and gpte_access written out
+    read_guest = mem.read_guest
+    level_bits, pte_size = mode.level_bits, mode.pte_size
+    table_mask = mode.base_addr_mask & ~((1 << PAGE_SHIFT) - 1)
+    index_mask = (1 << level_bits) - 1
+    no_exec = cpu.efer_nx and mode.has_nx  # gpte NX takes ACC_EXEC away
     pt_access = ACC_ALL
     while True:
-        shift = PAGE_SHIFT + mode.level_bits * (level - 1)
-        table_gfn = _gpte_to_gfn_lvl(mode, pte, PT_PAGE_TABLE_LEVEL)
-        pte_gpa = (table_gfn << PAGE_SHIFT) + ((addr >> shift) & index_mask) * mode.pte_size
+        shift = PAGE_SHIFT + level_bits * (level - 1)
+        table_gfn = (pte & table_mask) >> PAGE_SHIFT
+        pte_gpa = (table_gfn << PAGE_SHIFT) + ((addr >> shift) & index_mask) * pte_size
+        i = level - 1
         w.level = level
-        w.table_gfn[level - 1] = table_gfn
-        w.pte_gpa[level - 1] = pte_gpa
-        pte = mem.read_guest(pte_gpa, mode.pte_size)
-        w.ptes[level - 1] = pte
-        if not is_present_pte(pte):
+        table_gfns[i] = table_gfn
+        pte_gpas[i] = pte_gpa
+        pte = read_guest(pte_gpa, pte_size)
+        ptes[i] = pte
+        if not pte & PT_PRESENT_MASK:
             w.pt_access = w.pte_access = pt_access
             w.error_code = code
             return False, w
-        rsvd, rsvd_large = masks[level - 1]
+        rsvd, rsvd_large = masks[i]
         large = rsvd_large is not None and bool(pte & PT_PAGE_SIZE_MASK)
         if large:
             rsvd = rsvd_large  # type: ignore[assignment]
@@ -379,11 +386,14 @@ def _walk_once(
             w.pt_access = w.pte_access = pt_access
             w.error_code = PFERR_PRESENT_MASK | PFERR_RSVD_MASK | code
             return False, w
-        pte_access = pt_access & gpte_access(cpu, pte)
-        w.access_at[level - 1] = pte_access
+        access = (pte & (PT_WRITABLE_MASK | PT_USER_MASK)) | ACC_EXEC_MASK
+        if no_exec and pte & PT64_NX_MASK:
+            access &= ~ACC_EXEC_MASK
+        pte_access = pt_access & access
+        access_at[i] = pte_access
         w.pt_access, w.pte_access = pt_access, pte_access
         if level == PT_PAGE_TABLE_LEVEL:
-            w.gfn = _gpte_to_gfn_lvl(mode, pte, PT_PAGE_TABLE_LEVEL)
+            w.gfn = (pte & table_mask) >> PAGE_SHIFT
             break
         if large:
             w.gfn = _gpte_to_gfn_lvl(mode, pte, level) + ((addr & ((1 << shift) - 1)) >> PAGE_SHIFT)
