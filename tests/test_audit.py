@@ -554,6 +554,28 @@ def test_large_shadow_spte_permissions_are_checked():
     assert (f["addr"], f["level"]) == ("0x200000", 2)
 
 
+@pytest.mark.parametrize(("addr", "level"), [(0x205000, 2), (0x5000, 1)])
+def test_notifier_stale_spte_found_without_the_rmaps(addr, level):
+    """I10 after each kvm_unmap_hva: the leaves of the gfn are found through the ledger, not through the rmaps
+    the MMU used. A remap with intact rmaps is clean; one whose leaf was taken out of its rmap (so that
+    kvm_unmap_hva cannot find it) is reported once, as the leaf's gfn and level, with its reference."""
+    g = Guest(mmu="tdp", paging="none", kernel="notifier", slots=((0, 0, 512, "ram"), HUGE))
+    gfn = addr >> 12
+    g.access(addr, write=True)
+    g.do("host_remap", gfn=gfn)
+    assert g.findings == []
+    g.access(addr, write=True)
+    sp, index = g.leaf(addr)
+    assert sp.level == level
+    table, key = (g.kvm.rmap_pde, gfn >> 9) if level == 2 else (g.kvm.rmap, gfn)
+    del table[key]  # CORRUPT: the leaf is in no rmap
+    g.do("host_remap", gfn=gfn)
+    f = assert_only(g.findings, "notifier-stale-spte")
+    leaf_gfn = gfn & ~511 if level == 2 else gfn
+    assert (f["gfn"], f["level"], f["point"]) == (hex(leaf_gfn), level, "host_remap")
+    assert f["provenance"][0]["caller"] == "tdp_page_fault" and "owner" in f["provenance"][0]
+
+
 # --- the kernel's audit points ------------------------------------------------------------------------------
 
 

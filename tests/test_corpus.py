@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvmpfn.kvm.bugs import BUGS
-from kvmpfn.mutants import compare, mutants, parse_options, run_trace
+from kvmpfn.mutants import compare, parse_options, run_trace
 from kvmpfn.replay import ReplayOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +47,7 @@ KILLS = {
     "double-release": ("mutants/cr0wp-toggle.jsonl", {"refcount-underflow": 1}),
     "error-pfn-no-release": ("mutants/mmio-outside-slots.jsonl", {"refcount-leak": 1}),
     "fetch-bailout-parent": ("findings/parent-link.jsonl", {"parent-link": 1}),
+    "handle-hva-unaligned": ("mutants/hva-unaligned-slot.jsonl", {"notifier-stale-spte": 1}),
     "large-spte-remove-order": ("findings/rmap-mismatch.jsonl", {"refcount-leak": 1, "rmap-mismatch": 1}),
     "memslot-delete-no-flush": ("mutants/memslot-delete-notifier.jsonl", {"spte-without-memslot": 1}),
     "no-rsvd-check": ("mutants/nx-reserved.jsonl", {"spte-hpa-mismatch": 1}),
@@ -66,13 +67,10 @@ KILLS = {
         {"fault-loop": 1, "refcount-leak": 1, "rmap-mismatch": 3},
     ),
 }
-# Whole-2 MiB invalidations reach the right region from some of their pages whatever the index, so the wrong
-# index only over-zaps: the outcome records change, no invariant breaks (see the trace's header comment).
-BLIND_SPOTS = {"handle-hva-unaligned": "mutants/hva-unaligned-slot.jsonl"}
 
 
-def test_every_bug_is_in_one_table():
-    assert set(KILLS) | set(BLIND_SPOTS) == set(BUGS)
+def test_every_bug_has_its_killing_trace():
+    assert set(KILLS) == set(BUGS)
 
 
 @pytest.mark.parametrize("bug", sorted(KILLS))
@@ -90,12 +88,15 @@ def test_mutant_produces_its_exact_finding_on_its_trace(bug: str):
     assert got == delta
 
 
-def test_the_corpus_kills_every_bug_but_the_documented_blind_spot():
-    results = {r.name: r for r in mutants(corpus(), sorted(BUGS), ReplayOptions(), jobs=2)}
-    assert {name for name, r in results.items() if r.verdict == "killed"} == set(KILLS)
-    for name, rel in BLIND_SPOTS.items():
-        assert results[name].verdict == "blind spot"
-        assert results[name].changed == [f"traces/{rel}"]
+def test_the_corpus_kills_every_bug():
+    """Issue #7's gate: `kvmpfn mutants traces/ --require-all` exits 0, every mutant killed by its trace."""
+    proc = kvmpfn("mutants", "traces/", "--require-all", "--jobs", "2", "--format", "json")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["summary"] == {"mutants": len(BUGS), "killed": len(BUGS), "score": f"{len(BUGS)}/{len(BUGS)}"}
+    for result in doc["mutants"]:
+        rel, delta = KILLS[result["bug"]]
+        assert {"trace": f"traces/{rel}", "codes": delta} in result["killed_by"], result["bug"]
 
 
 def test_page_and_pfn_behave_identically():
@@ -126,6 +127,8 @@ def test_notifier_zaps_on_host_remap_and_slot_deletion():
         f"traces/{rel}"
         for rel in (
             "findings/mmu-page-accounting.jsonl",  # notifier's slot deletion zaps all before the budget shrinks
+            "findings/notifier-stale-spte-clean.jsonl",
+            "findings/notifier-stale-spte.jsonl",
             "findings/spte-hpa-mismatch.jsonl",
             "findings/spte-without-memslot-clean.jsonl",
             "findings/spte-without-memslot.jsonl",

@@ -207,9 +207,14 @@ def test_codes_table_is_trace_formats():
     if shared.is_file():  # the findings table of the contract itself, when this machine has it
         table = shared.read_text().split("## Findings", 1)[1].split("\n## ", 1)[0]
         contract = re.findall(r"^\| `([a-z0-9-]+)` \|", table, re.M)
-        # the contract's codes first, in its order; then kvmpfn's own (fault-loop, recorded-*)
+        # the contract's codes first, in its order; then kvmpfn's own (fault-loop, notifier-stale-spte, recorded-*)
         assert ALL_CODES[: len(contract)] == contract
-        assert ALL_CODES[len(contract) :] == ["fault-loop", "recorded-spte-mismatch", "recorded-spte-pfn-change"]
+        assert ALL_CODES[len(contract) :] == [
+            "fault-loop",
+            "notifier-stale-spte",
+            "recorded-spte-mismatch",
+            "recorded-spte-pfn-change",
+        ]
 
 
 # -- JUnit -------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The auditor: the reference ledger plus the ported audit checks, run at audit points (reference §3, §6)."""
+"""The auditor: the reference ledger plus the ported audit checks, run at audit points (reference §3, §6), and
+the notifier check (I10) after each ``kvm_unmap_hva``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from kvmpfn.audit.checks import (
     check_memslots,
     check_parent_links,
     check_refcounts,
+    check_unmapped_hva,
     check_write_count,
 )
 from kvmpfn.audit.findings import CODES, Findings
@@ -22,7 +24,8 @@ __all__ = ["CODES", "Auditor", "Findings", "RefLedger"]
 
 
 class Auditor:
-    """Attaches a ledger to the pfn API and the rmap, and runs ``kvm_mmu_audit`` at the points asked for."""
+    """Attaches a ledger to the pfn API and the rmap, checks each ``kvm_unmap_hva``, and runs ``kvm_mmu_audit``
+    at the points asked for."""
 
     def __init__(self, kvm, *, kernel_points: bool = False) -> None:
         self.kvm = kvm
@@ -33,8 +36,13 @@ class Auditor:
         kvm.on_rmap_add = self.ledger.rmap_add
         kvm.on_rmap_remove = self.ledger.rmap_remove
         kvm.on_write_protect = self.ledger.write_protect
+        kvm.on_unmap_hva = self.unmapped_hva
         if kernel_points:
             kvm.audit_point = self.kvm_mmu_audit
+
+    def unmapped_hva(self, hva: int, gfn: int) -> None:
+        """After each ``kvm_unmap_hva``: no present leaf maps the gfn behind hva any more (I10)."""
+        check_unmapped_hva(self.kvm, self.ledger, self.findings, hva, gfn)
 
     def kvm_mmu_audit(self, vcpu, msg: str) -> None:
         """``kvm_mmu_audit(vcpu, msg)`` at the kernel's own points. ``pre pte write`` skips the mapping check

@@ -417,6 +417,37 @@ def check_dirty_log(kvm, findings) -> None:
             )
 
 
+def check_unmapped_hva(kvm, ledger, findings, hva: int, gfn: int) -> None:
+    """I10, after each ``kvm_unmap_hva(hva)`` (all of ``invalidate_page``, one page of
+    ``invalidate_range_start``): no present leaf, 4K or large, maps ``gfn``, the gfn behind hva, whose frame
+    the host is about to free. Guards ``kvm_unmap_hva`` / ``kvm_handle_hva`` (reference §2.17, §5.14).
+
+    The leaves are not looked up in the rmaps ``kvm_unmap_hva`` just used (a wrong rmap index would hide them):
+    every present leaf of a refcounted frame owns one reference (I1), bound to it in the ledger when
+    ``rmap_add`` installed it, and the host moves only refcounted frames. So the candidates are the owners of
+    the references on gfn's frame and on its 2 MiB head frame (a large leaf's), each read back from its shadow
+    page: O(references on two frames) per call.
+    """
+    large_gfn = gfn & ~(KVM_PAGES_PER_HPAGE - 1)
+    pfns = {kvm.host.peek_pfn(gfn), kvm.host.peek_pfn(large_gfn)} - {None}
+    owned = [ref for pfn in sorted(pfns) for ref in ledger.refs.get(pfn, ()) if ref.owner is not None]
+    for ref in owned:
+        sp, index = ref.owner
+        spte = sp.spt[index]
+        leaf_gfn = gfn if sp.level == 1 else large_gfn
+        live = kvm.active_mmu_pages.get(sp.id) is sp
+        if live and is_shadow_present_pte(spte) and is_last_spte(spte, sp.level) and sp.gfns[index] == leaf_gfn:
+            findings.report(
+                "notifier-stale-spte",
+                f"after kvm_unmap_hva({hva:#x}) a present level-{sp.level} leaf still maps gfn {gfn:#x}",
+                ("gfn", leaf_gfn, sp.level),
+                [ref.provenance()],
+                gfn=leaf_gfn,
+                level=sp.level,
+                spte=spte,
+            )
+
+
 def check_refcounts(kvm, ledger, findings, in_flight: Counter) -> None:
     """I1: every reference KVM holds is owned by a present leaf mapping that frame, or is in flight at this
     audit point (``in_flight``: frame -> references allowed without an owner)."""
@@ -458,5 +489,6 @@ __all__ = [
     "check_memslots",
     "check_parent_links",
     "check_refcounts",
+    "check_unmapped_hva",
     "check_write_count",
 ]

@@ -27,6 +27,7 @@ CODES = (
     "mmu-page-accounting",
     "dirty-lost",
     "fault-loop",
+    "notifier-stale-spte",
     "recorded-spte-mismatch",
     "recorded-spte-pfn-change",
 )

@@ -727,7 +727,10 @@ def kvm_mmu_slot_remove_write_access(kvm: Kvm, slot: int) -> None:
 def kvm_unmap_hva(kvm: Kvm, hva: int) -> bool:
     """``kvm_unmap_hva`` via ``kvm_handle_hva``: unmap the 4K rmap and the 2 MiB rmap of the gfn behind hva in
     every slot that maps it. ``--bug handle-hva-unaligned`` indexes the 2 MiB rmap relative to the slot
-    start (``(gfn - base_gfn) / 512``, §5.14) instead of by region."""
+    start (``(gfn - base_gfn) / 512``, §5.14) instead of by region.
+
+    The caller relies on no present leaf, 4K or large, mapping that gfn afterwards (I10); the auditor is told
+    of each call (``on_unmap_hva``) and checks it."""
     gfn = kvm.host.hva_to_gfn(hva)
     if gfn is None:
         return False
@@ -739,6 +742,8 @@ def kvm_unmap_hva(kvm: Kvm, hva: int) -> bool:
     else:
         region = gfn // KVM_PAGES_PER_HPAGE
     flush |= kvm_unmap_rmapp(kvm, kvm.rmap_pde, region)
+    if kvm.on_unmap_hva is not None:
+        kvm.on_unmap_hva(hva, gfn)
     return flush
 
 

@@ -179,6 +179,8 @@ class Kvm:
         self.on_rmap_remove: Callable | None = None
         # rmap_write_protect: called with None before its 4K loop, then with the frames whose W it cleared
         self.on_write_protect: Callable | None = None
+        # kvm_unmap_hva: called with (hva, gfn) after each call, so the auditor can check I10
+        self.on_unmap_hva: Callable | None = None
         self.audit_point: Callable | None = None  # kvm_mmu_audit(vcpu, msg) at the kernel's audit points
         self.walk_fills = 0  # walks memoised since the last flush_walk_caches
         host.on_watched_write = self.drop_walks

@@ -104,6 +104,12 @@ CODES: dict[str, Code] = {
         "Recorded traces: at least 8 consecutive faults on one vcpu at one address with no spte set, changed "
         "or zapped for it in between (kvmpfn/audit/recorded.py).",
     ),
+    "notifier-stale-spte": Code(
+        "gfn, level",
+        "After kvm_unmap_hva a present leaf still maps the gfn behind the hva.",
+        "After kvm_unmap_hva(hva) (all of invalidate_page, one page of invalidate_range_start) a present leaf, "
+        "4K or large, still maps the gfn behind hva, whose frame the host is about to free (I10).",
+    ),
     "recorded-spte-mismatch": Code(
         "gfn",
         "A recorded kvm_mmu_set_spte installed another frame than the one requested.",
