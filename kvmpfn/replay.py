@@ -237,12 +237,12 @@ class Replayer:
         if not kvm_set_cr3(vcpu, self.kvm, e.val):
             return {"result": "guest_fault", "vector": "gp"}
         if (cpu.cr3, cpu.pdptrs) != before:
-            vcpu.walk_cache.clear()  # the memoised walks stay exact across a reload of the same root
+            self.kvm.flush_vcpu_walks(vcpu)  # the memoised walks stay exact across a reload of the same root
         return {"result": "ok"}
 
     def do_paging(self, e: ev.Paging) -> dict:
         vcpu = self.vcpu(e.vcpu)
-        vcpu.walk_cache.clear()
+        self.kvm.flush_vcpu_walks(vcpu)
         cpu = vcpu.cpu
         if e.paging == "pae" and cpu.paging != "pae":
             pdptrs = load_pdptrs(cpu.cr3, self.host, e.maxphyaddr or cpu.maxphyaddr)
@@ -258,7 +258,7 @@ class Replayer:
             # CPUID is the VM's (QEMU gives every vcpu the same): the change reaches every vcpu and later ones
             for other in self.kvm.vcpus.values():
                 other.cpu.maxphyaddr, other.cpu.gbpages = cpu.maxphyaddr, cpu.gbpages
-                other.walk_cache.clear()
+                self.kvm.flush_vcpu_walks(other)
             self.cpuid = (cpu.maxphyaddr, cpu.gbpages)
             # a CPUID change: what a guest pte may hold changed for every shadow page (later kernels zap the
             # MMU after KVM_SET_CPUID)

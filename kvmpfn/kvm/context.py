@@ -6,12 +6,14 @@ faults (TRACE_FORMAT "The simulated CPU"). Reference §2.1, §2.13.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 
 from kvmpfn.kvm.defs import (
     INVALID_PAGE,
     PAGE_SHIFT,
     PFERR_FETCH_MASK,
     PFERR_PRESENT_MASK,
+    PFERR_RSVD_MASK,
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
     PT32_ROOT_LEVEL,
@@ -20,6 +22,7 @@ from kvmpfn.kvm.defs import (
     PT64_NX_MASK,
     PT64_ROOT_LEVEL,
     PT_ACCESSED_MASK,
+    PT_DIRTY_MASK,
     PT_PAGE_SIZE_MASK,
     PT_PRESENT_MASK,
     PT_USER_MASK,
@@ -38,9 +41,9 @@ from kvmpfn.kvm.pte_write import kvm_mmu_pte_write
 from kvmpfn.kvm.rmap import KernelBug
 from kvmpfn.kvm.spte import NOTRAP, TRAP, spte_to_pfn
 from kvmpfn.kvm.vm import Kvm, Vcpu
-from kvmpfn.kvm.walker import GuestCpu, load_pdptrs, walk_addr
+from kvmpfn.kvm.walker import GuestCpu, load_pdptrs, permission_fault, walk_addr
 
-#: memoised TDP guest walks between two full flushes (a TLB's capacity, in spirit)
+#: memoised TDP guest walks per vcpu (a TLB's capacity, in spirit)
 WALK_MEMO_LIMIT = 1 << 14
 
 ROOT_LEVEL = {"none": 0, "32": PT32_ROOT_LEVEL, "pae": PT32E_ROOT_LEVEL, "64": PT64_ROOT_LEVEL}
@@ -323,42 +326,69 @@ def leaf_of(sp, index: int, addr: int) -> tuple[int, int, int]:
     )
 
 
-def walk_key(addr: int, write: bool, user: bool, fetch: bool, ac: bool) -> int:
-    """The walk memo's key: the gva page and the access kind."""
-    return addr >> PAGE_SHIFT << 4 | write << 3 | user << 2 | fetch << 1 | ac
-
-
 def hardware_walk(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool):
     """The TDP CPU's walk of the guest's own tables: (ok, gfn or error code, set_accessed, set_dirty).
 
-    A walk that wrote nothing (A, and D for a write, already set; or a fault) is memoised per vcpu, and each
-    guest pte it read is watched (``Host.watched``): a store to one of them that does more than set A/D drops
-    the walk, as does any change of the vcpu's paging state or of the memory map; so the memo always answers
-    what a fresh walk would, an exact stand-in for the TLB. After :data:`WALK_MEMO_LIMIT` fills everything is
-    dropped, which keeps the memos and the watch sets bounded.
+    What a walk found for a gva page is memoised per vcpu (:func:`walk_memo_answer` judges any access kind
+    from it) when it leaves every entry it used with A set: a leaf reached (gfn, rights, D), or a non-present or
+    reserved entry (the error code without the access bits). Each guest pte the walk read is watched
+    (``Host.watched``): a store to one of them that does more than set A/D drops the memo, as does any change
+    of the vcpu's paging state or of the memory map; so the memo always answers what a fresh walk would, an
+    exact stand-in for the TLB. A full memo forgets its older half (:data:`WALK_MEMO_LIMIT`).
     """
-    key = walk_key(addr, write, user, fetch, ac)
-    hit = vcpu.walk_cache.get(key)
+    page = addr >> PAGE_SHIFT
+    memo = vcpu.walk_cache
+    hit = memo.get(page)
     if hit is not None:
-        return hit[0], hit[1], [], None
+        answer = walk_memo_answer(vcpu.cpu, hit, write, user, fetch, ac)
+        if answer is not None:
+            return answer[0], answer[1], [], None
     cpu = vcpu.cpu
     ok, w = walk_addr(cpu, kvm.host, addr, write, user, fetch, ac=ac, set_ad=True)
     value = w.gfn if ok else w.error_code
-    if not w.set_accessed and w.set_dirty is None:
-        if kvm.walk_fills >= WALK_MEMO_LIMIT:
-            kvm.flush_walk_caches()
-        kvm.walk_fills += 1
-        vcpu.walk_cache[key] = (ok, value)
-        watched = kvm.host.watched
-        tag = 1 if cpu.paging == "32" else 0  # Host.watched keys a 4-byte pte by gpa | 1
-        dep = (vcpu.vcpu_id, key)
-        for gpa in w.pte_gpa[w.level - 1 :]:
-            walks = watched.get(gpa | tag)
-            if walks is None:
-                watched[gpa | tag] = {dep}
-            else:
-                walks.add(dep)
+    lvl = w.level - 1
+    if ok:
+        top = len(w.ptes) - (cpu.paging == "pae")  # the PDPTE registers have no A bit
+        if all(pte & PT_ACCESSED_MASK for pte in w.ptes[lvl:top]):
+            remember_walk(vcpu, kvm, page, (w.gfn, w.pte_access, w.ptes[lvl] & PT_DIRTY_MASK, None), w.pte_gpa[lvl:])
+    elif not value & PFERR_PRESENT_MASK or value & PFERR_RSVD_MASK:
+        remember_walk(vcpu, kvm, page, (0, 0, 0, value & (PFERR_PRESENT_MASK | PFERR_RSVD_MASK)), w.pte_gpa[lvl:])
     return ok, value, list(w.set_accessed), w.set_dirty
+
+
+def walk_memo_answer(cpu: GuestCpu, hit: tuple, write: bool, user: bool, fetch: bool, ac: bool):
+    """What ``walk_addr`` would answer for this access from a memoised walk ``(gfn, pte_access, dirty,
+    fault bits or None, ptes read)``: (True, gfn), (False, error code), or None when the walk would write D
+    (a write to a clean leaf) and must run."""
+    gfn, access, dirty, fault, _ptes = hit
+    if fault is not None:
+        return False, fault | guest_error_code(cpu, False, write, user, fetch)
+    if permission_fault(cpu, access, write, user, fetch, ac):
+        return False, guest_error_code(cpu, True, write, user, fetch)
+    if write and not dirty:
+        return None
+    return True, gfn
+
+
+def remember_walk(vcpu: Vcpu, kvm: Kvm, page: int, found: tuple, pte_gpas: list[int]) -> None:
+    """Memoise ``found`` for gva ``page`` and watch the guest ptes the walk read (see :func:`hardware_walk`)."""
+    memo = vcpu.walk_cache
+    if page in memo:
+        kvm.forget_walk(vcpu, page)
+    elif len(memo) >= WALK_MEMO_LIMIT:
+        for old in list(islice(memo, WALK_MEMO_LIMIT // 2)):
+            kvm.forget_walk(vcpu, old)
+    tag = 1 if vcpu.cpu.paging == "32" else 0  # Host.watched keys a 4-byte pte by gpa | 1
+    ptes = tuple(gpa | tag for gpa in pte_gpas)
+    memo[page] = (*found, ptes)
+    watched = kvm.host.watched
+    dep = (vcpu.vcpu_id, page)
+    for pte in ptes:
+        walks = watched.get(pte)
+        if walks is None:
+            watched[pte] = {dep}
+        else:
+            walks.add(dep)
 
 
 def guest_access(
@@ -377,11 +407,7 @@ def guest_access(
     set_dirty = None
     tdp_addr = addr
     if kvm.tdp_enabled and cpu.paging != "none":
-        hit = vcpu.walk_cache.get(addr >> PAGE_SHIFT << 4 | write << 3 | user << 2 | fetch << 1 | ac)  # walk_key
-        if hit is None:
-            ok, value, set_accessed, set_dirty = hardware_walk(vcpu, kvm, addr, write, user, fetch, ac)
-        else:
-            ok, value = hit
+        ok, value, set_accessed, set_dirty = hardware_walk(vcpu, kvm, addr, write, user, fetch, ac)
         if not ok:
             return AccessOutcome("guest_fault", err=value, set_accessed=[])
         tdp_addr = value << PAGE_SHIFT | (addr & 0xFFF)

@@ -133,7 +133,7 @@ class Vcpu:
     fault_err: int | None = None
     fault_walker: object = None
     fault_ac: bool = False
-    # the TDP hardware walk's memo: (gva page, write, user, fetch, ac) -> (ok, gfn or error code)
+    # the TDP hardware walk's memo, oldest first: gva page -> (gfn, rights, D, fault bits, Host.watched keys)
     walk_cache: dict = field(default_factory=dict)
 
 
@@ -182,16 +182,35 @@ class Kvm:
         # kvm_unmap_hva: called with (hva, gfn) after each call, so the auditor can check I10
         self.on_unmap_hva: Callable | None = None
         self.audit_point: Callable | None = None  # kvm_mmu_audit(vcpu, msg) at the kernel's audit points
-        self.walk_fills = 0  # walks memoised since the last flush_walk_caches
         host.on_watched_write = self.drop_walks
 
     def flush_walk_caches(self) -> None:
-        """Forget every memoised guest walk (the paging state or the memory map changed, or the memos grew to
-        :data:`WALK_MEMO_LIMIT` fills)."""
+        """Forget every memoised guest walk (the memory map changed)."""
         for vcpu in self.vcpus.values():
             vcpu.walk_cache.clear()
         self.host.watched.clear()
-        self.walk_fills = 0
+
+    def flush_vcpu_walks(self, vcpu: Vcpu) -> None:
+        """Forget ``vcpu``'s memoised walks (its paging state changed)."""
+        for key in list(vcpu.walk_cache):
+            self.forget_walk(vcpu, key)
+
+    def forget_walk(self, vcpu: Vcpu, key: int) -> None:
+        """Drop one memoised walk and its watch on each guest pte it read (``Host.watched``)."""
+        entry = vcpu.walk_cache.pop(key, None)
+        if entry is not None:
+            self.unwatch_walk(vcpu, key, entry)
+
+    def unwatch_walk(self, vcpu: Vcpu, key: int, entry: tuple) -> None:
+        """Remove the watches of a memoised walk that was just dropped."""
+        watched = self.host.watched
+        dep = (vcpu.vcpu_id, key)
+        for pte in entry[-1]:
+            walks = watched.get(pte)
+            if walks is not None:
+                walks.discard(dep)
+                if not walks:
+                    del watched[pte]
 
     def drop_walks(self, walks: set) -> None:
         """Forget the memoised walks ``{(vcpu_id, key)}`` that read a guest pte just stored to."""
@@ -199,7 +218,7 @@ class Kvm:
         for vcpu_id, key in walks:
             vcpu = vcpus.get(vcpu_id)
             if vcpu is not None:
-                vcpu.walk_cache.pop(key, None)
+                self.forget_walk(vcpu, key)
 
     def consume(self, fault: str) -> bool:
         """Take one injected failure of this kind, if any is pending (TRACE_FORMAT ``inject``)."""

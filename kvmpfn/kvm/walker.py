@@ -72,6 +72,7 @@ __all__ = [
     "is_canonical",
     "is_present_pte",
     "load_pdptrs",
+    "permission_fault",
     "pse36_gfn_delta",
     "rsvd_bits",
     "walk_addr",
@@ -305,7 +306,7 @@ def _fault_error_code(cpu: GuestCpu, mode: PagingMode, write: bool, user: bool, 
     return code
 
 
-def _permission_fault(cpu: GuestCpu, access: int, write: bool, user: bool, fetch: bool, ac: bool) -> bool:
+def permission_fault(cpu: GuestCpu, access: int, write: bool, user: bool, fetch: bool, ac: bool) -> bool:
     """Whether the accumulated rights ``access`` deny the access (SDM 4.6)."""
     if user and not access & ACC_USER_MASK:
         return True
@@ -402,7 +403,7 @@ def _walk_once(
             break
         pt_access = pte_access
         level -= 1
-    if _permission_fault(cpu, w.pte_access, write_fault, user_fault, fetch_fault, ac):
+    if permission_fault(cpu, w.pte_access, write_fault, user_fault, fetch_fault, ac):
         w.gfn = 0
         w.error_code = PFERR_PRESENT_MASK | code
         return False, w
