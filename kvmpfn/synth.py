@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -186,26 +187,56 @@ def _clustered(rng: random.Random, count: int, limit: int) -> list[int]:
 
 
 class _Resident:
-    """A bounded resident set over the data window: ``pages[i]`` is a vpn (gfn ``DATA_GFN + vpn``); a fifth
-    of the slots are hot and take four accesses in five; every eighth slot is code (fetched, never written)."""
+    """A bounded resident set over the data window: ``pages[i]`` is a vpn, ``gfns[vpn]`` its frame (at first
+    ``DATA_GFN + vpn``); a fifth of the slots are hot and take four accesses in five; every eighth slot is code
+    (fetched, never written). Evicted frames go to a free list that new pages take from, oldest first, once
+    ``reserve`` frames wait there (the guest's page allocator recycling memory): the frames a trace touches stay
+    bounded however long it runs."""
 
     def __init__(self, rng: random.Random, size: int) -> None:
         self.rng = rng
         self.pages = _clustered(rng, size, DATA_PAGES)
         self.mapped = bytearray(DATA_PAGES)
+        self.used = bytearray(DATA_PAGES)  # gfn - DATA_GFN: mapped or waiting in the free list
+        self.gfns = {vpn: DATA_GFN + vpn for vpn in self.pages}
         for vpn in self.pages:
-            self.mapped[vpn] = 1
+            self.mapped[vpn] = self.used[vpn] = 1
         self.hot = max(1, size // 5)
+        self.free: deque[int] = deque()
+        self.reserve = max(1, size // 8)
 
     def pick(self) -> int:
         rng = self.rng
         return rng.randrange(self.hot) if rng.random() < 0.8 else rng.randrange(len(self.pages))
 
     def unmapped(self) -> int:
+        return self._unset(self.mapped)
+
+    def unused_gfn(self) -> int:
+        """A data gfn no page maps and the free list does not hold."""
+        return DATA_GFN + self._unset(self.used)
+
+    def _unset(self, bits: bytearray) -> int:
         vpn = self.rng.randrange(DATA_PAGES)
-        while self.mapped[vpn]:
+        while bits[vpn]:
             vpn = (vpn + 1) % DATA_PAGES
         return vpn
+
+    def replace(self, i: int) -> tuple[int, int]:
+        """Evict ``pages[i]`` and fault in a new vpn in its place: (old vpn, new vpn); ``gfns`` has the new
+        page's frame."""
+        old, new = self.pages[i], self.unmapped()
+        self.mapped[old] = 0
+        self.free.append(self.gfns.pop(old))
+        if len(self.free) > self.reserve:
+            gfn = self.free.popleft()
+        else:
+            gfn = self.unused_gfn()
+            self.used[gfn - DATA_GFN] = 1
+        self.mapped[new] = 1
+        self.gfns[new] = gfn
+        self.pages[i] = new
+        return old, new
 
 
 def _touch(rng: random.Random, addr: int, slot: int, vcpu: int = 0) -> ev.Access:
@@ -222,40 +253,36 @@ def _resident_setup(space: _Space | None, res: _Resident) -> Iterator[ev.Event]:
     if space is not None:
         yield from space.top()
         for vpn in res.pages:
-            yield from space.map(vpn, DATA_GFN + vpn)
+            yield from space.map(vpn, res.gfns[vpn])
         yield ev.Cr3(val=space.cr3)
     for vpn in res.pages:
-        yield _access(_addr(space, vpn), write=True, user=False)
+        yield _access(_addr(space, res, vpn), write=True, user=False)
 
 
-def _addr(space: _Space | None, vpn: int) -> int:
-    """Where the guest reaches data page ``vpn``: its gva, or its gpa with paging off."""
-    return GVA_BASE + vpn * PAGE if space is not None else (DATA_GFN + vpn) * PAGE
+def _addr(space: _Space | None, res: _Resident, vpn: int) -> int:
+    """Where the guest reaches data page ``vpn``: its gva, or its frame's gpa with paging off."""
+    return GVA_BASE + vpn * PAGE if space is not None else res.gfns[vpn] * PAGE
 
 
 def _demand_fault(space: _Space | None, res: _Resident, vcpu: int) -> Iterator[ev.Event]:
     """The guest evicts a resident page and faults in a new one: munmap's pte clear, the access that
     takes a guest #PF on the new page, the pte the guest's fault handler writes, and the access again."""
     rng = res.rng
-    i = rng.randrange(len(res.pages))
-    old, new = res.pages[i], res.unmapped()
-    res.mapped[old] = 0
-    res.mapped[new] = 1
-    res.pages[i] = new
+    old, new = res.replace(rng.randrange(len(res.pages)))
     write = rng.random() < 0.5
     if space is not None:
         yield from space.pte(old, 0)
         yield _access(space.gva(new), write=write, vcpu=vcpu)
-        yield from space.map(new, DATA_GFN + new, USER_PTE | (D if write else 0))
-    yield _access(_addr(space, new), write=write, vcpu=vcpu)
+        yield from space.map(new, res.gfns[new], USER_PTE | (D if write else 0))
+    yield _access(_addr(space, res, new), write=write, vcpu=vcpu)
 
 
 def _protect_fault(space: _Space, res: _Resident, vcpu: int) -> Iterator[ev.Event]:
     """mprotect(PROT_READ) of a resident page, a write that takes a guest #PF, PROT_WRITE back, the write."""
     vpn = res.pages[res.rng.randrange(len(res.pages))]
-    yield from space.map(vpn, DATA_GFN + vpn, P | U | A)
+    yield from space.map(vpn, res.gfns[vpn], P | U | A)
     yield _access(space.gva(vpn), write=True, vcpu=vcpu)
-    yield from space.map(vpn, DATA_GFN + vpn, USER_PTE | D)
+    yield from space.map(vpn, res.gfns[vpn], USER_PTE | D)
     yield _access(space.gva(vpn), write=True, vcpu=vcpu)
 
 
@@ -275,7 +302,7 @@ def _steady(spec: SynthSpec, rng: random.Random) -> Iterator[ev.Event]:
         r = rng.random()
         if r < 0.93:
             slot = res.pick()
-            yield _touch(rng, _addr(space, pages[slot]), slot, vcpu)
+            yield _touch(rng, _addr(space, res, pages[slot]), slot, vcpu)
         elif r < 0.96:
             yield from _demand_fault(space, res, vcpu)
         elif r < 0.98:
@@ -391,22 +418,22 @@ def _remap_churn(spec: SynthSpec, rng: random.Random) -> Iterator[ev.Event]:
         r = rng.random()
         if r < 0.78:
             slot = res.pick()
-            yield _touch(rng, _addr(space, pages[slot]), slot)
+            yield _touch(rng, _addr(space, res, pages[slot]), slot)
         elif r < 0.90:
             slot = res.pick()
-            yield ev.HostRemap(gfn=DATA_GFN + pages[slot])
+            yield ev.HostRemap(gfn=res.gfns[pages[slot]])
             if rng.random() < 0.5:
-                yield _touch(rng, _addr(space, pages[slot]), slot)
+                yield _touch(rng, _addr(space, res, pages[slot]), slot)
         elif r < 0.92:
             first = rng.randrange(len(pages))
             for slot in range(first, min(len(pages), first + rng.randint(8, 32))):
-                yield ev.HostRemap(gfn=DATA_GFN + pages[slot])
+                yield ev.HostRemap(gfn=res.gfns[pages[slot]])
         elif r < 0.94:
             if space is not None and space.linked:
                 tables = [space.root, space.pd, *sorted(space.linked.values())]
                 yield ev.HostRemap(gfn=tables[rng.randrange(len(tables))])
         elif r < 0.95:
-            yield ev.HostRemap(gfn=DATA_GFN + res.unmapped())
+            yield ev.HostRemap(gfn=res.unused_gfn())
         elif r < 0.98:
             yield from _demand_fault(space, res, 0)
         elif space is not None:
