@@ -260,29 +260,28 @@ def host_cpu_hit(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch
     else:
         sp = headers[(vcpu.root_hpa & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT]
         shift = 3 + 9 * vcpu.shadow_root_level
-    both = PT_WRITABLE_MASK | PT_USER_MASK
+    both = PT_WRITABLE_MASK | PT_USER_MASK | PT_ACCESSED_MASK  # the bits every spte used has
     nx = 0
-    accessed = PT_ACCESSED_MASK
-    while True:
-        index = (addr >> shift) & 511
-        ent = sp.spt[index]
-        if ent == TRAP or ent == NOTRAP:
-            return None
-        both &= ent
-        nx |= ent
-        accessed &= ent
-        if shift == PAGE_SHIFT or ent & PT_PAGE_SIZE_MASK:
-            break
-        sp = headers.get((ent & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT)
-        if sp is None:
-            raise KernelBug(f"shadow walk: entry {ent:#x} is not a table")
-        shift -= 9
+    try:
+        while True:
+            index = (addr >> shift) & 511
+            ent = sp.spt[index]
+            if ent == TRAP or ent == NOTRAP:
+                return None
+            both &= ent
+            nx |= ent
+            if shift == PAGE_SHIFT or ent & PT_PAGE_SIZE_MASK:
+                break
+            sp = headers[(ent & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT]
+            shift -= 9
+    except KeyError:
+        raise KernelBug(f"shadow walk: entry {ent:#x} is not a table") from None
     if kvm.tdp_enabled:
         if write and not both & PT_WRITABLE_MASK:
             return None
     elif not rights_allow(vcpu.cpu, both, nx, write, user, fetch, ac):
         return None
-    if not accessed:
+    if not both & PT_ACCESSED_MASK:
         for psp, pindex in shadow_walk(vcpu, kvm, addr)[0]:
             psp.spt[pindex] |= PT_ACCESSED_MASK
         ent = sp.spt[index]
