@@ -382,6 +382,7 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
             except (HostError, InputError) as err:
                 raise TraceError(path, reader.header_line, err.message, field=err.field, context="header") from None
             seq = -1
+            counts = result.results
             for line, e in reader:
                 seq += 1
                 try:
@@ -398,8 +399,9 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
                         raise
                     msg = f"internal error: {type(exc).__name__}: {exc} (KVMPFN_DEBUG=1 shows the traceback)"
                     raise TraceError(path, line, msg) from None
-                result.events += 1
-                result.results[rec["result"]] += 1
+                result.events = seq + 1
+                r = rec["result"]
+                counts[r] = counts.get(r, 0) + 1
                 if emit is not None:
                     emit.write(json.dumps(rec, separators=(", ", ": ")) + "\n")
             rp.recorded.finish()

@@ -313,6 +313,10 @@ class AccessOutcome:
     looped: bool = False  # the fault was fixed RETRIES times and the access still exits
 
 
+#: a hit without detail (``guest_access(detail=False)``); shared, never changed
+HIT = AccessOutcome("hit")
+
+
 def leaf_of(sp, index: int, addr: int) -> tuple[int, int, int]:
     """(gpa, pfn, spte) of the leaf ``sp.spt[index]`` a walk for ``addr`` ended on: the leaf's gfn plus the
     offset, and the 4K frame reached (for a large spte, its base frame plus the 4K index within)."""
@@ -414,7 +418,7 @@ def guest_access(
         leaf = host_cpu_hit(vcpu, kvm, tdp_addr, write, user, fetch, ac)
         if leaf is not None:
             if not detail:
-                return AccessOutcome("hit")
+                return HIT
             leaf_gpa, pfn, spte = leaf_of(*leaf[:2], tdp_addr)
             return AccessOutcome("hit", leaf_gpa, pfn, spte, set_accessed=set_accessed, set_dirty=set_dirty)
     pte_len = 4 if cpu.paging == "32" else 8
