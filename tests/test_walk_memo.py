@@ -62,6 +62,7 @@ def test_walk_memo_hits_and_is_dropped_by_a_pte_store() -> None:
     vcpu = rp.kvm.vcpus[0]
     assert vcpu.walk_cache[1][0] == 9
     assert rp.host.watched[0x4008] == {(0, 1)}
+    assert rp.host.watched_upper == {0x1000, 0x2000, 0x3000}
     rec = rp.apply(5, 6, ev.Write(gpa=0x4008, val=0xA000 | 0x67, len=8))
     assert rec["result"] == "ok"
     assert 1 not in vcpu.walk_cache

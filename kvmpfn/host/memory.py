@@ -44,10 +44,12 @@ class Host:
         #: one): a store there that does more than set A/D bits passes those walks to ``on_watched_write``
         #: (they are dropped) first
         self.watched: dict[int, set] = {}
+        #: upper-level guest ptes the memoised walks read (same keys): a store there passes None (every walk)
+        self.watched_upper: set[int] = set()
         #: gfn -> the page's contents, for reads (a page that reads as zeros is not kept): dropped per gfn when
         #: a frame is installed behind it, and wholly when memslots change or a vma is unmapped
         self._page_data: dict[int, bytes | bytearray] = {}
-        self.on_watched_write: Callable[[set], None] | None = None
+        self.on_watched_write: Callable[[set | None], None] | None = None
         # kvm_init: bad_page = alloc_page(GFP_KERNEL | __GFP_ZERO); the allocation's reference is the host's.
         self.bad_pfn = BAD_PFN
         self.frames[BAD_PFN] = Frame(BAD_PFN, host_mapped=True)
@@ -306,14 +308,13 @@ class Host:
 
     def _watched_store(self, gpa: int, data: bytes | bytearray) -> None:
         """A store of ``data`` at ``gpa``: each watched guest pte it overlaps passes its memoised walks to
-        ``on_watched_write``, unless the store only sets that entry's A/D bits (which never change what a walk
-        answers, and which the walker itself writes)."""
-        watched = self.watched
+        ``on_watched_write`` (an upper-level one: None, every walk), unless the store only sets that entry's A/D
+        bits (which never change what a walk answers, and which the walker itself writes)."""
+        watched, upper = self.watched, self.watched_upper
         end = gpa + len(data)
         for a in range(gpa & ~7, end, 4):
             for key, esize in ((a, 8), (a | 1, 4)):
-                walks = watched.get(key)
-                if walks is None or a + esize <= gpa:
+                if (key not in watched and key not in upper) or a + esize <= gpa:
                     continue
                 old = self.read_bytes(a, esize)
                 new = bytearray(old)
@@ -322,13 +323,17 @@ class Host:
                 was, now = int.from_bytes(old, "little"), int.from_bytes(new, "little")
                 if not (was ^ now) & ~0x60 and not was & ~now:
                     continue  # sets A and/or D, nothing else
-                del watched[key]
+                if key in upper:
+                    upper.clear()
+                    walks = None
+                else:
+                    walks = watched.pop(key)
                 if self.on_watched_write is not None:
                     self.on_watched_write(walks)
 
     def write_bytes(self, gpa: int, data: bytes | bytearray) -> bool:
         """``kvm_write_guest``: store ``data`` at ``gpa``; False if a part fell outside every slot."""
-        if self.watched:
+        if self.watched or self.watched_upper:
             self._watched_store(gpa, data)
         ok = True
         pos = 0
@@ -352,7 +357,7 @@ class Host:
         data = (val & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         off = gpa & _OFFSET_MASK
         if off + size <= PAGE_SIZE:
-            if self.watched:
+            if self.watched or self.watched_upper:
                 self._watched_store(gpa, data)
             buf = self._write_page(gpa >> PAGE_SHIFT)
             if buf is None:

@@ -361,7 +361,7 @@ def hardware_walk(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetc
 
 def walk_memo_answer(cpu: GuestCpu, hit: tuple, write: bool, user: bool, fetch: bool, ac: bool):
     """What ``walk_addr`` would answer for this access from a memoised walk ``(gfn, pte_access, dirty,
-    fault bits or None, ptes read)``: (True, gfn), (False, error code), or None when the walk would write D
+    fault bits or None, last pte read)``: (True, gfn), (False, error code), or None when the walk would write D
     (a write to a clean leaf) and must run."""
     gfn, access, dirty, fault, _ptes = hit
     if fault is not None:
@@ -374,24 +374,28 @@ def walk_memo_answer(cpu: GuestCpu, hit: tuple, write: bool, user: bool, fetch: 
 
 
 def remember_walk(vcpu: Vcpu, kvm: Kvm, page: int, found: tuple, pte_gpas: list[int]) -> None:
-    """Memoise ``found`` for gva ``page`` and watch the guest ptes the walk read (see :func:`hardware_walk`)."""
+    """Memoise ``found`` for gva ``page`` and watch the guest ptes the walk read, ``pte_gpas`` from the last
+    one up (see :func:`hardware_walk`): the last one per walk (``Host.watched``), the upper ones, which many
+    walks share and the guest seldom rewrites, all together (``Host.watched_upper``: a store there forgets
+    every walk)."""
     memo = vcpu.walk_cache
     if page in memo:
         kvm.forget_walk(vcpu, page)
     elif len(memo) >= WALK_MEMO_LIMIT:
         for old in list(islice(memo, WALK_MEMO_LIMIT // 2)):
             kvm.forget_walk(vcpu, old)
-    tag = 1 if vcpu.cpu.paging == "32" else 0  # Host.watched keys a 4-byte pte by gpa | 1
-    ptes = tuple(gpa | tag for gpa in pte_gpas)
-    memo[page] = (*found, ptes)
-    watched = kvm.host.watched
+    host = kvm.host
+    if vcpu.cpu.paging == "32":  # Host.watched keys a 4-byte pte by gpa | 1
+        pte_gpas = [gpa | 1 for gpa in pte_gpas]
+    last = pte_gpas[0]
+    host.watched_upper.update(pte_gpas[1:])
+    memo[page] = (*found, last)
     dep = (vcpu.vcpu_id, page)
-    for pte in ptes:
-        walks = watched.get(pte)
-        if walks is None:
-            watched[pte] = {dep}
-        else:
-            walks.add(dep)
+    walks = host.watched.get(last)
+    if walks is None:
+        host.watched[last] = {dep}
+    else:
+        walks.add(dep)
 
 
 def guest_access(

@@ -133,7 +133,7 @@ class Vcpu:
     fault_err: int | None = None
     fault_walker: object = None
     fault_ac: bool = False
-    # the TDP hardware walk's memo, oldest first: gva page -> (gfn, rights, D, fault bits, Host.watched keys)
+    # the TDP hardware walk's memo, oldest first: gva page -> (gfn, rights, D, fault bits, last pte's Host.watched key)
     walk_cache: dict = field(default_factory=dict)
 
 
@@ -185,10 +185,11 @@ class Kvm:
         host.on_watched_write = self.drop_walks
 
     def flush_walk_caches(self) -> None:
-        """Forget every memoised guest walk (the memory map changed)."""
+        """Forget every memoised guest walk (the memory map changed, or an upper-level guest pte)."""
         for vcpu in self.vcpus.values():
             vcpu.walk_cache.clear()
         self.host.watched.clear()
+        self.host.watched_upper.clear()
 
     def flush_vcpu_walks(self, vcpu: Vcpu) -> None:
         """Forget ``vcpu``'s memoised walks (its paging state changed)."""
@@ -196,24 +197,23 @@ class Kvm:
             self.forget_walk(vcpu, key)
 
     def forget_walk(self, vcpu: Vcpu, key: int) -> None:
-        """Drop one memoised walk and its watch on each guest pte it read (``Host.watched``)."""
+        """Drop one memoised walk and the watch on the last guest pte it read (``Host.watched``)."""
         entry = vcpu.walk_cache.pop(key, None)
-        if entry is not None:
-            self.unwatch_walk(vcpu, key, entry)
-
-    def unwatch_walk(self, vcpu: Vcpu, key: int, entry: tuple) -> None:
-        """Remove the watches of a memoised walk that was just dropped."""
+        if entry is None:
+            return
         watched = self.host.watched
-        dep = (vcpu.vcpu_id, key)
-        for pte in entry[-1]:
-            walks = watched.get(pte)
-            if walks is not None:
-                walks.discard(dep)
-                if not walks:
-                    del watched[pte]
+        walks = watched.get(entry[-1])
+        if walks is not None:
+            walks.discard((vcpu.vcpu_id, key))
+            if not walks:
+                del watched[entry[-1]]
 
-    def drop_walks(self, walks: set) -> None:
-        """Forget the memoised walks ``{(vcpu_id, key)}`` that read a guest pte just stored to."""
+    def drop_walks(self, walks: set | None) -> None:
+        """Forget the memoised walks ``{(vcpu_id, key)}`` whose last guest pte was just stored to; None: an upper
+        pte, every walk."""
+        if walks is None:
+            self.flush_walk_caches()
+            return
         vcpus = self.vcpus
         for vcpu_id, key in walks:
             vcpu = vcpus.get(vcpu_id)
