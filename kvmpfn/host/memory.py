@@ -288,7 +288,7 @@ class Host:
         """
         off = gpa & _OFFSET_MASK
         if off + size <= PAGE_SIZE:
-            data = self._read_page(gpa >> PAGE_SHIFT)
+            data = self._page_data.get(gpa >> PAGE_SHIFT) or self._read_page(gpa >> PAGE_SHIFT)
             return 0 if data is None else int.from_bytes(data[off : off + size], "little")
         return int.from_bytes(self.read_bytes(gpa, size), "little")
 

@@ -414,7 +414,12 @@ def guest_access(
     set_dirty = None
     tdp_addr = addr
     if kvm.tdp_enabled and cpu.paging != "none":
-        ok, value, set_accessed, set_dirty = hardware_walk(vcpu, kvm, addr, write, user, fetch, ac)
+        hit = vcpu.walk_cache.get(addr >> PAGE_SHIFT)  # hardware_walk's memo, looked up inline
+        answer = None if hit is None else walk_memo_answer(cpu, hit, write, user, fetch, ac)
+        if answer is None:
+            ok, value, set_accessed, set_dirty = hardware_walk(vcpu, kvm, addr, write, user, fetch, ac)
+        else:
+            ok, value = answer
         if not ok:
             return AccessOutcome("guest_fault", err=value, set_accessed=[])
         tdp_addr = value << PAGE_SHIFT | (addr & 0xFFF)

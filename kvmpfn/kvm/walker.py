@@ -335,7 +335,6 @@ def _walk_once(
 ) -> tuple[bool, GuestWalker]:
     """One read-only pass from the root to the leaf or the first faulting entry. On a non-present or reserved
     entry, pt_access and pte_access are the rights accumulated above it."""
-    code = _fault_error_code(cpu, mode, write_fault, user_fault, fetch_fault)
     masks = _rsvd_masks(mode.name, cpu.maxphyaddr, cpu.efer_nx, cpu.cr4_pse, cpu.gbpages)
     if not rsvd_check:  # the era: nothing reserved, PS where no large page may be is a pointer
         masks = tuple((0, None if large is None else 0) for _nonleaf, large in masks)
@@ -355,7 +354,7 @@ def _walk_once(
         ptes[n - 1] = pte
         access_at[n - 1] = ACC_ALL
         if not pte & PT_PRESENT_MASK:
-            w.error_code = code
+            w.error_code = _fault_error_code(cpu, mode, write_fault, user_fault, fetch_fault)
             return False, w
         level -= 1
     # the hot loop: _gpte_to_gfn_lvl, is_present_pte and gpte_access written out
@@ -377,7 +376,7 @@ def _walk_once(
         ptes[i] = pte
         if not pte & PT_PRESENT_MASK:
             w.pt_access = w.pte_access = pt_access
-            w.error_code = code
+            w.error_code = _fault_error_code(cpu, mode, write_fault, user_fault, fetch_fault)
             return False, w
         rsvd, rsvd_large = masks[i]
         large = rsvd_large is not None and bool(pte & PT_PAGE_SIZE_MASK)
@@ -385,6 +384,7 @@ def _walk_once(
             rsvd = rsvd_large  # type: ignore[assignment]
         if pte & rsvd:
             w.pt_access = w.pte_access = pt_access
+            code = _fault_error_code(cpu, mode, write_fault, user_fault, fetch_fault)
             w.error_code = PFERR_PRESENT_MASK | PFERR_RSVD_MASK | code
             return False, w
         access = (pte & (PT_WRITABLE_MASK | PT_USER_MASK)) | ACC_EXEC_MASK
@@ -405,7 +405,7 @@ def _walk_once(
         level -= 1
     if permission_fault(cpu, w.pte_access, write_fault, user_fault, fetch_fault, ac):
         w.gfn = 0
-        w.error_code = PFERR_PRESENT_MASK | code
+        w.error_code = PFERR_PRESENT_MASK | _fault_error_code(cpu, mode, write_fault, user_fault, fetch_fault)
         return False, w
     return True, w
 
