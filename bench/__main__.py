@@ -1,9 +1,8 @@
 """``python -m bench`` (``make bench``): replay and decode speed, memory, audit cost, corpus gate; writes
 bench/results.json.
 
-    python -m bench            # 1M-event figures and a 2M-vs-1M RSS check (about 15 minutes)
+    python -m bench            # 1M-event figures, the 10M-vs-1M RSS check, the issue's targets (~15 minutes)
     python -m bench --quick    # smaller sizes, about a minute: a smoke run
-    python -m bench --full     # the RSS check at 10M vs 1M events instead (traces written as .zst; ~25 min)
     python -m bench --profile  # cProfile 1M tdp and shadow steady replays: top-20 tables (bench/profile.json)
 
 Timings depend on the machine and its load; results.json records the CPU model and the Python version.
@@ -34,19 +33,44 @@ SIZES = {
     },
     "default": {
         "replay": 1_000_000,
-        "rss": (1_000_000, 2_000_000),
-        "audit": (10_000, 100_000),
-        "audit_synth": 100_000,
-        "corpus": (40, 20_000),
-    },
-    "full": {
-        "replay": 1_000_000,
         "rss": (1_000_000, 10_000_000),
         "audit": (10_000, 100_000),
         "audit_synth": 100_000,
         "corpus": (40, 20_000),
     },
 }
+
+#: issue #8's targets: replay events/s, boot within 2x of steady, RSS growth, audit seconds, corpus speedup
+TARGETS = {"steady/tdp": 200_000, "steady/shadow": 100_000, "rss_growth": 0.10, "audit_100k_s": 1.0, "jobs": 1.6}
+
+
+def check_targets(results: dict) -> list[dict]:
+    """Each target of issue #8 with the figure measured and whether it is met."""
+    rows = []
+    replay = {f"{r['workload']}/{r['mmu']}": r["replay_events_per_s"] for r in results["replay"]}
+    for mmu in ("tdp", "shadow"):
+        goal = TARGETS[f"steady/{mmu}"]
+        rows.append({"target": f"steady/{mmu} >= {goal:,} events/s", "measured": replay[f"steady/{mmu}"]})
+        rows.append({"target": f"boot/{mmu} >= {goal // 2:,} events/s", "measured": replay[f"boot/{mmu}"]})
+        rows[-2]["met"] = rows[-2]["measured"] >= goal
+        rows[-1]["met"] = rows[-1]["measured"] >= goal // 2
+    for row in results["rss"]:
+        growth = row["growth_kib"] / row["small_peak_rss_kib"]
+        rows.append(
+            {
+                "target": f"steady/{row['mmu']} RSS at {row['large_events']:,} within 10% of {row['small_events']:,}",
+                "measured": f"{growth * 100:+.1f}%",
+                "met": growth <= TARGETS["rss_growth"],
+            }
+        )
+    for row in results["audit"]:
+        if row["sptes"] == 100_000:
+            rows.append({"target": "full audit of 100,000 live sptes < 1 s", "measured": f"{row['audit_min_s']:.2f} s"})
+            rows[-1]["met"] = row["audit_min_s"] < TARGETS["audit_100k_s"]
+    if "speedup" in results["corpus"]:
+        speedup = results["corpus"]["speedup"]
+        rows.append({"target": "--jobs 2 >= 1.6x --jobs 1", "measured": f"{speedup}x", "met": speedup >= 1.6})
+    return rows
 
 
 def cpu_model() -> str:
@@ -192,16 +216,14 @@ def bench_profiles(tmp: str, n: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="smaller sizes (about a minute)")
-    size.add_argument("--full", action="store_true", help="also replay 10M events for the RSS check (slow)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (about a minute)")
     parser.add_argument("--profile", action="store_true", help="only cProfile the steady replays")
     parser.add_argument(
         "-o", "--output", help="results file [default: bench/results.json; bench/profile.json with --profile]"
     )
     args = parser.parse_args(argv)
     output = args.output or os.path.join(HERE, "profile.json" if args.profile else "results.json")
-    mode = "quick" if args.quick else "full" if args.full else "default"
+    mode = "quick" if args.quick else "default"
     sizes = SIZES[mode]
     results: dict = {"mode": mode, "machine": machine()}
     say(
@@ -217,6 +239,11 @@ def main(argv: list[str] | None = None) -> None:
             results["rss"] = bench_rss(tmp, *sizes["rss"])
             results["audit"] = bench_audits(sizes["audit"], sizes["audit_synth"])
             results["corpus"] = bench_gate(*sizes["corpus"])
+            if mode == "default":
+                results["targets"] = check_targets(results)
+                say("\n== issue #8 targets ==")
+                for row in results["targets"]:
+                    say(f"{'met ' if row['met'] else 'NOT '} {row['target']:<56} measured {row['measured']}")
     with open(output, "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=2)
         fh.write("\n")
