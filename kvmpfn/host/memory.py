@@ -313,23 +313,29 @@ class Host:
         watched, upper = self.watched, self.watched_upper
         end = gpa + len(data)
         for a in range(gpa & ~7, end, 4):
-            for key, esize in ((a, 8), (a | 1, 4)):
-                if (key not in watched and key not in upper) or a + esize <= gpa:
-                    continue
-                old = self.read_bytes(a, esize)
-                new = bytearray(old)
-                lo, hi = max(gpa, a), min(end, a + esize)
-                new[lo - a : hi - a] = data[lo - gpa : hi - gpa]
-                was, now = int.from_bytes(old, "little"), int.from_bytes(new, "little")
-                if not (was ^ now) & ~0x60 and not was & ~now:
-                    continue  # sets A and/or D, nothing else
-                if key in upper:
-                    upper.clear()
-                    walks = None
-                else:
-                    walks = watched.pop(key)
-                if self.on_watched_write is not None:
-                    self.on_watched_write(walks)
+            for key in (a, a | 1):  # an 8-byte pte at a, a 4-byte one at a
+                if key in watched or key in upper:
+                    self._store_over_pte(key, gpa, data)
+
+    def _store_over_pte(self, key: int, gpa: int, data: bytes | bytearray) -> None:
+        a, esize = key & ~1, 4 if key & 1 else 8
+        end = gpa + len(data)
+        if a + esize <= gpa:
+            return
+        old = self.read_bytes(a, esize)
+        new = bytearray(old)
+        lo, hi = max(gpa, a), min(end, a + esize)
+        new[lo - a : hi - a] = data[lo - gpa : hi - gpa]
+        was, now = int.from_bytes(old, "little"), int.from_bytes(new, "little")
+        if not (was ^ now) & ~0x60 and not was & ~now:
+            return  # sets A and/or D, nothing else
+        if key in self.watched_upper:
+            self.watched_upper.clear()
+            walks = None
+        else:
+            walks = self.watched.pop(key)
+        if self.on_watched_write is not None:
+            self.on_watched_write(walks)
 
     def write_bytes(self, gpa: int, data: bytes | bytearray) -> bool:
         """``kvm_write_guest``: store ``data`` at ``gpa``; False if a part fell outside every slot."""

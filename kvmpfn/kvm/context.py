@@ -351,8 +351,7 @@ def hardware_walk(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetc
     value = w.gfn if ok else w.error_code
     lvl = w.level - 1
     if ok:
-        top = len(w.ptes) - (cpu.paging == "pae")  # the PDPTE registers have no A bit
-        if all(pte & PT_ACCESSED_MASK for pte in w.ptes[lvl:top]):
+        if not w.ad_lost:  # every entry used now has A (and the leaf D for a write)
             remember_walk(vcpu, kvm, page, (w.gfn, w.pte_access, w.ptes[lvl] & PT_DIRTY_MASK, None), w.pte_gpa[lvl:])
     elif not value & PFERR_PRESENT_MASK or value & PFERR_RSVD_MASK:
         remember_walk(vcpu, kvm, page, (0, 0, 0, value & (PFERR_PRESENT_MASK | PFERR_RSVD_MASK)), w.pte_gpa[lvl:])

@@ -146,6 +146,7 @@ class GuestWalker:
     error_code: int = 0  # PFERR_* bits when the walk faulted
     set_accessed: list[int] = field(default_factory=list)  # gpas whose A bit this walk set, in walk order
     set_dirty: int | None = None  # gpa of the pte whose D bit this walk set
+    ad_lost: bool = False  # a success whose A/D bits could not be written (WALK_RESTART_LIMIT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,6 +498,7 @@ def walk_addr(
         if _update_accessed_dirty(mode, mem, w, write_fault, mark_page_dirty, pte_write):
             return True, w
         if restarts == WALK_RESTART_LIMIT:
+            w.ad_lost = True
             return True, w  # the kernel's livelock, cut short: A/D left unwritten
         restarts += 1
 
