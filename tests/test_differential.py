@@ -56,6 +56,7 @@ from kvmpfn.trace.reader import open_trace
 
 TRACES = Path(__file__).resolve().parent.parent / "traces" / "shadow"
 DIFF_TRACES = sorted(TRACES.glob("diff-*.jsonl"))
+REGRESSIONS = TRACES.parent / "regressions"
 GUEST_OPS = (ev.Write, ev.Access, ev.Cr3, ev.Paging, ev.Invlpg)
 
 A_BIT, D_BIT = 1 << 5, 1 << 6
@@ -242,14 +243,7 @@ def parse(text: str, tmp_path: Path) -> tuple[ev.Header, list]:
     return load(path)
 
 
-# --- known bugs -------------------------------------------------------------------------------------------------
-
-#: Keep the generated family off the open bugs pinned by the xfail tests at the end of this file, so that it
-#: keeps looking for new ones: a program either runs with CR0.WP=0 or changes CR4.SMEP/SMAP, never both
-#: (test_bug_cr0wp0_sptes_outlive_smep_smap), never has CR0.WP=0 and CR4.SMAP at once
-#: (test_bug_cr0wp0_smap_makes_nx_page_executable), and changes CPUID features (gbpages, MAXPHYADDR) on every
-#: vcpu at once (test_bug_cpuid_differs_between_vcpus). Set it to False once they are fixed.
-AVOID_KNOWN_BUGS = True
+# --- the hypothesis family -----------------------------------------------------------------------------------
 
 #: The features a ``paging`` event of the family may flip, per mode.
 FEATURES = {
@@ -257,10 +251,8 @@ FEATURES = {
     "pae": ("cr0_wp", "efer_nx", "cr4_smep", "cr4_smap", "maxphyaddr"),
     "64": ("cr0_wp", "efer_nx", "cr4_smep", "cr4_smap", "gbpages", "maxphyaddr"),
 }
-CPUID = ("gbpages", "maxphyaddr")  # the features that are CPUID bits rather than control registers
-
-
-# --- the hypothesis family -----------------------------------------------------------------------------------
+#: The features that are CPUID bits rather than control registers: a change on one vcpu reaches every vcpu.
+CPUID = ("gbpages", "maxphyaddr")
 
 KERNELS = ("page", "pfn", "pfn-io", "notifier")
 #: 8 MiB of RAM (the page tables live at gfns 0x20..0x2b), 4 MiB of hugetlbfs (two 2 MiB regions, so guest
@@ -377,8 +369,6 @@ def guest_programs(draw, modes: Sequence[str] = ("32", "pae", "64"), max_ops: in
         "gbpages": mode.name == "64" and draw(st.booleans()),
         "maxphyaddr": draw(st.sampled_from((40, 36))),
     }
-    if AVOID_KNOWN_BUGS and not paging["cr0_wp"]:
-        paging["cr4_smap"] = False  # test_bug_cr0wp0_smap_makes_nx_page_executable
     guest = ev.Guest(paging=mode.name, cr3=0, **paging)
     header = ev.Header(kvmpfn=1, kernel=draw(st.sampled_from(KERNELS)), guest=guest, memslots=list(MEMSLOTS))
     events: list = []
@@ -420,8 +410,6 @@ def guest_programs(draw, modes: Sequence[str] = ("32", "pae", "64"), max_ops: in
     for vcpu in range(nvcpus):
         events.append(ev.Cr3(val=draw(st.sampled_from(cr3s)) if vcpu else cr3s[0], vcpu=vcpu))
 
-    wp0_seen = not paging["cr0_wp"]  # some vcpu ran with CR0.WP=0: there may be U-less writable sptes
-    smx_flipped = False  # some vcpu's SMEP or SMAP changed: the vcpus may disagree on them
     for _ in range(draw(st.integers(1, max_ops))):
         vcpu = 1 if nvcpus == 2 and chance(draw, 30) else 0
         op = draw(st.integers(0, 19))
@@ -461,15 +449,9 @@ def guest_programs(draw, modes: Sequence[str] = ("32", "pae", "64"), max_ops: in
         elif op == 17:
             name = draw(st.sampled_from(FEATURES[mode.name]))
             value = not pagings[vcpu][name] if name != "maxphyaddr" else 76 - pagings[vcpu][name]  # 40 <-> 36
-            smx = name in ("cr4_smep", "cr4_smap")
-            smap_on = any(pg["cr4_smap"] for pg in pagings)
-            if AVOID_KNOWN_BUGS and (smx and wp0_seen or name == "cr0_wp" and not value and (smx_flipped or smap_on)):
-                continue
-            wp0_seen |= name == "cr0_wp" and not value
-            smx_flipped |= smx
-            for v in range(nvcpus) if AVOID_KNOWN_BUGS and name in CPUID else (vcpu,):
+            for v in range(nvcpus) if name in CPUID else (vcpu,):
                 pagings[v] = {**pagings[v], name: value}
-                events.append(ev.Paging(**{name: value}, vcpu=v))
+            events.append(ev.Paging(**{name: value}, vcpu=vcpu))
         elif op == 18:
             events.append(ev.Invlpg(addr=draw(st.sampled_from(gvas)), vcpu=vcpu))
         else:  # store to a table at an entry nobody wrote yet
@@ -891,3 +873,35 @@ def test_bug_audit_smap_false_positive(tmp_path: Path) -> None:
     assert result.error is None
     assert result.results["mapped"] == 1
     assert result.findings == []
+
+
+def test_bug_pte_write_into_another_nx_context() -> None:
+    """traces/regressions/smep-wp0-pte-write-nx-role.jsonl: vcpu 1 (EFER.NX=1) writes a pte with XD set into a
+    table vcpu 0 (EFER.NX=0) has shadowed. kvm_mmu_pte_write must only zap vcpu 0's spte (the pte has a
+    reserved bit for vcpu 0), so vcpu 0's next access faults with P|U|RSVD as under TDP."""
+    header, events = load(REGRESSIONS / "smep-wp0-pte-write-nx-role.jsonl")
+    actions = [e for e in events if not isinstance(e, ev.Audit)]
+    shadow, _ = check_differential(header, actions)
+    assert [v.outcome for v in shadow.views] == [("done", 0x40000), ("fault", 0xD)]
+    rp = Replayer(header, ReplayOptions())
+    write = next(seq for seq, e in enumerate(actions) if isinstance(e, ev.Write) and e.vcpu == 1)
+    for seq, e in enumerate(actions[: write + 1]):
+        rp.apply(seq, seq + 1, e)
+    path, end = shadow_walk(rp.vcpu(0), rp.kvm, 0)
+    assert len(path) == 3 and end == TRAP  # zapped, not refilled from the other context's view
+    assert rp.kvm.stat["mmu_pte_updated"] == 0
+
+
+def test_pte_write_in_the_same_context_still_prefetches() -> None:
+    """The role test leaves the ordinary case alone: vcpu 0 rewrites its own shadowed pte (another frame) and
+    ``update_pte`` installs the new spte at once."""
+    header, events = load(REGRESSIONS / "smep-wp0-pte-write-nx-role.jsonl")
+    rp = Replayer(header, ReplayOptions())
+    for seq, e in enumerate(events[:5]):  # the tables and vcpu 0's first access
+        rp.apply(seq, seq + 1, e)
+    rec = rp.apply(5, 6, ev.Write(gpa=0x23000, val=0x41067, len=8))
+    assert rec["result"] == "emulated"
+    assert rp.kvm.stat["mmu_pte_updated"] == 1
+    path, end = shadow_walk(rp.vcpu(0), rp.kvm, 0)
+    sp, index = path[-1]
+    assert len(path) == 4 and end not in (TRAP, NOTRAP) and sp.gfns[index] == 0x41

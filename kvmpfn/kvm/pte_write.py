@@ -16,6 +16,7 @@ from kvmpfn.kvm.defs import (
     PT_PRESENT_MASK,
 )
 from kvmpfn.kvm.mmu import (
+    context_role_bits,
     is_largepage_backed,
     kvm_mmu_audit,
     kvm_mmu_free_some_pages,
@@ -92,6 +93,23 @@ def mmu_pte_write_new_pte(vcpu, kvm, sp, sptep: tuple, new: int) -> None:
     update_pte(vcpu, kvm, sp, sptep, new)
 
 
+def role_matches_context(vcpu, kvm, sp) -> bool:
+    """Whether ``sp`` reads a guest pte the way the vcpu's current context does: same guest paging format
+    (``glevels``) and the same CR0.WP, EFER.NX, CR4.PSE and SMEP/SMAP role bits (``context_role_bits``).
+
+    Models the role test later kernels make in ``kvm_mmu_pte_write`` (from about v2.6.36): the new pte is
+    instantiated (``mmu_pte_write_new_pte``) only in pages whose role matches the vcpu's ``base_role`` under a
+    mask (cr0_wp, cr4_pae, nxe; later smep_andnot_wp, smap_andnot_wp); other pages of the gfn only have the
+    spte zapped. The era had none of these role bits and updated every page. kvmpfn keys pages on them
+    (``kvm_mmu_get_page``), so it needs the test too: ``FNAME(update_pte)`` judges the gpte with the writing
+    vcpu's EFER.NX, so a pte with bit 63 set, written by a vcpu with EFER.NX=1, became an spte in a page of a
+    vcpu with EFER.NX=0, for which that bit is reserved (traces/regressions/smep-wp0-pte-write-nx-role.jsonl).
+    Differs from the kernel: CR4.PSE is compared too, and PAE and 64-bit pages (``glevels`` 3 and 4, both
+    cr4_pae) do not match each other; either only costs a prefetch.
+    """
+    return sp.glevels == vcpu.root_level and (sp.cr0_wp, sp.ext) == context_role_bits(vcpu, kvm)
+
+
 def need_remote_flush(old: int, new: int) -> bool:
     """``need_remote_flush``: an spte lost presence, changed frame, or lost a permission."""
     if not is_shadow_present_pte(old):
@@ -125,9 +143,9 @@ def last_updated_pte_accessed(vcpu) -> bool:
 def kvm_mmu_pte_write(vcpu, kvm, gpa: int, new: int, nbytes: int) -> None:
     """``kvm_mmu_pte_write``: guest memory already holds the new bytes. Guess and park the new frame
     (``mmu_guess_page_from_pte_write``), run the fork/flood detector, then for every shadow page of the gfn:
-    zap it if the write is misaligned or flooded, else zap the affected spte(s) and let ``update_pte``
-    instantiate the new translation. The parked reference is released at the end
-    (``--bug prefetch-no-release`` keeps it).
+    zap it if the write is misaligned or flooded, else zap the affected spte(s) and, in a page of the vcpu's
+    own context (:func:`role_matches_context`), let ``update_pte`` instantiate the new translation. The parked
+    reference is released at the end (``--bug prefetch-no-release`` keeps it).
     """
     gfn = gpa >> PAGE_SHIFT
     offset = gpa & 0xFFF
@@ -167,7 +185,9 @@ def kvm_mmu_pte_write(vcpu, kvm, gpa: int, new: int, nbytes: int) -> None:
             page_offset &= 0xFFF
         index = page_offset // 8
         gentry: int | None = new
-        if gpa & (size - 1) or nbytes < size:
+        if not role_matches_context(vcpu, kvm, sp):
+            gentry = None
+        elif gpa & (size - 1) or nbytes < size:
             gentry = kvm.host.read_guest(gpa & ~(size - 1), size)
         for _ in range(npte):
             mmu_pte_write_zap_pte(vcpu, kvm, sp, (sp, index))
