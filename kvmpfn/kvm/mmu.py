@@ -204,6 +204,24 @@ def kvm_mmu_lookup_page(kvm: Kvm, gfn: int) -> KvmMmuPage | None:
     return None
 
 
+def context_role_bits(vcpu: Vcpu, kvm: Kvm) -> tuple[int, int]:
+    """The role bits of the vcpu's current context beyond the era's: ``(cr0_wp, ext)``, where ``ext`` holds
+    role.nxe, role.ext.cr4_pse and the smep/smap_andnot_wp bits later kernels added (a spte made for a CR0.WP=0
+    supervisor write must not serve a context where the guest's SMEP/SMAP apply). Under TDP they are constant.
+    """
+    cpu = vcpu.cpu
+    cr0_wp = 1 if cpu.cr0_wp or "cr0wp-shared-sp" in kvm.bugs or kvm.tdp_enabled else 0
+    if kvm.tdp_enabled:
+        return cr0_wp, 0
+    ext = (
+        int(bool(cpu.efer_nx))
+        | int(bool(cpu.cr4_pse)) << 1
+        | int(bool(cpu.cr4_smep) and not cpu.cr0_wp) << 2
+        | int(bool(cpu.cr4_smap) and not cpu.cr0_wp) << 3
+    )
+    return cr0_wp, ext
+
+
 def kvm_mmu_get_page(
     vcpu: Vcpu, kvm: Kvm, gfn: int, gaddr: int, level: int, metaphysical: int, access: int, parent_pte
 ) -> KvmMmuPage:
@@ -218,18 +236,7 @@ def kvm_mmu_get_page(
     quadrant = 0
     if root_level <= PT32_ROOT_LEVEL:
         quadrant = (gaddr >> (PAGE_SHIFT + 9 * level)) & ((1 << level) - 1)
-    cpu = vcpu.cpu
-    cr0_wp = 1 if cpu.cr0_wp or "cr0wp-shared-sp" in kvm.bugs or kvm.tdp_enabled else 0
-    ext = 0
-    if not kvm.tdp_enabled:
-        # role.nxe, role.ext.cr4_pse, and the smep/smap_andnot_wp bits later kernels added: a spte made for a
-        # CR0.WP=0 supervisor write must not serve a context where the guest's SMEP/SMAP apply
-        ext = (
-            int(bool(cpu.efer_nx))
-            | int(bool(cpu.cr4_pse)) << 1
-            | int(bool(cpu.cr4_smep) and not cpu.cr0_wp) << 2
-            | int(bool(cpu.cr4_smap) and not cpu.cr0_wp) << 3
-        )
+    cr0_wp, ext = context_role_bits(vcpu, kvm)
     role = role_word(root_level, level, quadrant, metaphysical, access, 0, cr0_wp, ext)
     bucket = kvm.mmu_page_hash.setdefault(gfn, [])
     for sp in bucket:

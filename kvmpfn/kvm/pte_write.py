@@ -16,6 +16,7 @@ from kvmpfn.kvm.defs import (
     PT_PRESENT_MASK,
 )
 from kvmpfn.kvm.mmu import (
+    context_role_bits,
     is_largepage_backed,
     kvm_mmu_audit,
     kvm_mmu_free_some_pages,
@@ -90,6 +91,21 @@ def mmu_pte_write_new_pte(vcpu, kvm, sp, sptep: tuple, new: int) -> None:
             return
     kvm.stat["mmu_pte_updated"] += 1
     update_pte(vcpu, kvm, sp, sptep, new)
+
+
+def role_matches_context(vcpu, kvm, sp) -> bool:
+    """Whether ``sp`` reads a guest pte the way the vcpu's current context does: same guest paging format
+    (``glevels``) and the same CR0.WP, EFER.NX, CR4.PSE and SMEP/SMAP role bits (``context_role_bits``).
+
+    Later kernels' ``kvm_mmu_pte_write`` instantiates the new pte only in pages whose role matches the vcpu's
+    ``base_role`` under a mask (cr0_wp, cr4_pae, nxe, smep/smap_andnot_wp); other pages only have the spte
+    zapped. The era had none of these role bits; kvmpfn has them (``kvm_mmu_get_page``), so it needs the mask
+    too: without it a pte written while EFER.NX=1 became an spte in the EFER.NX=0 page of that table, and the
+    guest later reached a page whose pte has a reserved bit (regression trace
+    traces/regressions/pte-write-role-mismatch.jsonl). Differs from the kernel: PAE and 64-bit pages
+    (``glevels`` 3 and 4, both cr4_pae) do not match each other.
+    """
+    return sp.glevels == vcpu.root_level and (sp.cr0_wp, sp.ext) == context_role_bits(vcpu, kvm)
 
 
 def need_remote_flush(old: int, new: int) -> bool:
@@ -167,7 +183,9 @@ def kvm_mmu_pte_write(vcpu, kvm, gpa: int, new: int, nbytes: int) -> None:
             page_offset &= 0xFFF
         index = page_offset // 8
         gentry: int | None = new
-        if gpa & (size - 1) or nbytes < size:
+        if not role_matches_context(vcpu, kvm, sp):
+            gentry = None
+        elif gpa & (size - 1) or nbytes < size:
             gentry = kvm.host.read_guest(gpa & ~(size - 1), size)
         for _ in range(npte):
             mmu_pte_write_zap_pte(vcpu, kvm, sp, (sp, index))
