@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check kvmpfn tests bench
 
 fuzz: $(STAMP)
-	$(BIN)/pytest -q -m fuzz
+	$(BIN)/pytest -q -m fuzz -n auto --dist worksteal
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -114,8 +114,8 @@ class Replayer:
         self.line = 0
         if self.kvm.notifiers:
             self.host.add_invalidate_hook(self._invalidate_range)
-        for ms in header.memslots:
-            self._check_slot_id(ms.slot, f"memslots[{ms.slot}].slot")
+        for i, ms in enumerate(header.memslots):
+            self._check_slot_id(ms.slot, f"memslots[{i}].slot")
             self.kvm_set_memory_region(ms.slot, ms.gfn, ms.npages, ms.backing)
         self.dispatch = {
             cls: (getattr(self, "do_" + cls.__struct_config__.tag), cls.__struct_config__.tag)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
+from fuzz_count import GENERATED
 
 from kvmpfn.kvm.context import kvm_mmu_reload, shadow_walk
 from kvmpfn.kvm.defs import (
@@ -271,3 +272,25 @@ def make_paged_vm(kernel: str = "pfn", mmu: str = "shadow", memslots=DEFAULT_SLO
     vm.rp.vcpu(0)
     vm.tables = pt
     return vm
+
+
+# --- the count of generated traces (fuzz_count.py) -------------------------------------------------------
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """On an xdist worker: hand this process's count to the controller."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["kvmpfn_generated"] = dict(GENERATED)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """On the xdist controller: add up a finished worker's count."""
+    GENERATED.update(getattr(node, "workeroutput", {}).get("kvmpfn_generated", {}))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if GENERATED:
+        families = ", ".join(f"{name} {n:,}" for name, n in sorted(GENERATED.items()))
+        terminalreporter.write_line(f"generated traces run: {sum(GENERATED.values()):,} ({families})")

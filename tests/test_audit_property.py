@@ -20,6 +20,7 @@ import json
 
 import msgspec
 import pytest
+from fuzz_count import generated
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
@@ -215,11 +216,13 @@ def as_jsonl(header: dict, events: list[dict]) -> str:
     return "\n".join(json.dumps(x) for x in [header, *events]) + "\n"
 
 
-def replay(header: dict, events: list[dict], mmu: str) -> tuple[Replayer, list[dict]]:
-    """Replay through the engine with the full audit after every event and at the kernel's points, then tear
-    down. Returns the replayer and the findings."""
+def replay(
+    header: dict, events: list[dict], mmu: str, audit_every: int = 1, kernel_audit: bool = True
+) -> tuple[Replayer, list[dict]]:
+    """Replay through the engine with the full audit every ``audit_every`` events (and at the kernel's points),
+    then tear down. Returns the replayer and the findings."""
     hdr = msgspec.convert({**header, "mmu": mmu}, ev.Header)
-    rp = Replayer(hdr, ReplayOptions(audit_every=1, kernel_audit=True))
+    rp = Replayer(hdr, ReplayOptions(audit_every=audit_every, kernel_audit=kernel_audit))
     for seq, e in enumerate(events):
         fields = {k: v for k, v in e.items() if k != "op"}
         rp.apply(seq, seq + 2, ev.EVENT_TYPES[e["op"]](**fields))
@@ -228,15 +231,17 @@ def replay(header: dict, events: list[dict], mmu: str) -> tuple[Replayer, list[d
     return rp, rp.findings.items
 
 
-def check(trace: tuple[dict, list[dict]]) -> None:
+def check(trace: tuple[dict, list[dict]], audit_every: int = 1, kernel_audit: bool = True) -> None:
+    """Under both MMUs: no finding at any audit point, no reference left after teardown."""
     header, events = trace
     for mmu in ("shadow", "tdp"):
-        rp, findings = replay(header, events, mmu)
+        rp, findings = replay(header, events, mmu, audit_every, kernel_audit)
         where = f"mmu {mmu}; the trace:\n{as_jsonl(header, events)}"
         assert findings == [], f"{json.dumps(findings, indent=1)}\n{where}"
         held = {hex(pfn): f.count for pfn, f in rp.host.frames.items() if f.count}
         assert held == {}, f"KVM references left after teardown: {held}\n{where}"
         assert rp.auditor.ledger.refs == {}, where
+    generated("mmu-property" if audit_every == 1 else f"mmu-property (audit every {audit_every})")
 
 
 @pytest.mark.parametrize("paging", ["64", "pae", "32"])

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from fuzz_count import generated
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -468,6 +469,7 @@ COMMON = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, He
 
 def check_program(program: Program, **options) -> None:
     check_differential(program.header, program.events, **options)
+    generated("shadow-vs-tdp")
 
 
 @settings(COMMON, max_examples=40)

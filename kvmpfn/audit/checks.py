@@ -122,13 +122,15 @@ def audit_mappings_page(kvm, findings, view: GuestView, sp, va: int, level: int)
     (``notrap-nonleaf`` where the guest entry they shadow is present)."""
     shift = PAGE_SHIFT + 9 * (level - 1)
     host = kvm.host
+    # the guest table a non-metaphysical page shadows, read once for all its notrap entries
+    table = None if sp.metaphysical or kvm.tdp_enabled else host.read_bytes(sp.gfn << PAGE_SHIFT, 1 << PAGE_SHIFT)
     for index, ent in enumerate(sp.spt):
         if ent == TRAP:
             continue
         addr = canonicalize(va + (index << shift))
         if level > 1 and not (ent & PT_PAGE_SIZE_MASK and level == 2 and ent != NOTRAP):
             if ent == NOTRAP:
-                if not kvm.tdp_enabled and guest_entry_present(kvm, view, sp, index, addr, level):
+                if not kvm.tdp_enabled and guest_entry_present(view, sp, index, addr, level, table):
                     findings.report(
                         "notrap-nonleaf",
                         f"notrap entry at level {level} for gva {addr:#x} whose guest entry is present",
@@ -142,7 +144,7 @@ def audit_mappings_page(kvm, findings, view: GuestView, sp, va: int, level: int)
                 audit_mappings_page(kvm, findings, view, child, addr, level - 1)
             continue
         if ent == NOTRAP:
-            if not kvm.tdp_enabled and guest_entry_present(kvm, view, sp, index, addr, level):
+            if not kvm.tdp_enabled and guest_entry_present(view, sp, index, addr, level, table):
                 findings.report(
                     "notrap-valid-gva",
                     f"notrap leaf for gva {addr:#x}, whose guest pte is present",
@@ -190,17 +192,16 @@ def audit_mappings_page(kvm, findings, view: GuestView, sp, va: int, level: int)
             check_permission(kvm, findings, view, sp, index, addr, level, ent)
 
 
-def guest_entry_present(kvm, view: GuestView, sp, index: int, addr: int, level: int) -> bool:
+def guest_entry_present(view: GuestView, sp, index: int, addr: int, level: int, table: bytes | None) -> bool:
     """Whether the guest entry that entry ``index`` of ``sp`` shadows is present (I6). A page that shadows a
-    guest table reads that entry directly (a 32-bit guest's tables in quadrants: 512 ptes of 1024 per
-    level-1 page, one 4-byte pde per two 2 MiB shadow pdes); elsewhere the guest walk of ``addr`` says."""
+    guest table reads that entry directly from ``table``, the table's bytes (a 32-bit guest's tables in
+    quadrants: 512 ptes of 1024 per level-1 page, one 4-byte pde per two 2 MiB shadow pdes); elsewhere the
+    guest walk of ``addr`` says."""
     if not sp.metaphysical:
         if sp.glevels == 2:
             guest_index = (sp.quadrant << 9) + index if sp.level == 1 else (sp.quadrant << 8) + index // 2
-            gpte = kvm.host.read_guest((sp.gfn << PAGE_SHIFT) + 4 * guest_index, 4)
-        else:
-            gpte = kvm.host.read_guest((sp.gfn << PAGE_SHIFT) + 8 * index, 8)
-        return bool(gpte & PT_PRESENT_MASK)
+            return bool(table[4 * guest_index] & PT_PRESENT_MASK)
+        return bool(table[8 * index] & PT_PRESENT_MASK)
     ok, w = view.walk(addr)
     if w is None:
         return False

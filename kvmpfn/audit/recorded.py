@@ -87,6 +87,11 @@ def _int(value: Any) -> int | None:
     return None
 
 
+def _ident(value: Any) -> Any:
+    """A record's ``vcpu`` or ``pid``, used as a key: a JSON scalar, else None (as if absent)."""
+    return value if value is None or isinstance(value, (str, int, float)) else None
+
+
 def _pages(level: int | None) -> int:
     level = level if level is not None and 1 <= level <= 5 else 1
     return 1 << (9 * (level - 1))
@@ -188,7 +193,8 @@ class RecordedChecks:
         """One record (``x`` form), seen at ``seq``/``line``."""
         if not isinstance(rec, dict):
             return
-        handler = self._dispatch.get(rec.get("event"))  # type: ignore[arg-type]
+        event = rec.get("event")
+        handler = self._dispatch.get(event) if isinstance(event, str) else None
         self.records += 1
         if handler is not None:
             handler(rec, _Where(seq, line, rec))
@@ -214,8 +220,8 @@ class RecordedChecks:
         err = _int(rec.get("error_code"))
         if addr is None:
             return
-        vcpu = rec.get("vcpu")
-        key = vcpu if vcpu is not None else ("pid", rec.get("pid"))
+        vcpu = _ident(rec.get("vcpu"))
+        key = vcpu if vcpu is not None else ("pid", _ident(rec.get("pid")))
         run = self._runs.get(key)
         if err is not None and err & PFERR_RSVD and rec.get("ept_qualification") is not True:
             # An MMIO spte hit: KVM emulates the access, so the vcpu made progress.
@@ -229,7 +235,7 @@ class RecordedChecks:
             if run is not None:
                 self._close(key)
             gfn = addr >> 12 if self.mmu == "tdp" else None
-            run = self._runs[key] = _Run(vcpu, addr, gfn, rec.get("pid"), where, where)
+            run = self._runs[key] = _Run(vcpu, addr, gfn, _ident(rec.get("pid")), where, where)
         if err is not None and err not in run.errs:
             run.errs.append(err)
 
@@ -279,7 +285,7 @@ class RecordedChecks:
     def _fast_page_fault(self, rec: dict, where: _Where) -> None:
         if _int(rec.get("fixed")) != 1:
             return
-        gva, vcpu = _int(rec.get("gva")), rec.get("vcpu")
+        gva, vcpu = _int(rec.get("gva")), _ident(rec.get("vcpu"))
         run = self._runs.get(vcpu)
         if run is not None and run.addr == gva:
             self._close(vcpu)
@@ -288,15 +294,15 @@ class RecordedChecks:
     def _spte_requested(self, rec: dict, where: _Where) -> None:
         gfn, pfn = _int(rec.get("gfn")), _int(rec.get("pfn"))
         if gfn is not None and pfn is not None:
-            self._requested[rec.get("pid")] = (gfn, pfn, where)
+            self._requested[_ident(rec.get("pid"))] = (gfn, pfn, where)
 
     def _set_spte(self, rec: dict, where: _Where) -> None:
         gfn, spte, level = _int(rec.get("gfn")), _int(rec.get("spte")), _int(rec.get("level"))
         if gfn is None or spte is None:
             return
         pages = _pages(level)
-        self._close_where(lambda g: gfn <= g < gfn + pages, rec.get("pid"))
-        pid = rec.get("pid")
+        pid = _ident(rec.get("pid"))
+        self._close_where(lambda g: gfn <= g < gfn + pages, pid)
         req = self._requested.get(pid)
         if req is None:
             return
@@ -328,7 +334,7 @@ class RecordedChecks:
         if gfn is None or level is None or old is None or new is None:
             return
         pages = _pages(level)
-        self._close_where(lambda g: gfn <= g < gfn + pages, rec.get("pid"))
+        self._close_where(lambda g: gfn <= g < gfn + pages, _ident(rec.get("pid")))
         if not (_leaf(old, level) and _leaf(new, level)):
             return
         old_pfn, new_pfn = _frame(old, level), _frame(new, level)

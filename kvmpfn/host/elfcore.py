@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import stat
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -129,9 +130,14 @@ class ElfCoreImage:
         self.path = os.fspath(path)
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         try:
-            self._fh = open(self.path, "rb")  # noqa: SIM115 - kept open for lazy reads; close() closes it
-        except OSError as err:
-            raise ElfCoreError(self.path, (err.strerror or str(err)).lower()) from None
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; only a regular file is read
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+            raise ElfCoreError(self.path, (getattr(err, "strerror", None) or str(err)).lower()) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ElfCoreError(self.path, "not a regular file")
+        self._fh = os.fdopen(fd, "rb")  # kept open for lazy reads; close() closes it
         try:
             self._load_headers()
         except BaseException:

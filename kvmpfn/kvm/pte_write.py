@@ -102,10 +102,11 @@ def role_matches_context(vcpu, kvm, sp) -> bool:
     mask (cr0_wp, cr4_pae, nxe; later smep_andnot_wp, smap_andnot_wp); other pages of the gfn only have the
     spte zapped. The era had none of these role bits and updated every page. kvmpfn keys pages on them
     (``kvm_mmu_get_page``), so it needs the test too: ``FNAME(update_pte)`` judges the gpte with the writing
-    vcpu's EFER.NX, so a pte with bit 63 set, written by a vcpu with EFER.NX=1, became an spte in a page of a
-    vcpu with EFER.NX=0, for which that bit is reserved (traces/regressions/smep-wp0-pte-write-nx-role.jsonl).
-    Differs from the kernel: CR4.PSE is compared too, and PAE and 64-bit pages (``glevels`` 3 and 4, both
-    cr4_pae) do not match each other; either only costs a prefetch.
+    vcpu's EFER.NX, so a pte with bit 63 set, written while EFER.NX=1, became an spte in the EFER.NX=0 page of
+    that table, for which that bit is reserved (traces/regressions/smep-wp0-pte-write-nx-role.jsonl, two
+    vcpus; pte-write-role-mismatch.jsonl, one vcpu switching EFER.NX). Differs from the kernel: CR4.PSE is
+    compared too, and PAE and 64-bit pages (``glevels`` 3 and 4, both cr4_pae) do not match each other;
+    either only costs a prefetch.
     """
     return sp.glevels == vcpu.root_level and (sp.cr0_wp, sp.ext) == context_role_bits(vcpu, kvm)
 

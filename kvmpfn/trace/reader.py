@@ -111,6 +111,11 @@ _ANY_DECODER = msgspec.json.Decoder()
 _INT = "int"
 _AT_RE = re.compile(r" - at `\$([^`]*)`$")
 _TOKEN_RE = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+#: a \u escape of a high surrogate not followed by a low one, or of a low one not preceded by a high one
+_SURROGATE_RE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F]"
+)
+_OP_RE = re.compile(rb'"op"\s*:\s*"([a-z_]{1,16})"')
 # msgspec.inspect sorts the values of a Literal; messages list them in the order of the format.
 _LITERAL_ORDER = {frozenset(get_args(t)): get_args(t) for t in (PagingMode, Backing, MmuKind, KernelName, FaultKind)}
 
@@ -230,7 +235,9 @@ def _malformed(data: bytes, exc: BaseException, context: str | None) -> _LineErr
     if isinstance(exc, RecursionError):
         return _LineError("malformed JSON: nested too deeply", context=context)
     text = str(exc)
-    if text.startswith("Input data was truncated"):
+    if text.startswith("Input data was truncated") and _SURROGATE_RE.search(data):
+        text = "a \\u escape is half of a UTF-16 surrogate pair"  # msgspec calls that "truncated" too
+    elif text.startswith("Input data was truncated"):
         text = "the line ends inside a JSON value"
     elif text.startswith("JSON is malformed: "):
         text = text[len("JSON is malformed: ") :]
@@ -340,13 +347,29 @@ def _explain(exc: msgspec.ValidationError, raw: Any, top: type | None, context: 
     return _LineError(message, _field_name(tokens), context)
 
 
-def _decode_slow(data: bytes, header: bool) -> Any:
-    """Decode a line the fast decoder rejected: integers from strings, else a precise error."""
+def _out_of_range(data: bytes, fast: msgspec.ValidationError, header: bool) -> _LineError | None:
+    """A JSON number too large for any decoder (over ~4300 digits, or a float beyond 1e308): msgspec says so
+    only in the typed error, with the field's path."""
+    text = str(fast)
+    if not text.startswith(("Integer value out of range", "Number out of range")):
+        return None
+    at = _AT_RE.search(text)
+    path = at.group(1).split("[...]")[0] if at else ""  # "[...]": inside a free-form dict ("x")
+    context = "header"
+    if not header:
+        op = _OP_RE.search(data)
+        context = f'event "{op.group(1).decode()}"' if op and op.group(1).decode() in EVENT_TYPES else "event"
+    return _LineError("number out of range (integers must be below 2**64)", _field_name(_tokens(path)), context)
+
+
+def _decode_slow(data: bytes, header: bool, fast: msgspec.ValidationError | None = None) -> Any:
+    """Decode a line the fast decoder rejected (with ``fast``): integers from strings, else a precise error."""
     context = "header" if header else "event"
     try:
         raw = _ANY_DECODER.decode(data)
     except Exception as e:  # noqa: BLE001 - DecodeError, UnicodeDecodeError, RecursionError, ...
-        raise _malformed(data, e, context if header else None) from None
+        big = _out_of_range(data, fast, header) if fast is not None else None
+        raise big or _malformed(data, e, context if header else None) from None
     top: type | None = Header
     if isinstance(raw, dict) and not header:
         op = raw.get("op")
@@ -380,8 +403,8 @@ def _decode_line(data: bytes, header: bool = False) -> Any:
     """
     try:
         return (_HEADER_DECODER if header else _EVENT_DECODER).decode(data)
-    except msgspec.ValidationError:
-        return _decode_slow(data, header)
+    except msgspec.ValidationError as e:
+        return _decode_slow(data, header, e)
     except Exception as e:  # noqa: BLE001 - DecodeError, UnicodeDecodeError, RecursionError, ...
         raise _malformed(data, e, "header" if header else None) from None
 
@@ -565,9 +588,9 @@ class TraceReader:
                     continue
             try:
                 event = decode(data)
-            except msgspec.ValidationError:
+            except msgspec.ValidationError as fast:
                 try:
-                    event = _decode_slow(data, False)
+                    event = _decode_slow(data, False, fast)
                 except _LineError as e:
                     raise self._error(line_no, e) from None
             except Exception as e:  # noqa: BLE001 - DecodeError, UnicodeDecodeError, RecursionError, ...
