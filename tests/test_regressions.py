@@ -33,6 +33,18 @@ EXPECTED: dict[str, dict[tuple, tuple[list[str], dict[int, dict], list[str]]]] =
             [],
         ),
     },
+    "smep-wp0-pte-write-nx-role.jsonl": {
+        SHADOW: (
+            ["ok", "ok", "ok", "ok", "mapped", "ok", "emulated", "ok", "guest_fault", "ok"],
+            {8: {"seq": 8, "line": 25, "op": "access", "result": "guest_fault", "err": "0xd", "set_accessed": []}},
+            [],
+        ),
+        TDP: (
+            ["ok", "ok", "ok", "ok", "mapped", "ok", "ok", "ok", "guest_fault", "ok"],
+            {8: {"seq": 8, "line": 25, "op": "access", "result": "guest_fault", "err": "0xd", "set_accessed": []}},
+            [],
+        ),
+    },
     "cr0wp0-large-page-clean-pde.jsonl": {
         SHADOW: (
             ["ok", "mapped", "emulated", "mapped", "mapped", "ok"],
