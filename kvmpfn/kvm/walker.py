@@ -370,12 +370,12 @@ def _walk_once(
         table_gfn = (pte & table_mask) >> PAGE_SHIFT
         pte_gpa = (table_gfn << PAGE_SHIFT) + ((addr >> shift) & index_mask) * pte_size
         i = level - 1
-        w.level = level
         table_gfns[i] = table_gfn
         pte_gpas[i] = pte_gpa
         pte = read_guest(pte_gpa, pte_size)
         ptes[i] = pte
         if not pte & PT_PRESENT_MASK:
+            w.level = level
             w.pt_access = w.pte_access = pt_access
             w.error_code = _fault_error_code(cpu, mode, write_fault, user_fault, fetch_fault)
             return False, w
@@ -384,6 +384,7 @@ def _walk_once(
         if large:
             rsvd = rsvd_large  # type: ignore[assignment]
         if pte & rsvd:
+            w.level = level
             w.pt_access = w.pte_access = pt_access
             code = _fault_error_code(cpu, mode, write_fault, user_fault, fetch_fault)
             w.error_code = PFERR_PRESENT_MASK | PFERR_RSVD_MASK | code
@@ -393,7 +394,9 @@ def _walk_once(
             access &= ~ACC_EXEC_MASK
         pte_access = pt_access & access
         access_at[i] = pte_access
-        w.pt_access, w.pte_access = pt_access, pte_access
+        if level == PT_PAGE_TABLE_LEVEL or large:
+            w.level = level
+            w.pt_access, w.pte_access = pt_access, pte_access
         if level == PT_PAGE_TABLE_LEVEL:
             w.gfn = (pte & table_mask) >> PAGE_SHIFT
             break
