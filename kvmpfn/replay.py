@@ -182,7 +182,8 @@ class Replayer:
 
     def do_access(self, e: ev.Access) -> dict:
         vcpu = self.kvm.vcpus.get(e.vcpu) or self.vcpu(e.vcpu)
-        self._check_addr(vcpu, e.addr, False)
+        if e.addr >> 32:
+            self._check_addr(vcpu, e.addr, False)
         out = guest_access(vcpu, self.kvm, e.addr, e.write, e.user, e.fetch, e.ac, self.records)
         if not self.records and not out.looped:
             return RESULT_ONLY[out.result]
