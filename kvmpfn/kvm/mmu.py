@@ -433,10 +433,11 @@ def mmu_set_spte(
     shadowed guest table (``kvm_mmu_lookup_page``) or a large spte would cover one (``has_wrprotected_page``);
     a write fault then returns 1 (``*ptwrite``: the caller emulates the write).
 
-    Differs from the kernel: the CR0.WP=0 supervisor-write path drops U and marks the page dirty (the v2.6.35
-    fix; ``--bug cr0wp-user-write`` keeps the era's U), takes exec away from a user page under CR4.SMEP, and
-    under CR4.SMAP leaves a user page read-only and has the write emulated (later kernels' smep/smap_andnot_wp
-    handling, so the guest's SMEP/SMAP still apply); ``pte_access |= PT_ACCESSED_MASK`` is kept as the
+    Differs from the kernel: the era's CR0.WP=0 supervisor-write path (W on a read-only gpte, U kept) runs
+    only under ``--bug cr0wp-user-write``; otherwise ``FNAME(page_fault)`` has already converted
+    ``pte_access`` to W without U (later kernels, ``paging.cr0_wp0_supervisor_write``), and what reaches
+    this branch is a user page under CR4.SMAP, left read-only with the write emulated (so the guest's SMAP
+    still applies); ``pte_access |= PT_ACCESSED_MASK`` is kept as the
     era's no-op (§5.8), so fault-made sptes start with A clear. Returns the ``*ptwrite`` value.
     """
     sp, index = sptep
@@ -469,18 +470,12 @@ def mmu_set_spte(
     if pte_access & ACC_WRITE_MASK or (write_fault and not vcpu.cpu.cr0_wp and not user_fault):
         spte |= PT_WRITABLE_MASK
         if not pte_access & ACC_WRITE_MASK and not kvm.tdp_enabled and "cr0wp-user-write" not in kvm.bugs:
-            # CR0.WP=0 supervisor write to a read-only gpte (v2.6.35 fix: no user access, dirty like any W)
-            user_page = bool(pte_access & ACC_USER_MASK)
-            if user_page and vcpu.cpu.cr4_smap:
-                # without U the host's SMAP check would pass later AC=0 supervisor accesses: keep the user
-                # page read-only and emulate this write instead (later kernels check SMAP in software here)
-                spte &= ~PT_WRITABLE_MASK
-                pt_write = 1
-            else:
-                spte &= ~PT_USER_MASK
-                pte_access |= ACC_WRITE_MASK
-                if user_page and vcpu.cpu.cr4_smep:
-                    spte |= PT64_NX_MASK  # a supervisor fetch must still exit and meet the guest's SMEP
+            # CR0.WP=0 supervisor write to a read-only gpte: FNAME(page_fault) already gave pte_access W
+            # without U (cr0_wp0_supervisor_write) except for a user page under CR4.SMAP. Without U the host's
+            # SMAP check would pass later AC=0 supervisor accesses: keep the user page read-only and emulate
+            # this write instead (later kernels check SMAP in software here)
+            spte &= ~PT_WRITABLE_MASK
+            pt_write = 1
         if user_fault and "user-fault-unshadow" in kvm.bugs:
             mmu_unshadow(kvm, gfn)  # the seed's heuristic (§5.5)
         elif "no-write-protect" not in kvm.bugs and (

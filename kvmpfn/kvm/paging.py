@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from kvmpfn.kvm.defs import (
     ACC_EXEC_MASK,
+    ACC_USER_MASK,
     ACC_WRITE_MASK,
     KVM_PAGES_PER_HPAGE,
     PAGE_SHIFT,
@@ -154,12 +155,43 @@ def paging_page_fault(vcpu, kvm, addr: int, error_code: int) -> int:
         return 1
     if pfn == FAULT_RETRY:
         return 0
+    if "cr0wp-user-write" not in kvm.bugs:
+        cr0_wp0_supervisor_write(vcpu, walker, user_fault, write_fault)
     kvm_mmu_free_some_pages(vcpu, kvm)
     write_pt = fetch(vcpu, kvm, addr, walker, user_fault, write_fault, largepage, gfn, pfn)
     if not write_pt:
         vcpu.last_pt_write_count = 0
     kvm_mmu_audit(vcpu, kvm, "post page fault (fixed)")
     return write_pt
+
+
+def cr0_wp0_supervisor_write(vcpu, walker, user_fault: bool, write_fault: bool) -> None:
+    """The CR0.WP=0 branch of later kernels' ``FNAME(page_fault)`` (commit c22885050e65, "KVM: MMU: fix
+    Dirty bit missed if CR0.WP = 0", v3.9), run after the pfn is known and before ``FNAME(fetch)``: a
+    supervisor write the guest translation does not allow (legal with CR0.WP=0) turns the walker's
+    ``pte_access`` into W without U (and without exec for a user page under CR4.SMEP, so a supervisor fetch
+    still exits and meets the guest's SMEP). The rights down to the guest leaf (``access_at``), which become
+    the ``role.access`` of a metaphysical page splitting a guest large page, change the same way.
+
+    The era made the spte writable inside ``mmu_set_spte`` only, after ``FNAME(fetch)`` had chosen the
+    metaphysical page by the unconverted rights: a writable spte then sat in a page whose role lacks W, and
+    a later read fault through a writable-but-clean large pde (W dropped from the role) relinked it, so the
+    next write hit without setting the guest's D bit (traces/regressions/cr0wp0-large-page-clean-pde.jsonl).
+    ``--bug cr0wp-user-write`` skips this and keeps the era's ``mmu_set_spte`` path. Differs from the kernel:
+    a user page under CR4.SMAP is left alone (``mmu_set_spte`` keeps it read-only and has the write
+    emulated), where the kernel converts it and relies on role.smap_andnot_wp.
+    """
+    cpu = vcpu.cpu
+    access = walker.pte_access
+    if not write_fault or user_fault or cpu.cr0_wp or access & ACC_WRITE_MASK:
+        return
+    user_page = bool(access & ACC_USER_MASK)
+    if user_page and cpu.cr4_smap:
+        return
+    drop = ACC_USER_MASK | (ACC_EXEC_MASK if user_page and cpu.cr4_smep else 0)
+    walker.pte_access = (access | ACC_WRITE_MASK) & ~drop
+    leaf = walker.level - 1
+    walker.access_at[leaf] = (walker.access_at[leaf] | ACC_WRITE_MASK) & ~drop
 
 
 def fetch(vcpu, kvm, addr: int, walker, user_fault: bool, write_fault: bool, largepage: int, gfn: int, pfn: int) -> int:
@@ -173,7 +205,9 @@ def fetch(vcpu, kvm, addr: int, walker, user_fault: bool, write_fault: bool, lar
     kernel: the child's ``role.access`` is the AND of the guest entries above it only (the 2021 fix;
     ``--bug sp-access-inherit`` uses the whole walk's); a large spte in the way is ``rmap_remove``d and then
     set to trap (v2.6.30 order; ``--bug large-spte-remove-order`` stores trap first, §5.11); the bail-out
-    unlinks the new page from its parent (v2.6.28 fix; ``--bug fetch-bailout-parent``, §5.9).
+    unlinks the new page from its parent (v2.6.28 fix; ``--bug fetch-bailout-parent``, §5.9); the leaf gets
+    the walker's ``pte_access`` as it is (later kernels': the era's ``& access`` changed nothing, and would
+    take back the W a CR0.WP=0 supervisor write was given, ``cr0_wp0_supervisor_write``).
     """
     glevels = vcpu.root_level
     leaf_level = walker.level
@@ -236,7 +270,7 @@ def fetch(vcpu, kvm, addr: int, walker, user_fault: bool, write_fault: bool, lar
         kvm,
         (sp, index),
         access,
-        walker.pte_access & access,
+        walker.pte_access,
         user_fault,
         write_fault,
         dirty,
