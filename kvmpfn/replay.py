@@ -99,6 +99,7 @@ class Replayer:
     def __init__(self, header: ev.Header, options: ReplayOptions, memory_image=None, records: bool = True) -> None:
         self.header = header
         self.records = records
+        self.audit_points = bool(options.paranoid or options.audit_every)  # after events, not only at `audit`
         self.mmu = options.mmu or header.mmu
         self.kernel = options.kernel or header.kernel
         self.options = options
@@ -334,14 +335,8 @@ class Replayer:
         if (kvm.consumed_failure or api.consumed_failure) and op in STORE_OR_FAULT and rec["result"] != "error":
             rec = {k: v for k, v in rec.items() if k not in ("gpa", "pfn", "spte", "err", "set_dirty")}
             rec["result"] = "error"
-        every = self.options.audit_every
-        if self.options.paranoid and not self.torn_down:
-            self.auditor.full_audit("paranoid")
-            problems = check_mmu_structures(kvm)
-            if problems:
-                raise InternalError("; ".join(problems[:3]))
-        elif every and (seq + 1) % every == 0 and not self.torn_down:
-            self.auditor.full_audit(f"audit-every {every}")
+        if self.audit_points:
+            self._audit_point(seq)
         if e.x is not None:
             self.recorded.observe(e.x)
         if not self.records:
@@ -352,6 +347,19 @@ class Replayer:
         if e.x is not None:
             out["x"] = e.x
         return out
+
+    def _audit_point(self, seq: int) -> None:
+        """``--paranoid`` (the full audit and the structure checks after every event) or ``--audit-every``."""
+        if self.torn_down:
+            return
+        every = self.options.audit_every
+        if self.options.paranoid:
+            self.auditor.full_audit("paranoid")
+            problems = check_mmu_structures(self.kvm)
+            if problems:
+                raise InternalError("; ".join(problems[:3]))
+        elif every and (seq + 1) % every == 0:
+            self.auditor.full_audit(f"audit-every {every}")
 
     def stats(self) -> dict[str, Any]:
         kvm = self.kvm

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from itertools import islice
 
 from kvmpfn.kvm.defs import (
+    ACC_ALL,
     INVALID_PAGE,
     PAGE_SHIFT,
     PFERR_FETCH_MASK,
@@ -414,7 +415,12 @@ def guest_access(
     tdp_addr = addr
     if kvm.tdp_enabled and cpu.paging != "none":
         hit = vcpu.walk_cache.get(addr >> PAGE_SHIFT)  # hardware_walk's memo, looked up inline
-        answer = None if hit is None else walk_memo_answer(cpu, hit, write, user, fetch, ac)
+        if hit is None:
+            answer = None
+        elif hit[1] == ACC_ALL and (hit[2] or not write) and (user or not (cpu.cr4_smep or cpu.cr4_smap)):
+            answer = True, hit[0]  # walk_memo_answer's verdict for a leaf that grants everything
+        else:
+            answer = walk_memo_answer(cpu, hit, write, user, fetch, ac)
         if answer is None:
             ok, value, set_accessed, set_dirty = hardware_walk(vcpu, kvm, addr, write, user, fetch, ac)
         else:

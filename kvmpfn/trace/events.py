@@ -241,7 +241,7 @@ class Access(_EventBase, tag="access"):
     ac: Flag = False
 
     def __post_init__(self) -> None:
-        if not 0 <= self.addr < U64_LIMIT:
+        if self.addr >> 64:  # never negative (U64)
             raise _range_error("addr", self.addr, 0, U64_LIMIT)
         if self.write.__class__ is not bool:
             self.write = _flag("write", self.write)

@@ -581,7 +581,7 @@ class TraceReader:
             self._line_no = line_no
             if len(data) > MAX_LINE and len(data) - data.endswith(b"\n") > MAX_LINE:
                 raise TraceError(self.path, line_no, f"line too long (over {MAX_LINE} bytes)")
-            if data[:1] != b"{":
+            if data[0] != 123:  # not "{"
                 stripped = data.lstrip()
                 if not stripped or stripped[:1] == b"#":
                     self._check_comment(data)
