@@ -318,6 +318,7 @@ class Host:
                     self._store_over_pte(key, gpa, data)
 
     def _store_over_pte(self, key: int, gpa: int, data: bytes | bytearray) -> None:
+        """The store of ``data`` at ``gpa`` against one watched pte (``Host.watched`` key ``key``)."""
         a, esize = key & ~1, 4 if key & 1 else 8
         end = gpa + len(data)
         if a + esize <= gpa:
