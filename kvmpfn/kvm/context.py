@@ -331,7 +331,8 @@ def leaf_of(sp, index: int, addr: int) -> tuple[int, int, int]:
 
 
 def hardware_walk(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool):
-    """The TDP CPU's walk of the guest's own tables: (ok, gfn or error code, set_accessed, set_dirty).
+    """The TDP CPU's walk of the guest's own tables when its memo cannot answer (:func:`guest_access` asks
+    the memo first): (ok, gfn or error code, set_accessed, set_dirty).
 
     What a walk found for a gva page is memoised per vcpu (:func:`walk_memo_answer` judges any access kind
     from it) when it leaves every entry it used with A set: a leaf reached (gfn, rights, D), or a non-present or
@@ -341,12 +342,6 @@ def hardware_walk(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetc
     exact stand-in for the TLB. A full memo forgets its older half (:data:`WALK_MEMO_LIMIT`).
     """
     page = addr >> PAGE_SHIFT
-    memo = vcpu.walk_cache
-    hit = memo.get(page)
-    if hit is not None:
-        answer = walk_memo_answer(vcpu.cpu, hit, write, user, fetch, ac)
-        if answer is not None:
-            return answer[0], answer[1], [], None
     cpu = vcpu.cpu
     ok, w = walk_addr(cpu, kvm.host, addr, write, user, fetch, ac=ac, set_ad=True)
     value = w.gfn if ok else w.error_code
@@ -414,7 +409,7 @@ def guest_access(
     set_dirty = None
     tdp_addr = addr
     if kvm.tdp_enabled and cpu.paging != "none":
-        hit = vcpu.walk_cache.get(addr >> PAGE_SHIFT)  # hardware_walk's memo, looked up inline
+        hit = vcpu.walk_cache.get(addr >> PAGE_SHIFT)  # hardware_walk's memo
         if hit is None:
             answer = None
         elif hit[1] == ACC_ALL and (hit[2] or not write) and (user or not (cpu.cr4_smep or cpu.cr4_smap)):
