@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 
 from kvmpfn import replay as replay_mod
+from kvmpfn.errors import InputError
 from kvmpfn.replay import ReplayOptions
 from kvmpfn.report import ERROR, FAIL, NOT_RUN, PASS, AuditReport, TraceOutcome
 
@@ -50,8 +51,11 @@ TRACE_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 Baseline = dict[str, dict[str, int]]
 
 
-class GateError(Exception):
+class GateError(InputError):
     """A usage error (bad argument, unreadable baseline): exit status 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(None, message)
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from kvmpfn.audit import Auditor
 from kvmpfn.audit.findings import hexs
 from kvmpfn.audit.paranoid import check_mmu_structures
 from kvmpfn.audit.recorded import RecordedChecks
+from kvmpfn.errors import InputError, InternalError, KernelBug
 from kvmpfn.host import Host, HostError
 from kvmpfn.host.elfcore import guest_from_core, open_header_memory
 from kvmpfn.kvm.context import guest_access, kvm_mmu_reset_context, kvm_set_cr3, new_vcpu, recorded_fault
-from kvmpfn.kvm.defs import KVM_MAX_VCPUS, PAGE_SHIFT
 from kvmpfn.kvm.mmu import (
     kvm_arch_destroy_vm,
     kvm_mmu_calculate_mmu_pages,
@@ -32,12 +32,12 @@ from kvmpfn.kvm.mmu import (
 )
 from kvmpfn.kvm.pfn import PfnApi
 from kvmpfn.kvm.pte_write import kvm_mmu_pte_write
-from kvmpfn.kvm.rmap import KernelBug
 from kvmpfn.kvm.spte import is_last_spte, is_shadow_present_pte
 from kvmpfn.kvm.vm import Kvm
 from kvmpfn.kvm.walker import gva_in_range, load_pdptrs
 from kvmpfn.trace import events as ev
 from kvmpfn.trace.reader import TraceError, open_trace
+from kvmpfn.x86 import KVM_MAX_VCPUS, PAGE_SHIFT
 
 KVM_MEMORY_SLOTS = 32
 GUEST_STATE = ("paging", "cr0_wp", "efer_nx", "cr4_pse", "cr4_smep", "cr4_smap", "maxphyaddr", "gbpages")
@@ -77,19 +77,6 @@ class ReplayResult:
             "by_code": dict(sorted(by_code.items())),
             **self.stats,
         }
-
-
-class InputError(Exception):
-    """An event the VM cannot take (wrong address range, unknown slot, event after teardown ...)."""
-
-    def __init__(self, field_name: str | None, message: str) -> None:
-        super().__init__(message)
-        self.field = field_name
-        self.message = message
-
-
-class InternalError(Exception):
-    """The simulator's own data structures disagree (``--paranoid``): a defect in kvmpfn."""
 
 
 class Replayer:

@@ -43,6 +43,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from kvmpfn.errors import InputError
 from kvmpfn.trace import events as ev
 from kvmpfn.trace.writer import TraceWriter
 
@@ -89,8 +90,11 @@ SMALL_BASE = 0x8000_0000
 BOOT_STRIDE = 4099
 
 
-class SynthError(ValueError):
+class SynthError(InputError):
     """A workload that cannot be generated with the options given (e.g. fork-storm without paging)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(None, message)
 
 
 @dataclass(frozen=True)

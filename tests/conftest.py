@@ -14,7 +14,11 @@ import pytest
 from fuzz_count import GENERATED
 
 from kvmpfn.kvm.context import kvm_mmu_reload, shadow_walk
-from kvmpfn.kvm.defs import (
+from kvmpfn.kvm.pfn import API_NAMES
+from kvmpfn.kvm.spte import NOTRAP, TRAP, is_last_spte, is_shadow_present_pte
+from kvmpfn.replay import Replayer, ReplayOptions
+from kvmpfn.trace import events as ev
+from kvmpfn.x86 import (
     PAGE_SHIFT,
     PT64_BASE_ADDR_MASK,
     PT_PAGE_SIZE_MASK,
@@ -22,10 +26,6 @@ from kvmpfn.kvm.defs import (
     PT_USER_MASK,
     PT_WRITABLE_MASK,
 )
-from kvmpfn.kvm.pfn import API_NAMES
-from kvmpfn.kvm.spte import NOTRAP, TRAP, is_last_spte, is_shadow_present_pte
-from kvmpfn.replay import Replayer, ReplayOptions
-from kvmpfn.trace import events as ev
 
 KERNELS = ("page", "pfn", "pfn-io", "notifier")
 V2626 = ("page", "pfn", "pfn-io")  # the variants without MMU notifiers

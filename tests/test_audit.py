@@ -17,13 +17,13 @@ import pytest
 from kvmpfn.audit.checks import audit_mappings
 from kvmpfn.audit.findings import Findings
 from kvmpfn.kvm.context import shadow_walk
-from kvmpfn.kvm.defs import PT64_NX_MASK, PT_USER_MASK, PT_WRITABLE_MASK
 from kvmpfn.kvm.mmu import gfn_to_kvm_slot, mmu_page_remove_parent_pte, page_header, pt64_index, root_table
 from kvmpfn.kvm.rmap import rmap_remove
 from kvmpfn.kvm.spte import NOTRAP, TRAP, is_last_spte, is_shadow_present_pte, spte_to_pfn
 from kvmpfn.kvm.vm import KvmMmuPage
 from kvmpfn.replay import Replayer, ReplayOptions, replay_file
 from kvmpfn.trace import events as ev
+from kvmpfn.x86 import PT64_NX_MASK, PT_USER_MASK, PT_WRITABLE_MASK
 
 P, W, U, A, D, PS = 1, 2, 4, 0x20, 0x40, 0x80
 NX = 1 << 63

@@ -365,7 +365,7 @@ def test_cr4_pse_change_is_seen_by_the_shadow_mmu():
 
 def test_kernel_bug_at_the_implicit_teardown_is_reported_not_raised(tmp_path, monkeypatch):
     import kvmpfn.replay
-    from kvmpfn.kvm.rmap import KernelBug
+    from kvmpfn.errors import KernelBug
     from kvmpfn.replay import replay_file
 
     def destroy(kvm):

@@ -48,12 +48,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmpfn.kvm.context import leaf_allows, shadow_walk
-from kvmpfn.kvm.defs import PAGE_SHIFT
 from kvmpfn.kvm.spte import NOTRAP, TRAP
 from kvmpfn.kvm.walker import walk_addr
 from kvmpfn.replay import Replayer, ReplayOptions, replay_file
 from kvmpfn.trace import events as ev
 from kvmpfn.trace.reader import open_trace
+from kvmpfn.x86 import PAGE_SHIFT
 
 TRACES = Path(__file__).resolve().parent.parent / "traces" / "shadow"
 DIFF_TRACES = sorted(TRACES.glob("diff-*.jsonl"))

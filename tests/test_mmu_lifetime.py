@@ -19,7 +19,6 @@ from conftest import (
 )
 
 from kvmpfn.host import BAD_PFN, MMIO_PFN_BASE
-from kvmpfn.kvm.defs import ACC_ALL, INVALID_PAGE, KVM_MIN_FREE_MMU_PAGES, KVM_REFILL_PAGES
 from kvmpfn.kvm.mmu import (
     kvm_mmu_change_mmu_pages,
     kvm_mmu_free_some_pages,
@@ -31,6 +30,7 @@ from kvmpfn.kvm.mmu import (
 )
 from kvmpfn.kvm.spte import TRAP, is_large_pte, spte_to_pfn
 from kvmpfn.trace import events as ev
+from kvmpfn.x86 import ACC_ALL, INVALID_PAGE, KVM_MIN_FREE_MMU_PAGES, KVM_REFILL_PAGES
 
 GFN = 0x5
 LARGE_GFN = 0x800

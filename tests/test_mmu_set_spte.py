@@ -25,8 +25,8 @@ from conftest import (
     names,
 )
 
+from kvmpfn.errors import KernelBug
 from kvmpfn.host import BAD_PFN, MMIO_PFN_BASE
-from kvmpfn.kvm.defs import ACC_ALL, ACC_EXEC_MASK, ACC_USER_MASK, PT64_NX_MASK
 from kvmpfn.kvm.mmu import (
     account_shadowed,
     has_wrprotected_page,
@@ -35,8 +35,8 @@ from kvmpfn.kvm.mmu import (
     mmu_set_spte,
     unaccount_shadowed,
 )
-from kvmpfn.kvm.rmap import KernelBug
 from kvmpfn.kvm.spte import TRAP, is_large_pte, spte_to_pfn
+from kvmpfn.x86 import ACC_ALL, ACC_EXEC_MASK, ACC_USER_MASK, PT64_NX_MASK
 
 GFN = 0x5  # a 4 KiB RAM page in slot 0
 LARGE_GFN = 0x800  # the first 2 MiB region of the hugetlb slot (slot 1)

@@ -8,11 +8,10 @@ from __future__ import annotations
 import pytest
 from conftest import A_BIT, D_BIT, PS, P, U, W, make_vm
 
-from kvmpfn.kvm.defs import ACC_ALL
+from kvmpfn.errors import KernelBug
 from kvmpfn.kvm.mmu import kvm_mmu_alloc_page, mmu_set_spte
 from kvmpfn.kvm.rmap import (
     RMAP_EXT,
-    KernelBug,
     gfn_to_rmap,
     rmap_add,
     rmap_entries,
@@ -21,6 +20,7 @@ from kvmpfn.kvm.rmap import (
     rmap_write_protect,
 )
 from kvmpfn.kvm.spte import TRAP
+from kvmpfn.x86 import ACC_ALL
 
 GFN = 0x5
 LARGE_GFN = 0x800

@@ -25,12 +25,12 @@ from pathlib import Path
 import pytest
 
 from kvmpfn.kvm.context import shadow_walk
-from kvmpfn.kvm.defs import PAGE_SHIFT, PT_PAGE_SIZE_MASK, PT_WRITABLE_MASK
 from kvmpfn.kvm.mmu import kvm_mmu_lookup_page
 from kvmpfn.kvm.spte import NOTRAP, TRAP, is_shadow_present_pte, spte_to_pfn
 from kvmpfn.replay import Replayer, ReplayOptions, replay_file
 from kvmpfn.trace import events as ev
 from kvmpfn.trace.reader import open_trace
+from kvmpfn.x86 import PAGE_SHIFT, PT_PAGE_SIZE_MASK, PT_WRITABLE_MASK
 
 TRACES = Path(__file__).resolve().parent.parent / "traces" / "shadow"
 ALL_TRACES = sorted(p.name for p in TRACES.glob("*.jsonl"))

@@ -14,18 +14,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmpfn.kvm.defs import (
-    ACC_ALL,
-    ACC_EXEC_MASK,
-    ACC_USER_MASK,
-    ACC_WRITE_MASK,
-    PFERR_FETCH_MASK,
-    PFERR_PRESENT_MASK,
-    PFERR_RSVD_MASK,
-    PFERR_USER_MASK,
-    PFERR_WRITE_MASK,
-    UNMAPPED_GVA,
-)
 from kvmpfn.kvm.walker import (
     WALK_RESTART_LIMIT,
     GuestCpu,
@@ -40,6 +28,18 @@ from kvmpfn.kvm.walker import (
     pse36_gfn_delta,
     rsvd_bits,
     walk_addr,
+)
+from kvmpfn.x86 import (
+    ACC_ALL,
+    ACC_EXEC_MASK,
+    ACC_USER_MASK,
+    ACC_WRITE_MASK,
+    PFERR_FETCH_MASK,
+    PFERR_PRESENT_MASK,
+    PFERR_RSVD_MASK,
+    PFERR_USER_MASK,
+    PFERR_WRITE_MASK,
+    UNMAPPED_GVA,
 )
 
 P, W, U, A, D, PS = 1 << 0, 1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 7

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from collections import Counter
 
-from kvmpfn.kvm.defs import (
+from kvmpfn.kvm.mmu import gfn_to_kvm_slot, slot_largepage_idx
+from kvmpfn.kvm.rmap import gfn_to_rmap, rmap_entries
+from kvmpfn.kvm.spte import NOTRAP, TRAP, is_last_spte, is_shadow_present_pte, spte_to_pfn
+from kvmpfn.kvm.walker import walk_addr
+from kvmpfn.x86 import (
     ACC_EXEC_MASK,
     ACC_USER_MASK,
     ACC_WRITE_MASK,
@@ -24,10 +28,6 @@ from kvmpfn.kvm.defs import (
     PT_WRITABLE_MASK,
     UNMAPPED_GVA,
 )
-from kvmpfn.kvm.mmu import gfn_to_kvm_slot, slot_largepage_idx
-from kvmpfn.kvm.rmap import gfn_to_rmap, rmap_entries
-from kvmpfn.kvm.spte import NOTRAP, TRAP, is_last_spte, is_shadow_present_pte, spte_to_pfn
-from kvmpfn.kvm.walker import walk_addr
 
 PFN_TRUNCATE_MASK = (1 << 20) - 1  # what survives a 32-bit ``pfn << PAGE_SHIFT``
 

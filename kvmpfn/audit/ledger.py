@@ -5,7 +5,7 @@ so a leak or an underflow is known without walking the sptes (reference §6 I1, 
 
 from __future__ import annotations
 
-from kvmpfn.kvm.defs import PT_WRITABLE_MASK
+from kvmpfn.x86 import PT_WRITABLE_MASK
 
 
 class Ref:

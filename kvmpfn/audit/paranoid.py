@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from kvmpfn.kvm.defs import INVALID_PAGE, PAGE_SHIFT, PT64_BASE_ADDR_MASK, PT_PRESENT_MASK
 from kvmpfn.kvm.mmu import PAE_ROOT_HPA
 from kvmpfn.kvm.rmap import RMAP_EXT
 from kvmpfn.kvm.vm import role_word
+from kvmpfn.x86 import INVALID_PAGE, PAGE_SHIFT, PT64_BASE_ADDR_MASK, PT_PRESENT_MASK
 
 
 def check_mmu_structures(kvm) -> list[str]:

@@ -60,7 +60,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.notes import iter_notes
 
 from kvmpfn.host.errors import HostError
-from kvmpfn.kvm.defs import PAGE_SHIFT, PAGE_SIZE
+from kvmpfn.x86 import PAGE_SHIFT, PAGE_SIZE
 
 __all__ = [
     "CACHE_PAGES",

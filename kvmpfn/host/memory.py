@@ -13,7 +13,7 @@ from typing import Protocol
 from kvmpfn.host.errors import HostError
 from kvmpfn.host.frames import BAD_PFN, DEFAULT_FIRST_PFN, Frame, FrameAllocator, pfn_valid
 from kvmpfn.host.memslots import HvaWindow, Memslot, MemslotTable
-from kvmpfn.kvm.defs import KVM_PAGES_PER_HPAGE, PAGE_SHIFT, PAGE_SIZE
+from kvmpfn.x86 import KVM_PAGES_PER_HPAGE, PAGE_SHIFT, PAGE_SIZE
 
 _OFFSET_MASK = PAGE_SIZE - 1
 _HPAGE_MASK = KVM_PAGES_PER_HPAGE - 1

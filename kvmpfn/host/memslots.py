@@ -14,7 +14,7 @@ from bisect import bisect_left, bisect_right
 
 from kvmpfn.host.errors import HostError
 from kvmpfn.host.frames import MMIO_PFN_BASE
-from kvmpfn.kvm.defs import KVM_HPAGE_SHIFT, KVM_PAGES_PER_HPAGE, PAGE_SHIFT
+from kvmpfn.x86 import KVM_HPAGE_SHIFT, KVM_PAGES_PER_HPAGE, PAGE_SHIFT
 
 BACKINGS = ("ram", "hugetlb", "reserved", "mmio")
 HVA_BASE = 0x7F0000000000

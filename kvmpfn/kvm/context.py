@@ -8,7 +8,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import islice
 
-from kvmpfn.kvm.defs import (
+from kvmpfn.errors import KernelBug
+from kvmpfn.kvm.mmu import (
+    TDP_ROOT_LEVEL,
+    kvm_mmu_load,
+    mmu_free_roots,
+    nonpaging_page_fault,
+    nonpaging_prefetch_page,
+    tdp_page_fault,
+)
+from kvmpfn.kvm.paging import paging_page_fault, prefetch_page
+from kvmpfn.kvm.pte_write import kvm_mmu_pte_write
+from kvmpfn.kvm.spte import NOTRAP, TRAP, spte_to_pfn
+from kvmpfn.kvm.vm import Kvm, Vcpu
+from kvmpfn.kvm.walker import GuestCpu, load_pdptrs, permission_fault, walk_addr
+from kvmpfn.x86 import (
     ACC_ALL,
     INVALID_PAGE,
     PAGE_SHIFT,
@@ -29,20 +43,6 @@ from kvmpfn.kvm.defs import (
     PT_USER_MASK,
     PT_WRITABLE_MASK,
 )
-from kvmpfn.kvm.mmu import (
-    TDP_ROOT_LEVEL,
-    kvm_mmu_load,
-    mmu_free_roots,
-    nonpaging_page_fault,
-    nonpaging_prefetch_page,
-    tdp_page_fault,
-)
-from kvmpfn.kvm.paging import paging_page_fault, prefetch_page
-from kvmpfn.kvm.pte_write import kvm_mmu_pte_write
-from kvmpfn.kvm.rmap import KernelBug
-from kvmpfn.kvm.spte import NOTRAP, TRAP, spte_to_pfn
-from kvmpfn.kvm.vm import Kvm, Vcpu
-from kvmpfn.kvm.walker import GuestCpu, load_pdptrs, permission_fault, walk_addr
 
 #: memoised TDP guest walks per vcpu (a TLB's capacity, in spirit)
 WALK_MEMO_LIMIT = 1 << 14

@@ -6,7 +6,24 @@ guests and TDP, zapping, recycling, roots and dirty logging. Reference §1.3–�
 
 from __future__ import annotations
 
-from kvmpfn.kvm.defs import (
+from kvmpfn.errors import KernelBug
+from kvmpfn.kvm.rmap import (
+    gfn_to_rmap,
+    kvm_unmap_rmapp,
+    rmap_add,
+    rmap_remove,
+    rmap_write_protect,
+)
+from kvmpfn.kvm.spte import (
+    TRAP,
+    is_large_pte,
+    is_rmap_pte,
+    is_shadow_present_pte,
+    is_writeble_pte,
+    spte_to_pfn,
+)
+from kvmpfn.kvm.vm import SHADOW_PAGE_FIRST_PFN, Kvm, KvmMmuPage, KvmSlot, Vcpu, role_word
+from kvmpfn.x86 import (
     ACC_ALL,
     ACC_EXEC_MASK,
     ACC_USER_MASK,
@@ -31,23 +48,6 @@ from kvmpfn.kvm.defs import (
     PT_USER_MASK,
     PT_WRITABLE_MASK,
 )
-from kvmpfn.kvm.rmap import (
-    KernelBug,
-    gfn_to_rmap,
-    kvm_unmap_rmapp,
-    rmap_add,
-    rmap_remove,
-    rmap_write_protect,
-)
-from kvmpfn.kvm.spte import (
-    TRAP,
-    is_large_pte,
-    is_rmap_pte,
-    is_shadow_present_pte,
-    is_writeble_pte,
-    spte_to_pfn,
-)
-from kvmpfn.kvm.vm import SHADOW_PAGE_FIRST_PFN, Kvm, KvmMmuPage, KvmSlot, Vcpu, role_word
 
 ENOMEM = -12
 TDP_ROOT_LEVEL = 4  # kvm_x86_ops->get_tdp_level() on an x86_64 host (NPT and EPT)

@@ -6,25 +6,6 @@ Reference §2.5–§2.7, §2.9, §2.10.
 
 from __future__ import annotations
 
-from kvmpfn.kvm.defs import (
-    ACC_EXEC_MASK,
-    ACC_USER_MASK,
-    ACC_WRITE_MASK,
-    KVM_PAGES_PER_HPAGE,
-    PAGE_SHIFT,
-    PFERR_FETCH_MASK,
-    PFERR_USER_MASK,
-    PFERR_WRITE_MASK,
-    PT32_ROOT_LEVEL,
-    PT64_BASE_ADDR_MASK,
-    PT64_NX_MASK,
-    PT_ACCESSED_MASK,
-    PT_DIRTY_MASK,
-    PT_PAGE_SIZE_MASK,
-    PT_PRESENT_MASK,
-    PT_USER_MASK,
-    PT_WRITABLE_MASK,
-)
 from kvmpfn.kvm.mmu import (
     FAULT_RETRY,
     fault_gfn_to_pfn,
@@ -44,6 +25,25 @@ from kvmpfn.kvm.mmu import (
 from kvmpfn.kvm.rmap import rmap_remove
 from kvmpfn.kvm.spte import NOTRAP, TRAP, is_large_pte, is_shadow_present_pte
 from kvmpfn.kvm.walker import _rsvd_masks, walk_addr
+from kvmpfn.x86 import (
+    ACC_EXEC_MASK,
+    ACC_USER_MASK,
+    ACC_WRITE_MASK,
+    KVM_PAGES_PER_HPAGE,
+    PAGE_SHIFT,
+    PFERR_FETCH_MASK,
+    PFERR_USER_MASK,
+    PFERR_WRITE_MASK,
+    PT32_ROOT_LEVEL,
+    PT64_BASE_ADDR_MASK,
+    PT64_NX_MASK,
+    PT_ACCESSED_MASK,
+    PT_DIRTY_MASK,
+    PT_PAGE_SIZE_MASK,
+    PT_PRESENT_MASK,
+    PT_USER_MASK,
+    PT_WRITABLE_MASK,
+)
 
 PT32_BASE_ADDR_MASK = 0xFFFFF000
 

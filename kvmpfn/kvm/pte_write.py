@@ -4,17 +4,6 @@ v2.6.27 ``kvm_mmu_access_page`` of the ``notifier`` variant). Reference §2.10, 
 
 from __future__ import annotations
 
-from kvmpfn.kvm.defs import (
-    KVM_PAGES_PER_HPAGE,
-    PAGE_SHIFT,
-    PT32_ROOT_LEVEL,
-    PT64_BASE_ADDR_MASK,
-    PT64_NX_MASK,
-    PT64_PERM_MASK,
-    PT_ACCESSED_MASK,
-    PT_PAGE_SIZE_MASK,
-    PT_PRESENT_MASK,
-)
 from kvmpfn.kvm.mmu import (
     context_role_bits,
     is_largepage_backed,
@@ -27,6 +16,17 @@ from kvmpfn.kvm.mmu import (
 from kvmpfn.kvm.paging import update_pte
 from kvmpfn.kvm.rmap import rmap_remove
 from kvmpfn.kvm.spte import TRAP, is_large_pte, is_shadow_present_pte
+from kvmpfn.x86 import (
+    KVM_PAGES_PER_HPAGE,
+    PAGE_SHIFT,
+    PT32_ROOT_LEVEL,
+    PT64_BASE_ADDR_MASK,
+    PT64_NX_MASK,
+    PT64_PERM_MASK,
+    PT_ACCESSED_MASK,
+    PT_PAGE_SIZE_MASK,
+    PT_PRESENT_MASK,
+)
 
 
 def mmu_guess_page_from_pte_write(vcpu, kvm, gpa: int, new: int, nbytes: int) -> None:

@@ -10,14 +10,11 @@ shrinks until its last entry goes, then the head becomes 0. (Reference §1.5 say
 
 from __future__ import annotations
 
-from kvmpfn.kvm.defs import KVM_PAGES_PER_HPAGE, PT_ACCESSED_MASK, PT_WRITABLE_MASK
+from kvmpfn.errors import KernelBug
 from kvmpfn.kvm.spte import TRAP, is_large_pte, is_rmap_pte, is_writeble_pte, spte_to_pfn
+from kvmpfn.x86 import KVM_PAGES_PER_HPAGE, PT_ACCESSED_MASK, PT_WRITABLE_MASK
 
 RMAP_EXT = 4
-
-
-class KernelBug(Exception):
-    """A BUG()/BUG_ON() the simulated kernel hit (only reachable under a ``--bug`` mutant or corrupted state)."""
 
 
 def gfn_to_rmap(kvm, gfn: int, lpage: int) -> tuple[dict, int]:

@@ -4,7 +4,7 @@ A `sptep` (the kernel's ``u64 *``) is modelled as ``(sp, index)``: the shadow pa
 ``sp.spt``.
 """
 
-from kvmpfn.kvm.defs import (
+from kvmpfn.x86 import (
     PAGE_SHIFT,
     PT64_BASE_ADDR_MASK,
     PT_PAGE_SIZE_MASK,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvmpfn.kvm.defs import INVALID_PAGE, PT64_ENT_PER_PAGE, SHADOW_TRAP_NONPRESENT_PTE
+from kvmpfn.x86 import INVALID_PAGE, PT64_ENT_PER_PAGE, SHADOW_TRAP_NONPRESENT_PTE
 
 # First pfn of the host pages that hold shadow page tables (``sp->spt``): kernel memory, far from the guest
 # RAM allocator (first_pfn, 0x100000 by default) and the mmio windows, and below 2^52 >> 12.

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Protocol
 
-from kvmpfn.kvm.defs import (
+from kvmpfn.x86 import (
     ACC_ALL,
     ACC_EXEC_MASK,
     ACC_USER_MASK,

@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from kvmpfn.errors import InputError
+
 __all__ = [
     "Access",
     "Audit",
@@ -70,7 +72,7 @@ Len = Literal[1, 2, 4, 8]
 Flag = bool | Literal[0, 1]
 
 
-class FieldError(ValueError):
+class FieldError(InputError):
     """A field breaks a rule of the format; raised by ``__post_init__``.
 
     ``field`` is the field's name relative to the Struct that raised it. ``expected`` is set for range errors
@@ -78,7 +80,7 @@ class FieldError(ValueError):
     """
 
     def __init__(self, field: str, message: str, expected: str | None = None) -> None:
-        super().__init__(f'field "{field}": {message}')
+        Exception.__init__(self, f'field "{field}": {message}')
         self.field = field
         self.message = message
         self.expected = expected

@@ -93,6 +93,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from kvmpfn.errors import InputError
 from kvmpfn.trace.events import Guest, Header, Invlpg, Memslot, Pf
 from kvmpfn.trace.writer import TraceWriter
 
@@ -190,11 +191,11 @@ _STATE_ONLY = ("kvm_exit", "kvm_entry")
 _TDP_EXITS = {"EPT_VIOLATION", "EPT_MISCONFIG", "NPF"}
 
 
-class TextTraceError(ValueError):
+class TextTraceError(InputError):
     """An input error in a text trace: ``str()`` is one line, ``PATH[:LINE]: MESSAGE``."""
 
     def __init__(self, path: str, line: int | None, message: str) -> None:
-        super().__init__(f"{path}:{line}: {message}" if line is not None else f"{path}: {message}")
+        Exception.__init__(self, f"{path}:{line}: {message}" if line is not None else f"{path}: {message}")
         self.path = path
         self.line = line
         self.message = message

@@ -27,6 +27,7 @@ import msgspec
 import zstandard
 from msgspec import inspect as mi
 
+from kvmpfn.errors import InputError
 from kvmpfn.trace.events import (
     EVENT_TYPES,
     Backing,
@@ -50,7 +51,7 @@ _ZSTD_FEED = 512  # compressed bytes per decompression step: bounds the output o
 _CONTROL = {c: f"\\x{c:02x}" for c in range(32)}
 
 
-class TraceError(Exception):
+class TraceError(InputError):
     """An input error in a trace: exit status 2, one line naming file, line and field.
 
     :param path: the trace's path as the caller gave it (``<stdin>`` for ``-``)
@@ -69,7 +70,7 @@ class TraceError(Exception):
         field: str | None = None,
         context: str | None = None,
     ) -> None:
-        super().__init__(path, line, message)
+        Exception.__init__(self, path, line, message)
         self.path = path
         self.line = line
         self.message = message
