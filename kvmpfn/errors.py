@@ -27,7 +27,13 @@ class InputError(KvmpfnError, ValueError):
 
 
 class KernelBug(KvmpfnError):
-    """A BUG()/BUG_ON() the simulated kernel hit (only reachable under a ``--bug`` mutant or corrupted state)."""
+    """A BUG()/BUG_ON() the simulated kernel hit (only reachable under a ``--bug`` mutant or corrupted state).
+
+    The message starts with the kernel function (``rmap_remove: ...``); ``spte`` is the entry it choked on."""
+
+    def __init__(self, message: str, spte: int | None = None) -> None:
+        super().__init__(message)
+        self.spte = spte
 
 
 class InternalError(KvmpfnError):

@@ -6,8 +6,8 @@ counterpart.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -69,6 +69,10 @@ class ReplayResult:
     results: Counter = field(default_factory=Counter)
     error: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    mmu: str | None = None  # as replayed (the header's, or the option that overrode it)
+    kernel: str | None = None
+    interrupted: bool = False  # Ctrl-C: ``events`` is where the replay stopped
+    exception: BaseException | None = None  # the defect behind an "internal error" (``--debug`` shows it)
 
     def summary(self) -> dict[str, Any]:
         by_code = Counter(f["code"] for f in self.findings)
@@ -363,9 +367,25 @@ class Replayer:
         }
 
 
-def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] | None = None) -> ReplayResult:
-    """Replay the trace at ``path``; an input error stops the replay and is returned in ``result.error``
-    with everything found up to that line."""
+PROGRESS_EVERY = 1 << 14  # events between two calls of replay_file's progress callback
+
+
+def kernel_bug_finding(findings, bug: KernelBug) -> None:
+    """A simulated ``BUG()`` is a finding (``kernel-bug``): the function that hit it and what it saw; the
+    replay stops there, as the host kernel would have."""
+    function = str(bug).split(":", 1)[0].split()[0] if str(bug) else "BUG"
+    findings.report("kernel-bug", f"simulated kernel BUG in {bug}", ("kernel-bug",), function=function, spte=bug.spte)
+
+
+def replay_file(
+    path: str,
+    options: ReplayOptions | None = None,
+    emit: IO[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ReplayResult:
+    """Replay the trace at ``path``. An input error stops the replay and is returned in ``result.error`` with
+    everything found up to that line; a simulated kernel BUG becomes a ``kernel-bug`` finding and stops it;
+    Ctrl-C stops it with ``result.interrupted``. ``progress(events)`` is called every PROGRESS_EVERY events."""
     options = options or ReplayOptions()
     result = ReplayResult(trace=path)
     rp = None
@@ -375,12 +395,19 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
                 image = open_header_memory(reader.header.memory, path)
                 reader.header.guest = guest_from_core(reader.header.guest, image)
                 rp = Replayer(reader.header, options, memory_image=image, records=emit is not None)
+                result.mmu, result.kernel = rp.mmu, rp.kernel
             except (HostError, InputError) as err:
                 raise TraceError(path, reader.header_line, err.message, field=err.field, context="header") from None
             seq = -1
             counts = result.results
+            tick = PROGRESS_EVERY
             for line, e in reader:
                 seq += 1
+                if progress is not None:
+                    tick -= 1
+                    if not tick:
+                        tick = PROGRESS_EVERY
+                        progress(seq)
                 try:
                     rec = rp.apply(seq, line, e)
                 except (HostError, InputError) as err:
@@ -389,27 +416,35 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
                 except InternalError as err:
                     raise TraceError(path, line, f"internal consistency: {err}", context="paranoid") from None
                 except KernelBug as bug:
-                    raise TraceError(path, line, f"simulated kernel BUG: {bug}", context="kernel") from None
+                    kernel_bug_finding(rp.findings, bug)
+                    result.events = seq + 1
+                    break
+                except (KeyboardInterrupt, MemoryError):
+                    raise
                 except Exception as exc:  # a defect in kvmpfn itself: report it on one line, keep the findings
-                    if os.environ.get("KVMPFN_DEBUG"):
-                        raise
-                    msg = f"internal error: {type(exc).__name__}: {exc} (KVMPFN_DEBUG=1 shows the traceback)"
+                    result.exception = exc
+                    msg = f"internal error: {type(exc).__name__}: {exc} (--debug shows the traceback)"
                     raise TraceError(path, line, msg) from None
                 result.events = seq + 1
                 r = rec["result"]
                 counts[r] = counts.get(r, 0) + 1
                 if emit is not None:
                     emit.write(json.dumps(rec, separators=(", ", ": ")) + "\n")
-            rp.recorded.finish()
-            if reader.header.teardown and not rp.torn_down:
-                rp.findings.seq, rp.findings.point = seq + 1, "teardown"
-                try:
-                    rp.do_teardown()
-                except KernelBug as bug:
-                    raise TraceError(path, rp.findings.line, f"simulated kernel BUG at teardown: {bug}") from None
+            else:
+                rp.recorded.finish()
+                if reader.header.teardown and not rp.torn_down:
+                    rp.findings.seq, rp.findings.point = seq + 1, "teardown"
+                    try:
+                        rp.do_teardown()
+                    except KernelBug as bug:
+                        kernel_bug_finding(rp.findings, bug)
             result.stats = rp.final_stats if rp.torn_down else rp.stats()
     except TraceError as err:
         result.error = str(err)
+    except KeyboardInterrupt:
+        result.interrupted = True
+        if rp is not None:
+            result.stats = rp.stats()
     if rp is not None:
         result.findings = rp.findings.items
     return result

@@ -380,4 +380,6 @@ def test_kernel_bug_at_the_implicit_teardown_is_reported_not_raised(tmp_path, mo
         )
     )
     result = replay_file(str(path))
-    assert result.error is not None and "kernel BUG" in result.error
+    assert result.error is None
+    (bug,) = [f for f in result.findings if f["code"] == "kernel-bug"]
+    assert bug["function"] == "rmap_remove" and bug["point"] == "teardown" and "0->BUG" in bug["message"]

@@ -13,7 +13,7 @@ from elfcore_helper import CR0_PG_WP, CR4_PAE, CpuState, Load, build_core
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmpfn.realinput_cli import convert
+from kvmpfn.cli.realinput import convert
 from kvmpfn.replay import replay_file
 from kvmpfn.trace.ftrace import (
     BATCH_MAX,

@@ -42,7 +42,7 @@ KILLS = {
     "audit-no-release": ("mutants/cr0wp-user-page.jsonl", {"refcount-leak": 1}),
     "cr0wp-shared-sp": ("mutants/cr0wp-toggle.jsonl", {"spte-permission": 1}),
     "cr0wp-user-write": ("mutants/cr0wp-user-page.jsonl", {"spte-permission": 1}),
-    "direct-map-into-large": ("mutants/dirty-log-splits-large.jsonl", {"error": 1}),
+    "direct-map-into-large": ("mutants/dirty-log-splits-large.jsonl", {"kernel-bug": 1}),
     "dirty-log-pointer-wp": ("mutants/dirty-log-split-region.jsonl", {"fault-loop": 1}),
     "double-release": ("mutants/cr0wp-toggle.jsonl", {"refcount-underflow": 1}),
     "error-pfn-no-release": ("mutants/mmio-outside-slots.jsonl", {"refcount-leak": 1}),

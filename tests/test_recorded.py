@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from kvmpfn.audit.findings import Findings
 from kvmpfn.audit.recorded import CODES, FAULT_LOOP_MIN, RecordedChecks
-from kvmpfn.realinput_cli import check
+from kvmpfn.cli.realinput import check
 from kvmpfn.replay import Replayer, ReplayOptions, replay_file
 from kvmpfn.trace.reader import open_trace
 

@@ -13,9 +13,9 @@ import pytest
 import zstandard
 from click.testing import CliRunner
 
+from kvmpfn.cli.synth import synth
 from kvmpfn.replay import ReplayOptions, replay_file
 from kvmpfn.synth import PAGINGS, WORKLOADS, SynthError, SynthSpec, synth_events, synth_header, write_synth
-from kvmpfn.synth_cli import synth
 from kvmpfn.trace import open_trace
 
 MMUS = ("shadow", "tdp")

@@ -30,6 +30,7 @@ CODES = (
     "notifier-stale-spte",
     "recorded-spte-mismatch",
     "recorded-spte-pfn-change",
+    "kernel-bug",
 )
 
 

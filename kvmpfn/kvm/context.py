@@ -215,7 +215,7 @@ def shadow_walk(vcpu: Vcpu, kvm: Kvm, addr: int) -> tuple[list[tuple], int]:
             return path, ent
         sp = headers.get((ent & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT)
         if sp is None:
-            raise KernelBug(f"shadow walk: entry {ent:#x} is not a table")
+            raise KernelBug(f"shadow walk: entry {ent:#x} is not a table", ent)
         shift -= 9
 
 
@@ -276,7 +276,7 @@ def host_cpu_hit(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch
             sp = headers[(ent & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT]
             shift -= 9
     except KeyError:
-        raise KernelBug(f"shadow walk: entry {ent:#x} is not a table") from None
+        raise KernelBug(f"shadow walk: entry {ent:#x} is not a table", ent) from None
     if kvm.tdp_enabled:
         if write and not both & PT_WRITABLE_MASK:
             return None

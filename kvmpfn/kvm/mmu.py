@@ -558,7 +558,7 @@ def __direct_map(vcpu: Vcpu, kvm: Kvm, v: int, write: int, largepage: int, gfn: 
         child = kvm.page_header.get((ent & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT)
         if child is None:
             # §5.12: the large spte's frame is not a shadow page; the kernel scribbles on guest memory
-            raise KernelBug(f"__direct_map: entry {ent:#x} at level {level} is not a table")
+            raise KernelBug(f"__direct_map: entry {ent:#x} at level {level} is not a table", ent)
         sp = child
         level -= 1
 

@@ -91,10 +91,10 @@ def rmap_remove(kvm, sptep: tuple) -> None:
     table, key = gfn_to_rmap(kvm, sp.gfns[index], is_large_pte(spte))
     head = table.get(key)
     if head is None:
-        raise KernelBug(f"rmap_remove: {sp!r}[{index}] {spte:#x} 0->BUG")
+        raise KernelBug(f"rmap_remove: {sp!r}[{index}] {spte:#x} 0->BUG", spte)
     if type(head) is tuple:
         if head != sptep:
-            raise KernelBug(f"rmap_remove: {sp!r}[{index}] {spte:#x} 1->BUG")
+            raise KernelBug(f"rmap_remove: {sp!r}[{index}] {spte:#x} 1->BUG", spte)
         del table[key]
         return
     for d, desc in enumerate(head):
@@ -102,7 +102,7 @@ def rmap_remove(kvm, sptep: tuple) -> None:
             if entry == sptep:
                 rmap_desc_remove_entry(table, key, head, d, i)
                 return
-    raise KernelBug(f"rmap_remove: {sp!r}[{index}] {spte:#x} many->BUG")
+    raise KernelBug(f"rmap_remove: {sp!r}[{index}] {spte:#x} many->BUG", spte)
 
 
 def rmap_next(table: dict, key: int, sptep: tuple | None) -> tuple | None:

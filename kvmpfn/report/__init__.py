@@ -121,6 +121,32 @@ def subject_text(finding: dict) -> str:
     return " ".join(parts)
 
 
+def safe(text: object) -> str:
+    """``text`` with control characters (newlines, terminal escapes) escaped: input-derived strings (file names,
+    labels) cannot forge report lines or drive a terminal."""
+    return str(text).translate(_CONTROL)
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)}
+
+
+def provenance_text(entry: dict) -> str:
+    """One provenance entry in words: ``reference taken at line 12 (seq 0) by gfn_to_pfn in tdp_page_fault,
+    owned by spte 5 of shadow page gfn 0x0 level 1``. Fields it does not know are appended as ``name=value``."""
+    known = ("seq", "line", "function", "caller", "owner")
+    if "function" in entry:
+        text = f"reference taken at line {entry.get('line')} (seq {entry.get('seq')}) by {entry['function']}"
+        if entry.get("caller"):
+            text += f" in {entry['caller']}"
+        text += f", owned by {entry['owner']}" if entry.get("owner") else ", owned by no spte"
+    else:
+        text = f"event at line {entry.get('line')} (seq {entry.get('seq')})"
+        if entry.get("caller"):
+            text += f" in {entry['caller']}"
+    extra = [f"{k}={json.dumps(v, sort_keys=True)}" for k, v in entry.items() if k not in known]
+    return safe(" ".join([text, *extra]))
+
+
 def finding_text(finding: dict) -> str:
     """One line for a finding: ``refcount-leak at line 12 (seq 10, teardown): MESSAGE [pfn=0x100001]``."""
     where = f"line {finding['line']}" if finding.get("line") is not None else "end of trace"
@@ -131,4 +157,4 @@ def finding_text(finding: dict) -> str:
         where += f" ({', '.join(context)})"
     subject = subject_text(finding)
     text = " ".join(p for p in (finding.get("message") or "", f"[{subject}]" if subject else "") if p)
-    return f"{finding['code']} at {where}" + (f": {text}" if text else "")
+    return safe(f"{finding['code']} at {where}" + (f": {text}" if text else ""))

@@ -122,4 +122,11 @@ CODES: dict[str, Code] = {
         "A kvm_tdp_mmu_spte_changed old/new pair where a present leaf spte changes frame without passing "
         "through a non-present value: the stale-spte pattern.",
     ),
+    "kernel-bug": Code(
+        "function",
+        "The simulated kernel hit a BUG(): the host would have crashed.",
+        "A BUG()/BUG_ON() in the modelled kernel code (rmap_remove on an spte it does not hold, __direct_map "
+        "walking into a large spte as a table, ...), reachable only under a --bug mutant. The replay stops at "
+        "that event; the finding names the kernel function and the spte it choked on.",
+    ),
 }

@@ -14,13 +14,10 @@ from typing import Any
 
 import click
 
+from kvmpfn.cli.options import fail as _fail
+
 TRACE_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 PAGING = ("none", "32", "pae", "64")
-
-
-def _fail(message: str) -> None:
-    click.echo(f"kvmpfn: error: {message}", err=True)
-    sys.exit(2)
 
 
 @click.command("convert")
@@ -156,3 +153,9 @@ def check(path: str, mmu, fault_loop_min: int, fmt: str, output) -> None:
     if error is not None:
         _fail(error)
     sys.exit(1 if items else 0)
+
+
+COMMANDS = (
+    convert,
+    check,
+)

@@ -65,3 +65,6 @@ def synth(workload: str, events: int, seed: int, mmu: str, paging, validate: boo
         sys.exit(2)
     if output != "-":
         click.echo(f"{output}: {n} events ({workload}, {mmu}, paging {spec.guest_paging}, seed {seed})", err=True)
+
+
+COMMANDS = (synth,)

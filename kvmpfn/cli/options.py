@@ -1,0 +1,153 @@
+"""Options shared by several commands, declared once, and the helpers every command uses to fail or write.
+
+``@replay_options`` adds the options that change how a trace replays and hands the command one
+:class:`~kvmpfn.replay.ReplayOptions` as ``options``; :func:`parse_replay_options` reads the same options from
+a string (``compare --a "--kernel pfn-io"``, ``mutants --base ...``) with the same parser.
+``@report_options(...)`` adds ``--format``, ``-o``, ``-q`` and ``-v``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import shlex
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn
+
+import click
+
+from kvmpfn.replay import ReplayOptions
+
+MMUS = ("shadow", "tdp")
+KERNELS = ("page", "pfn", "pfn-io", "notifier")
+REPLAY_FIELDS = ("mmu", "kernel", "audit_every", "kernel_audit", "bugs", "paranoid")
+
+
+def fail(message: str, status: int = 2) -> NoReturn:
+    """``kvmpfn: error: MESSAGE`` on stderr, then exit with ``status``."""
+    click.echo(f"kvmpfn: error: {message}", err=True)
+    sys.exit(status)
+
+
+def warn(message: str) -> None:
+    click.echo(f"kvmpfn: warning: {message}", err=True)
+
+
+def suggest(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean X?)`` for the closest of ``choices``, or an empty string."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _check_bugs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    from kvmpfn.kvm.bugs import BUGS
+
+    for name in value:
+        if name not in BUGS:
+            raise click.BadParameter(f"unknown bug {name!r}{suggest(name, BUGS)}; kvmpfn bugs lists them")
+    return value
+
+
+_REPLAY_OPTIONS = (
+    click.option("--mmu", type=click.Choice(MMUS), help="Override the header's MMU."),
+    click.option("--kernel", type=click.Choice(KERNELS), help="Override the header's kernel variant."),
+    click.option("--audit-every", type=click.IntRange(min=0), default=0, help="Full audit every N events (0: off)."),
+    click.option(
+        "--kernel-audit", is_flag=True, help="Also audit at the kernel's kvm_mmu_audit() points (shadow paging)."
+    ),
+    click.option(
+        "--bug",
+        "bugs",
+        multiple=True,
+        metavar="NAME",
+        callback=_check_bugs,
+        help="Re-create a historical MMU bug (repeatable; kvmpfn bugs lists them).",
+    ),
+    click.option(
+        "--paranoid", is_flag=True, help="Full audit and a check of kvmpfn's own MMU structures after every event."
+    ),
+)
+
+
+def replay_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the replay options; the command receives them as one ``options: ReplayOptions``."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name) for name in REPLAY_FIELDS}
+        values["bugs"] = frozenset(values["bugs"])
+        return func(*args, options=ReplayOptions(**values), **kwargs)
+
+    for option in reversed(_REPLAY_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+@click.command(context_settings={"help_option_names": []})
+@replay_options
+def _option_parser(options: ReplayOptions) -> ReplayOptions:
+    return options
+
+
+def parse_replay_options(text: str, where: str) -> ReplayOptions:
+    """Replay options written as on the command line (``"--kernel pfn-io --bug NAME"``); a bad one is a usage
+    error naming ``where`` (``--a``, ``--base``)."""
+    try:
+        words = shlex.split(text)
+        ctx = _option_parser.make_context(where, words, resilient_parsing=False)
+        with ctx:
+            return _option_parser.invoke(ctx)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint=f"'{where}'") from None
+    except click.UsageError as err:
+        raise click.BadParameter(err.format_message(), param_hint=f"'{where}'") from None
+
+
+def options_text(options: ReplayOptions) -> str:
+    """``options`` as command-line words (``--kernel pfn-io --bug NAME``), the inverse of the parser."""
+    words = []
+    for name in ("mmu", "kernel"):
+        if getattr(options, name):
+            words += [f"--{name}", getattr(options, name)]
+    if options.audit_every:
+        words += ["--audit-every", str(options.audit_every)]
+    words += ["--kernel-audit"] * options.kernel_audit + ["--paranoid"] * options.paranoid
+    for bug in sorted(options.bugs):
+        words += ["--bug", bug]
+    return shlex.join(words)
+
+
+def report_options(*formats: str, default: str = "text") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--format`` (one of ``formats``), ``-o/--output``, ``-q/--quiet``, ``-v/--verbose``."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(
+            (
+                click.option(
+                    "--format",
+                    "fmt",
+                    type=click.Choice(formats),
+                    default=default,
+                    show_default=True,
+                    help="Report format.",
+                ),
+                click.option(
+                    "-o",
+                    "--output",
+                    type=click.Path(dir_okay=False, allow_dash=True),
+                    help="Write the report to FILE (written whole or not at all) instead of standard output.",
+                ),
+                click.option("-q", "--quiet", is_flag=True, help="Print only what was found (nothing when clean)."),
+                click.option("-v", "--verbose", is_flag=True, help="Print everything: full provenance, all counts."),
+            )
+        ):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+jobs_option = click.option(
+    "-j", "--jobs", type=click.IntRange(min=1), help="Parallel replay processes [default: the CPUs]."
+)

@@ -1,0 +1,119 @@
+"""``kvmpfn replay``: one trace through the simulated MMU; every finding with its provenance."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from kvmpfn.cli.options import fail, replay_options, report_options, warn
+from kvmpfn.outputs import open_output, write_output
+from kvmpfn.replay import ReplayOptions, replay_file
+from kvmpfn.report import replay as render
+
+EXAMPLES = """
+\b
+Examples:
+  kvmpfn replay trace.jsonl
+  kvmpfn replay trace.jsonl --bug same-pfn-no-release
+  kvmpfn replay trace.jsonl --mmu tdp --kernel notifier --emit out.jsonl.zst --format json -o report.json
+  kvmpfn replay trace.jsonl --emit - | jq .result
+"""
+
+
+def trace_inputs(path: str) -> list[str]:
+    """The files a replay of ``path`` reads: the trace and the memory image its header names."""
+    if path == "-":
+        return []
+    inputs = [path]
+    try:
+        from kvmpfn.trace.reader import open_trace
+
+        with open_trace(path) as reader:
+            if reader.header.memory:
+                inputs.append(os.path.join(os.path.dirname(path), reader.header.memory))
+    except Exception:  # noqa: BLE001 - the replay itself reports what is wrong with the trace
+        pass
+    return inputs
+
+
+@click.command(epilog=EXAMPLES)
+@click.argument("trace")
+@replay_options
+@click.option(
+    "--emit",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="Write one outcome record per event to FILE (.gz/.zst compressed; - for stdout, the report then goes "
+    "to stderr).",
+)
+@report_options("text", "json")
+def replay(trace: str, options: ReplayOptions, emit: str | None, fmt: str, output, quiet: bool, verbose: bool) -> None:
+    """Replay TRACE (.jsonl, .jsonl.gz, .jsonl.zst or - for stdin) and report what the MMU did: results by
+    kind, the state at the end, and every finding with where it was detected and where its references came
+    from.
+
+    Exit status: 0 clean, 1 findings, 2 input error, 130 interrupted.
+    """
+    from kvmpfn.cli import DEBUG
+    from kvmpfn.report.progress import progress
+
+    if trace != "-" and not os.path.exists(trace):
+        fail(f"{trace}: no such file")
+    inputs = trace_inputs(trace)
+    for out in (emit, output):
+        if out and out != "-":
+            from kvmpfn.outputs import refuse_inputs
+
+            refuse_inputs(out, inputs)
+    if emit == "-" and output in (None, "-"):
+        output = None
+        report_stream = "stderr"
+    else:
+        report_stream = "stdout"
+    with progress("replaying", unit="events") as update:
+        tick = (lambda seq: update(seq, "")) if sys.stderr.isatty() else None
+        if emit:
+            with open_output(emit, inputs) as emit_fh:
+                result = replay_file(trace, options, emit_fh, progress=tick)
+        else:
+            result = replay_file(trace, options, progress=tick)
+    if result.exception is not None and DEBUG:
+        import traceback
+
+        traceback.print_exception(result.exception)
+    if result.mmu is None and result.error:  # nothing replayed: only the error
+        fail(result.error)
+    if options.kernel_audit and result.mmu == "tdp":
+        warn("--kernel-audit does nothing under tdp: the kernel's kvm_mmu_audit() points are in shadow paths")
+    _show(result, fmt, output, quiet, verbose, report_stream, inputs)
+    if result.interrupted:
+        click.echo(f"kvmpfn: interrupted at event {result.events}", err=True)
+        sys.exit(130)
+    if result.error:
+        fail(result.error)
+    sys.exit(1 if result.findings else 0)
+
+
+def _show(result, fmt: str, output, quiet: bool, verbose: bool, stream: str, inputs: list[str]) -> None:
+    if fmt == "json":
+        text = render.replay_json(result)
+    elif output is None and getattr(sys, stream).isatty():
+        from rich.console import Console
+        from rich.text import Text
+
+        console = Console(file=getattr(sys, stream), highlight=False)
+        for style, line in render.replay_lines(result, quiet=quiet, verbose=verbose):
+            console.print(Text(line, style=style), soft_wrap=True)
+        return
+    else:
+        text = render.replay_text(result, quiet=quiet, verbose=verbose)
+    if output is not None:
+        write_output(output, text, inputs)
+    elif stream == "stderr":
+        click.echo(text, nl=False, err=True)
+    else:
+        write_output("-", text)
+
+
+COMMANDS = (replay,)
