@@ -65,14 +65,21 @@ class AtomicFile(io.RawIOBase):
     def __init__(self, path: str) -> None:
         self.path = path
         self.target = os.path.realpath(path)
+        self.tmp: str | None = None
         directory = os.path.dirname(self.target) or "."
         if not os.path.isdir(directory):
-            raise OutputError(path, "no such directory")
+            raise OutputError(path, "no such file or directory")
         try:
+            if os.path.exists(self.target) and not os.path.isfile(self.target):
+                # a device or a pipe (/dev/null, /dev/stdout, a FIFO) is written as it is, never replaced
+                if os.path.isdir(self.target):
+                    raise OutputError(path, "is a directory")
+                self.fh: IO[bytes] = open(self.target, "wb")  # noqa: SIM115 - closed by commit()/discard()
+                return
             fd, self.tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.target) + ".", dir=directory)
         except OSError as err:
             raise OutputError(path, _errno_text(err)) from None
-        self.fh: IO[bytes] = os.fdopen(fd, "wb", buffering=1 << 16)
+        self.fh = os.fdopen(fd, "wb", buffering=1 << 16)
 
     def writable(self) -> bool:
         return True
@@ -98,6 +105,9 @@ class AtomicFile(io.RawIOBase):
         if self.fh.closed:
             return
         try:
+            if self.tmp is None:
+                self.fh.close()
+                return
             self.fh.flush()
             os.fsync(self.fh.fileno())
             self.fh.close()
@@ -119,10 +129,11 @@ class AtomicFile(io.RawIOBase):
             self.fh.close()
         except OSError:
             pass
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
+        if self.tmp is not None:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
 
     def __enter__(self) -> AtomicFile:
         return self

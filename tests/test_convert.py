@@ -13,7 +13,7 @@ from elfcore_helper import CR0_PG_WP, CR4_PAE, CpuState, Load, build_core
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmpfn.cli.realinput import convert
+from kvmpfn.cli import main
 from kvmpfn.replay import replay_file
 from kvmpfn.trace.ftrace import (
     BATCH_MAX,
@@ -571,9 +571,9 @@ def test_convert_command_and_input_errors(tmp_path):
     runner = CliRunner()
     src = tmp_path / "t.txt"
     src.write_text(LAYOUTS["tracefs-4-flags"])
-    ok = runner.invoke(convert, [str(src), "-o", str(tmp_path / "t.jsonl")])
+    ok = runner.invoke(main, ["convert", str(src), "-o", str(tmp_path / "t.jsonl")])
     assert ok.exit_code == 0 and "wrote 1 pf events" in ok.stderr and ok.stdout == ""
-    quiet = runner.invoke(convert, [str(src), "-o", str(tmp_path / "q.jsonl"), "-q"])
+    quiet = runner.invoke(main, ["convert", str(src), "-o", str(tmp_path / "q.jsonl"), "-q"])
     assert quiet.exit_code == 0 and quiet.stderr == ""
     dat = tmp_path / "trace.dat"
     dat.write_bytes(b"\x17\x08\x44tracing6\0\0\0")
@@ -588,16 +588,16 @@ def test_convert_command_and_input_errors(tmp_path):
         (empty, f"{empty}: {NO_RECORDS}"),
     ]
     for path, message in cases:
-        result = runner.invoke(convert, [str(path), "-o", str(tmp_path / "x.jsonl")])
+        result = runner.invoke(main, ["convert", str(path), "-o", str(tmp_path / "x.jsonl")])
         assert result.exit_code == 2
         assert result.stderr == f"kvmpfn: error: {message}\n"
-    unwritable = runner.invoke(convert, [str(src), "-o", str(tmp_path / "no" / "dir" / "x.jsonl")])
+    unwritable = runner.invoke(main, ["convert", str(src), "-o", str(tmp_path / "no" / "dir" / "x.jsonl")])
     assert unwritable.exit_code == 2 and "no such file or directory" in unwritable.stderr
 
 
 def test_convert_from_stdin(tmp_path):
     runner = CliRunner()
-    result = runner.invoke(convert, ["-", "-o", str(tmp_path / "s.jsonl")], input=LAYOUTS["trace_pipe"])
+    result = runner.invoke(main, ["convert", "-", "-o", str(tmp_path / "s.jsonl")], input=LAYOUTS["trace_pipe"])
     assert result.exit_code == 0, result.stderr
     assert result.stderr.startswith("<stdin> -> ")
     header = json.loads((tmp_path / "s.jsonl").read_text().splitlines()[1])
@@ -612,12 +612,14 @@ def test_convert_with_a_memory_core(tmp_path):
     src = tmp_path / "t.txt"
     src.write_text(_lines("kvm_page_fault: address 7f001000 error_code 6"))
     (tmp_path / "out").mkdir()
-    result = CliRunner().invoke(convert, [str(src), "-o", str(tmp_path / "out" / "t.jsonl"), "--memory", str(core)])
+    result = CliRunner().invoke(
+        main, ["convert", str(src), "-o", str(tmp_path / "out" / "t.jsonl"), "--memory", str(core)]
+    )
     assert result.exit_code == 0, result.stderr
     header = json.loads((tmp_path / "out" / "t.jsonl").read_text().splitlines()[1])
     assert header["memory"] == os.path.join("..", "cores", "g.core")
     assert header["guest"] == {"cr3": 0x9000, "cr4_pse": False}  # paging 64 from the core: the default
-    bad = CliRunner().invoke(convert, [str(src), "-o", str(tmp_path / "b.jsonl"), "--memory", str(src)])
+    bad = CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "b.jsonl"), "--memory", str(src)])
     assert bad.exit_code == 2 and bad.stderr == f"kvmpfn: error: {src}: not an ELF file\n"
 
 

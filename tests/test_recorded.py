@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from kvmpfn.audit.findings import Findings
 from kvmpfn.audit.recorded import CODES, FAULT_LOOP_MIN, RecordedChecks
-from kvmpfn.cli.realinput import check
+from kvmpfn.cli import main
 from kvmpfn.replay import Replayer, ReplayOptions, replay_file
 from kvmpfn.trace.reader import open_trace
 
@@ -269,31 +269,31 @@ def test_codes_are_the_documented_ones():
 
 def test_check_exit_codes_and_json(tmp_path):
     runner = CliRunner()
-    clean = runner.invoke(check, [str(RECORDED / "shadow-2.6.32.txt")])
+    clean = runner.invoke(main, ["check", str(RECORDED / "shadow-2.6.32.txt")])
     assert clean.exit_code == 0, clean.output
     assert "findings: 0" in clean.output
-    dirty = runner.invoke(check, [str(RECORDED / "tdp-fault-loop.txt"), "--format", "json"])
+    dirty = runner.invoke(main, ["check", str(RECORDED / "tdp-fault-loop.txt"), "--format", "json"])
     assert dirty.exit_code == 1
     doc = json.loads(dirty.output)
     assert doc["summary"]["by_code"] == {"fault-loop": 1}
     assert doc["findings"][0]["line"] == 62  # the last looping fault's line in the text
-    missing = runner.invoke(check, [str(tmp_path / "nope.txt")])
+    missing = runner.invoke(main, ["check", str(tmp_path / "nope.txt")])
     assert missing.exit_code == 2
     assert missing.stderr.strip() == f"kvmpfn: error: {tmp_path / 'nope.txt'}: no such file or directory"
     prose = tmp_path / "mail.txt"
     prose.write_text("Hi,\nthe guest hangs.\n")
-    nothing = runner.invoke(check, [str(prose)])
+    nothing = runner.invoke(main, ["check", str(prose)])
     assert nothing.exit_code == 2 and "no record of an event kvmpfn reads" in nothing.stderr
     assert "Traceback" not in nothing.output + nothing.stderr
 
 
 def test_check_of_a_converted_trace_and_its_input_errors(tmp_path):
     runner = CliRunner()
-    result = runner.invoke(check, [str(RECORDED / "tdp-pfn-change.jsonl")])
+    result = runner.invoke(main, ["check", str(RECORDED / "tdp-pfn-change.jsonl")])
     assert result.exit_code == 1 and "recorded-spte-pfn-change at line 4" in result.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"kvmpfn": 1}\n{"op": "pf", "addr": 1}\n')
-    result = runner.invoke(check, [str(bad)])
+    result = runner.invoke(main, ["check", str(bad)])
     assert result.exit_code == 2
     assert result.stderr.strip().startswith(f"kvmpfn: error: {bad}:2: ")
     assert len(result.stderr.strip().splitlines()) == 1
@@ -303,8 +303,8 @@ def test_check_of_a_converted_trace_and_its_input_errors(tmp_path):
 def test_check_text_and_converted_trace_agree(name):
     runner = CliRunner()
     text = RECORDED / name.replace(".jsonl", ".txt")
-    from_text = json.loads(runner.invoke(check, [str(text), "--format", "json"]).output)
-    from_trace = json.loads(runner.invoke(check, [str(RECORDED / name), "--format", "json"]).output)
+    from_text = json.loads(runner.invoke(main, ["check", str(text), "--format", "json"]).output)
+    from_trace = json.loads(runner.invoke(main, ["check", str(RECORDED / name), "--format", "json"]).output)
     assert from_text["summary"]["by_code"] == from_trace["summary"]["by_code"] == EXPECTED[name]
     assert from_text["records"] == from_trace["records"]
 

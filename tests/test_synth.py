@@ -13,7 +13,7 @@ import pytest
 import zstandard
 from click.testing import CliRunner
 
-from kvmpfn.cli.synth import synth
+from kvmpfn.cli import main
 from kvmpfn.replay import ReplayOptions, replay_file
 from kvmpfn.synth import PAGINGS, WORKLOADS, SynthError, SynthSpec, synth_events, synth_header, write_synth
 from kvmpfn.trace import open_trace
@@ -167,13 +167,13 @@ def test_cli_writes_the_same_bytes_as_the_library(tmp_path) -> None:
     out = tmp_path / "c.jsonl.zst"
     runner = CliRunner()
     result = runner.invoke(
-        synth, ["--workload", "steady", "--events", "500", "--seed", "3", "--mmu", "tdp", "-o", str(out)]
+        main, ["synth", "--workload", "steady", "--events", "500", "--seed", "3", "--mmu", "tdp", "-o", str(out)]
     )
     assert result.exit_code == 0, result.output
     ref = tmp_path / "r.jsonl.zst"
     write_synth(str(ref), SynthSpec("steady", 500, seed=3, mmu="tdp"))
     assert out.read_bytes() == ref.read_bytes()
-    stdout = runner.invoke(synth, ["--workload", "boot", "--events", "5", "--paging", "32", "-o", "-"])
+    stdout = runner.invoke(main, ["synth", "--workload", "boot", "--events", "5", "--paging", "32", "-o", "-"])
     assert stdout.exit_code == 0
     lines = stdout.output.splitlines()
     assert len(lines) == 6 and json.loads(lines[0])["kvmpfn"] == 1
@@ -181,11 +181,13 @@ def test_cli_writes_the_same_bytes_as_the_library(tmp_path) -> None:
 
 def test_cli_errors_exit_2(tmp_path) -> None:
     runner = CliRunner()
-    bad = runner.invoke(synth, ["--workload", "fork-storm", "--paging", "none", "-o", str(tmp_path / "x.jsonl")])
+    bad = runner.invoke(
+        main, ["synth", "--workload", "fork-storm", "--paging", "none", "-o", str(tmp_path / "x.jsonl")]
+    )
     assert bad.exit_code == 2
     assert "fork-storm needs guest page tables" in bad.output
     assert not (tmp_path / "x.jsonl").exists()
-    missing = runner.invoke(synth, ["--workload", "boot", "-o", str(tmp_path / "no" / "x.jsonl")])
+    missing = runner.invoke(main, ["synth", "--workload", "boot", "-o", str(tmp_path / "no" / "x.jsonl")])
     assert missing.exit_code == 2
     assert "no such file or directory" in missing.output
 

@@ -7,6 +7,9 @@ shows its traceback).
 
 from __future__ import annotations
 
+import errno
+import io
+import os
 import sys
 import traceback
 from typing import Any
@@ -41,9 +44,12 @@ class KvmpfnGroup(click.Group):
         return super().resolve_command(ctx, args)
 
     def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:  # type: ignore[override]
-        extra.pop("standalone_mode", None)
+        extra.pop("standalone_mode", None)  # errors are always reported here, in one style
+        for name in ("stdin", "stdout", "stderr"):
+            if getattr(sys, name) is None:  # started with the descriptor closed (`kvmpfn audit >&-`)
+                setattr(sys, name, _Closed(f"<{name}>"))
         try:
-            status = super().main(args, prog_name=prog_name or "kvmpfn", standalone_mode=False, **extra)
+            status = super().main(args, prog_name="kvmpfn", standalone_mode=False, **extra)
         except click.exceptions.Exit as exit_:
             status = exit_.exit_code
         except click.ClickException as err:
@@ -58,8 +64,12 @@ class KvmpfnGroup(click.Group):
         except KvmpfnError as err:
             _error(str(err))
             status = 2
-        except BrokenPipeError:
-            status = 1 if _stdout_gone() else 2
+        except BrokenPipeError:  # the reader of our output went away (`kvmpfn audit | head`): nothing to say
+            _stdout_gone()
+            status = 1
+        except OSError as err:  # a standard stream that fails (closed, full disk)
+            _error(f"{err.filename or 'output'}: {(err.strerror or str(err)).lower()}")
+            status = 2
         except Exception as exc:  # a defect in kvmpfn: one line, or the traceback with --debug
             if DEBUG:
                 traceback.print_exception(exc)
@@ -68,12 +78,34 @@ class KvmpfnGroup(click.Group):
         sys.exit(status if isinstance(status, int) else 0)
 
 
-def _stdout_gone() -> bool:
-    try:
-        sys.stdout = None  # type: ignore[assignment]  # nothing more can be written to a closed pipe
-    except Exception:  # pragma: no cover
-        pass
-    return True
+class _Closed(io.RawIOBase):
+    """A standard stream the process was started without: every read or write fails with EBADF."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.buffer = self
+
+    def isatty(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        raise OSError(errno.EBADF, "bad file descriptor (closed when kvmpfn started)")
+
+    def write(self, b: Any) -> int:
+        raise OSError(errno.EBADF, "bad file descriptor (closed when kvmpfn started)")
+
+
+def _stdout_gone() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not complain about the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _usage_message(err: click.ClickException) -> str:

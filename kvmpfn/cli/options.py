@@ -36,7 +36,8 @@ def warn(message: str) -> None:
 
 def suggest(word: str, choices: Iterable[str]) -> str:
     """`` (did you mean X?)`` for the closest of ``choices``, or an empty string."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    choices = list(choices)
+    close = [c for c in choices if c.startswith(word)] or difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
 
 

@@ -52,6 +52,9 @@ def convert(text: str, output: str, mmu, paging, memory, quiet: bool) -> None:
         guest = None if state is None else state["guest"]
         out_dir = os.path.dirname(os.path.abspath(output))
         header_memory = os.path.relpath(os.path.abspath(memory), out_dir)
+    from kvmpfn.outputs import refuse_inputs
+
+    refuse_inputs(output, [text, memory])
     try:
         summary = convert_text(text, output, mmu=mmu, paging=paging, memory=header_memory, guest=guest)
     except TextTraceError as err:
@@ -121,6 +124,7 @@ def check(path: str, mmu, fault_loop_min: int, fmt: str, output) -> None:
 
     Exit status: 0 clean, 1 findings, 2 input error.
     """
+    from kvmpfn.outputs import write_output
     from kvmpfn.report import finding_text
 
     if path.endswith(TRACE_SUFFIXES):
@@ -142,14 +146,7 @@ def check(path: str, mmu, fault_loop_min: int, fmt: str, output) -> None:
         lines += [f"  {finding_text(f)}" for f in items]
         lines.append(f"  findings: {len(items)}")
         report = "\n".join(lines) + "\n"
-    if output:
-        try:
-            with open(output, "w", encoding="utf-8", newline="\n") as fh:
-                fh.write(report)
-        except OSError as err:
-            _fail(f"{output}: {(err.strerror or str(err)).lower()}")
-    else:
-        click.echo(report, nl=False)
+    write_output(output or "-", report, [path])
     if error is not None:
         _fail(error)
     sys.exit(1 if items else 0)

@@ -7,9 +7,14 @@ and its provenance, one line per reference or record behind it.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 from kvmpfn.report import finding_text, provenance_text, safe
+
+
+FINDINGS_SHOWN = 20  # findings listed without -v
+PROVENANCE_SHOWN = 5  # provenance lines per finding without -v
 
 
 def replay_doc(result: Any) -> dict[str, Any]:
@@ -59,14 +64,18 @@ def replay_lines(result: Any, *, quiet: bool = False, verbose: bool = False) -> 
         lines.append(("bold red", f"  {n} finding{'s' * (n != 1)}: {_counts(summary['by_code'])}"))
     elif not quiet:
         lines.append(("green", "  no findings"))
-    limit = None if verbose else 5
-    for i, finding in enumerate(result.findings, 1):
+    limit = None if verbose else PROVENANCE_SHOWN
+    shown = result.findings if verbose else result.findings[:FINDINGS_SHOWN]
+    for i, finding in enumerate(shown, 1):
         lines.append(("red", f"  [{i}] {finding_text(finding)}"))
         prov = finding.get("provenance") or []
         for entry in prov[:limit]:
             lines.append(("dim", f"      {provenance_text(entry)}"))
         if limit is not None and len(prov) > limit:
             lines.append(("dim", f"      ... {len(prov) - limit} more (-v shows all)"))
+    if len(shown) < n:
+        rest = Counter(f["code"] for f in result.findings[len(shown) :])
+        lines.append(("dim", f"  ... {n - len(shown)} more: {_counts(dict(sorted(rest.items())))} (-v shows all)"))
     if result.interrupted:
         lines.append(("bold yellow", f"  interrupted at event {result.events}: the report covers the events before it"))
     return lines

@@ -12,12 +12,14 @@ skips that), so what the writer writes the reader reads back, to an equal object
 from __future__ import annotations
 
 import gzip
+import io
 import sys
 from typing import Any, BinaryIO
 
 import msgspec
 import zstandard
 
+from kvmpfn.outputs import AtomicFile
 from kvmpfn.trace.events import Event, Header
 from kvmpfn.trace.reader import _decode_line, _LineError
 
@@ -43,10 +45,12 @@ class TraceWriter:
         self._encoder = msgspec.json.Encoder(order="deterministic")
         self._header_written = False
         self._owned: list[Any] = []
+        self._atomic: AtomicFile | None = None
         if path == "-":
             self._out: BinaryIO = sys.stdout.buffer
             return
-        fh = open(path, "wb", buffering=_BUFFER)  # noqa: SIM115 - closed by close()
+        self._atomic = AtomicFile(path)  # the trace appears at ``path`` only when complete
+        fh = io.BufferedWriter(self._atomic, buffer_size=_BUFFER)
         self._owned.append(fh)
         lower = path.lower()
         if lower.endswith(".gz"):
@@ -63,8 +67,11 @@ class TraceWriter:
     def __enter__(self) -> TraceWriter:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._atomic is not None:
+            self._atomic.discard()
 
     def close(self) -> None:
         """Finish the compressed stream and close the file (standard output is only flushed)."""
@@ -75,6 +82,8 @@ class TraceWriter:
         for f in reversed(self._owned):
             f.close()
         self._owned = []
+        if self._atomic is not None:
+            self._atomic.commit()
 
     def _checked(self, obj: Any, header: bool) -> tuple[Any, bytes]:
         """``obj`` and its encoding, as the reader would decode them (the canonical form)."""

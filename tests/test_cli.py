@@ -1,0 +1,277 @@
+"""The command line as a person meets it: what `replay` prints, where its output goes, how it fails, stops and
+refuses to destroy its inputs. In-process (click's runner) where the words matter, in a subprocess where the
+process matters (signals, closed descriptors)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zstandard
+from cli_helper import REPO, check_input_error, run_kvmpfn
+from click.testing import CliRunner
+
+from kvmpfn.cli import main
+
+TRACES = REPO / "traces"
+LEAK = TRACES / "findings" / "refcount-leak.jsonl"  # clean; a refcount-leak under --bug same-pfn-no-release
+KERNEL_BUG = TRACES / "mutants" / "dirty-log-splits-large.jsonl"  # __direct_map BUG under direct-map-into-large
+
+
+def invoke(*args: str, **kwargs):
+    return CliRunner().invoke(main, list(args), **kwargs)
+
+
+# --- replay shows what it found ------------------------------------------------------------------------------
+
+
+def test_replay_text_lists_each_finding_with_its_provenance():
+    res = invoke("replay", str(LEAK), "--bug", "same-pfn-no-release")
+    assert res.exit_code == 1
+    lines = res.stdout.splitlines()
+    assert lines[0] == f"{LEAK}: 4 events (tdp MMU, kernel pfn)"
+    assert "  1 finding: refcount-leak 1" in lines
+    (finding,) = [line for line in lines if line.startswith("  [1] ")]
+    assert finding == (
+        "  [1] refcount-leak at line 16 (seq 3, audit after re-fault): frame 0x100000 holds 1 KVM reference(s) "
+        "that no present spte owns [pfn=0x100000]"
+    )
+    prov = lines[lines.index(finding) + 1]
+    assert prov == "      reference taken at line 15 (seq 2) by gfn_to_pfn in tdp_page_fault, owned by no spte"
+    assert res.stderr == ""
+
+
+def test_replay_clean_and_quiet():
+    res = invoke("replay", str(LEAK))
+    assert res.exit_code == 0 and "  no findings" in res.stdout
+    quiet = invoke("replay", str(LEAK), "-q")
+    assert quiet.exit_code == 0 and quiet.stdout == ""
+    quiet_found = invoke("replay", str(LEAK), "-q", "--bug", "same-pfn-no-release")
+    assert quiet_found.exit_code == 1 and quiet_found.stdout.startswith("  [1] refcount-leak")
+
+
+def test_replay_caps_the_text_list_and_verbose_shows_all(tmp_path: Path):
+    trace = tmp_path / "many.jsonl"
+    assert invoke("synth", "--workload", "steady", "--events", "3000", "-o", str(trace)).exit_code == 0
+    res = invoke("replay", str(trace), "--bug", "same-pfn-no-release")
+    assert res.exit_code == 1
+    listed = [line for line in res.stdout.splitlines() if line.startswith("  [")]
+    total = json.loads(invoke("replay", str(trace), "--bug", "same-pfn-no-release", "--format", "json").stdout)
+    n = len(total["findings"])
+    assert n > 20 and len(listed) == 20
+    assert f"  ... {n - 20} more: refcount-leak {n - 20} (-v shows all)" in res.stdout
+    verbose = invoke("replay", str(trace), "--bug", "same-pfn-no-release", "-v")
+    assert len([line for line in verbose.stdout.splitlines() if line.startswith("  [")]) == n
+
+
+def test_emit_dash_writes_only_json_lines_and_the_report_goes_to_stderr():
+    res = invoke("replay", str(LEAK), "--emit", "-", "--bug", "same-pfn-no-release")
+    assert res.exit_code == 1
+    records = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["seq"] for r in records] == [0, 1, 2, 3]
+    assert "[1] refcount-leak" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "suffix, decompress",
+    [(".gz", gzip.decompress), (".zst", lambda b: zstandard.ZstdDecompressor().decompressobj().decompress(b))],
+)
+def test_emit_is_compressed_by_suffix(tmp_path: Path, suffix, decompress):
+    plain, packed = tmp_path / "out.jsonl", tmp_path / f"out.jsonl{suffix}"
+    assert invoke("replay", str(LEAK), "--emit", str(plain)).exit_code == 0
+    assert invoke("replay", str(LEAK), "--emit", str(packed)).exit_code == 0
+    assert decompress(packed.read_bytes()) == plain.read_bytes()
+    assert len(plain.read_bytes().splitlines()) == 4
+
+
+def test_a_kernel_bug_is_a_finding_with_exit_1():
+    res = invoke("replay", str(KERNEL_BUG), "--bug", "direct-map-into-large", "--format", "json")
+    assert res.exit_code == 1, res.output
+    doc = json.loads(res.stdout)
+    (bug,) = [f for f in doc["findings"] if f["code"] == "kernel-bug"]
+    assert bug["function"] == "__direct_map" and bug["spte"].startswith("0x")
+    assert "error" not in doc
+
+
+def test_kernel_audit_under_tdp_is_a_stated_warning():
+    res = invoke("replay", str(LEAK), "--kernel-audit")
+    assert res.exit_code == 0
+    assert res.stderr == (
+        "kvmpfn: warning: --kernel-audit does nothing under tdp: the kernel's kvm_mmu_audit() points are in "
+        "shadow paths\n"
+    )
+
+
+# --- errors: one line, nothing on stdout first ---------------------------------------------------------------
+
+
+def test_nothing_on_stdout_before_an_input_error(tmp_path: Path):
+    missing = invoke("replay", str(tmp_path / "nope.jsonl"))
+    assert missing.exit_code == 2 and missing.stdout == ""
+    assert missing.stderr == f"kvmpfn: error: {tmp_path / 'nope.jsonl'}: no such file\n"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"kvmpfn": 1, "mmu": "tdpp"}\n')
+    res = invoke("replay", str(bad))
+    assert res.exit_code == 2 and res.stdout == "" and res.stderr.count("\n") == 1
+    assert f'{bad}:1: header: field "mmu"' in res.stderr
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["replai", "t"], "no command 'replai' (did you mean replay?)"),
+        (["replay", "t", "--bug", "same-pfn-no-relase"], "(did you mean same-pfn-no-release?)"),
+        (["replay", "t", "--mmmu", "tdp"], "No such option '--mmmu'. Did you mean '--mmu'?"),
+        (["compare", ".", "--a", "--kernel pfn-i0", "--b", ""], "'--a'"),
+        (["compare", ".", "--a", "", "--b", "--bug nope"], "'--b'"),
+    ],
+)
+def test_usage_errors_have_the_one_error_style(args, words):
+    res = invoke(*args)
+    assert res.exit_code == 2
+    assert res.stderr.startswith("kvmpfn: error: ") and res.stderr.count("\n") == 1
+    assert words in res.stderr
+
+
+def test_compare_takes_replay_options_with_the_replay_parser():
+    res = invoke("compare", str(LEAK), "--a", "--paranoid --audit-every 1", "--b", "--bug same-pfn-no-release")
+    assert res.exit_code == 1
+    assert "a = '--audit-every 1 --paranoid'" in res.stdout and "b = '--bug same-pfn-no-release'" in res.stdout
+
+
+# --- outputs never destroy inputs, and appear whole or not at all ---------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--emit", "-o"])
+def test_an_output_that_is_the_trace_is_refused(tmp_path: Path, flag):
+    trace = tmp_path / "t.jsonl"
+    shutil.copy(LEAK, trace)
+    alias = tmp_path / "alias.jsonl"
+    os.link(trace, alias)  # the same file under another name
+    for out in (trace, alias):
+        res = invoke("replay", str(trace), flag, str(out))
+        assert res.exit_code == 2 and f"is an input ({trace})" in res.stderr
+    assert trace.read_bytes() == LEAK.read_bytes()
+
+
+def test_audit_convert_and_check_refuse_their_inputs(tmp_path: Path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(LEAK, corpus / "a.jsonl")
+    baseline = corpus / "kvmpfn-baseline.json"
+    baseline.write_text('{"version": 1, "traces": {}}\n')
+    for out in (corpus / "a.jsonl", baseline):
+        before = out.read_bytes()
+        res = invoke("audit", str(corpus), "--format", "sarif", "-o", str(out))
+        assert res.exit_code == 2 and "is an input" in res.stderr
+        assert out.read_bytes() == before
+    copy = tmp_path / "rec.txt"
+    shutil.copy(TRACES / "recorded" / "tdp-fault-loop.txt", copy)
+    before = copy.read_bytes()
+    for args in (["convert", str(copy), "-o", str(copy)], ["check", str(copy), "-o", str(copy)]):
+        res = invoke(*args)
+        assert res.exit_code == 2 and "is an input" in res.stderr, res.output
+        assert copy.read_bytes() == before
+
+
+def test_a_failed_write_leaves_the_target_as_it_was(tmp_path: Path, monkeypatch):
+    from kvmpfn import outputs
+
+    target = tmp_path / "report.json"
+    target.write_text("old\n")
+    target.chmod(0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(target.name)
+
+    def full(self, data):
+        raise outputs.OutputError(self.path, "no space left on device")
+
+    monkeypatch.setattr(outputs.AtomicFile, "write", full)
+    res = invoke("replay", str(LEAK), "--format", "json", "-o", str(link))
+    assert res.exit_code == 2 and res.stderr == f"kvmpfn: error: {link}: no space left on device\n"
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "report.json"]  # no temporary file left
+    monkeypatch.undo()
+    assert invoke("replay", str(LEAK), "--format", "json", "-o", str(link)).exit_code == 0
+    assert link.is_symlink() and json.loads(target.read_text())["events"] == 4
+    assert (target.stat().st_mode & 0o777) == 0o640
+
+
+def test_device_outputs_are_written_not_replaced(tmp_path: Path):
+    res = run_kvmpfn(tmp_path, "replay", str(LEAK), "-o", "/dev/full")
+    check_input_error(res, "/dev/full: ", None, "no space left on device")
+    assert Path("/dev/full").is_char_device()
+    assert run_kvmpfn(tmp_path, "replay", str(LEAK), "-o", "/dev/null").returncode == 0
+    assert Path("/dev/null").is_char_device()
+
+
+def test_closed_standard_streams_are_one_line_errors(tmp_path: Path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    base = [sys.executable, "-m", "kvmpfn"]
+    no_stdout = subprocess.run(
+        [*base, "replay", str(LEAK)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        timeout=60,
+        pass_fds=(),
+        close_fds=True,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert no_stdout.returncode == 2
+    assert no_stdout.stderr.decode() == "kvmpfn: error: <stdout>: bad file descriptor (closed when kvmpfn started)\n"
+    no_stdin = subprocess.run(
+        [*base, "replay", "-"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=env,
+        timeout=60,
+        preexec_fn=lambda: os.close(0),
+    )
+    assert no_stdin.returncode == 2 and b"Traceback" not in no_stdin.stderr
+    assert no_stdin.stderr.startswith(b"kvmpfn: error: <stdin>") and no_stdin.stderr.count(b"\n") == 1
+
+
+# --- Ctrl-C ----------------------------------------------------------------------------------------------------
+
+
+def test_sigint_stops_a_replay_with_its_partial_report(tmp_path: Path):
+    trace = tmp_path / "long.jsonl"
+    assert invoke("synth", "--workload", "steady", "--events", "2000000", "-o", str(trace)).exit_code == 0
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvmpfn", "replay", str(trace), "--format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(2.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    doc = json.loads(out)
+    assert doc["interrupted"] is True and 0 < doc["events"] < 2_000_000
+    assert err.decode() == f"kvmpfn: interrupted at event {doc['events']}\n"
+
+
+# --- bugs ------------------------------------------------------------------------------------------------------
+
+
+def test_bugs_json_and_one_bug():
+    from kvmpfn.kvm.bugs import BUGS
+
+    doc = json.loads(invoke("bugs", "--format", "json").stdout)
+    assert [b["name"] for b in doc["bugs"]] == list(BUGS)
+    one = invoke("bugs", "same-pfn-no-release")
+    assert one.exit_code == 0 and one.stdout.startswith("same-pfn-no-release  ")
+    wrong = invoke("bugs", "same-pfn")
+    assert wrong.exit_code == 2 and "did you mean same-pfn-no-release?" in wrong.stderr
