@@ -275,3 +275,75 @@ def test_bugs_json_and_one_bug():
     assert one.exit_code == 0 and one.stdout.startswith("same-pfn-no-release  ")
     wrong = invoke("bugs", "same-pfn")
     assert wrong.exit_code == 2 and "did you mean same-pfn-no-release?" in wrong.stderr
+
+
+# --- check, convert: directories, pipes, nothing readable ----------------------------------------------------
+
+
+def test_check_takes_a_directory_and_reports_each_file():
+    res = invoke("check", str(TRACES / "recorded"))
+    files = sorted(p for p in (TRACES / "recorded").iterdir() if p.suffix in (".txt", ".jsonl"))
+    assert res.exit_code == 1  # the recorded corpus holds a fault loop and spte mismatches
+    heads = [line for line in res.stdout.splitlines() if not line.startswith(" ")]
+    assert [h.split(":")[0] for h in heads] == [str(p) for p in files]
+    assert all(" records checked, " in h for h in heads)
+
+
+def test_check_with_nothing_readable_is_an_input_error_and_prints_nothing_else(tmp_path: Path):
+    junk = tmp_path / "junk.txt"
+    junk.write_text("hello\n" + "       CPU 0/KVM-1 [002] d.... 1.0: kvm_exit: vcpu " + "9" * 5000 + " reason X\n")
+    res = invoke("check", str(junk))
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr.startswith(f"kvmpfn: error: {junk}: no record of an event kvmpfn reads")
+
+
+def test_check_and_convert_read_a_pipe_and_leave_no_spool(tmp_path: Path):
+    spool_dir = tmp_path / "tmp"
+    spool_dir.mkdir()
+    text = (TRACES / "recorded" / "tdp-fault-loop.txt").read_bytes()
+    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(spool_dir))
+    read, write = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvmpfn", "check", f"/dev/fd/{read}"],
+        pass_fds=(read,),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    os.close(read)
+    os.write(write, text)
+    os.close(write)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and b"fault-loop" in out, err
+    conv = subprocess.run(
+        [sys.executable, "-m", "kvmpfn", "convert", "-", "-o", str(tmp_path / "c.jsonl")],
+        input=text,
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert conv.returncode == 0 and (tmp_path / "c.jsonl").exists()
+    assert list(spool_dir.iterdir()) == []
+
+
+def test_a_memory_image_that_cannot_be_read_is_an_input_error(tmp_path: Path):
+    trace = tmp_path / "m.jsonl"
+    trace.write_text('{"kvmpfn": 1, "mmu": "tdp", "guest": {"paging": "none"}, "memory": "/proc/self/mem"}\n')
+    res = run_kvmpfn(tmp_path, "replay", str(trace))
+    check_input_error(res, f"{trace}:1: header: ", "memory", "/proc/self/mem: input/output error")
+    assert res.stdout == b""
+
+
+def test_input_strings_cannot_forge_report_lines(tmp_path: Path):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    body = (
+        '{"kvmpfn": 1, "mmu": "tdp", "guest": {"paging": "none"}}\n{"op": "audit", "label": "x\\nPASS \\u001b[31m"}\n'
+    )
+    (corpus / "b\nPASS evil.jsonl").write_text(body)
+    (corpus / "c\x1b[2J.jsonl").write_text(body)
+    res = invoke("audit", str(corpus))
+    assert res.exit_code == 0
+    lines = res.stdout.splitlines()
+    assert len(lines) == 3 and all(line.startswith("PASS  ") for line in lines[:2])
+    assert "\x1b" not in res.stdout and "b\\x0aPASS evil.jsonl" in lines[0]

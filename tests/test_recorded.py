@@ -271,7 +271,7 @@ def test_check_exit_codes_and_json(tmp_path):
     runner = CliRunner()
     clean = runner.invoke(main, ["check", str(RECORDED / "shadow-2.6.32.txt")])
     assert clean.exit_code == 0, clean.output
-    assert "findings: 0" in clean.output
+    assert "20 records checked, 0 findings" in clean.output
     dirty = runner.invoke(main, ["check", str(RECORDED / "tdp-fault-loop.txt"), "--format", "json"])
     assert dirty.exit_code == 1
     doc = json.loads(dirty.output)

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from kvmpfn.cli.options import fail as _fail
+from kvmpfn.cli.options import report_options
 
 TRACE_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 PAGING = ("none", "32", "pae", "64")
@@ -105,8 +106,30 @@ def _check_text(path: str, mmu: str | None, fault_loop_min: int) -> tuple[list[d
     return findings.items, checks.records, None
 
 
+CHECK_SUFFIXES = (*TRACE_SUFFIXES, ".txt")
+
+
+def _check_paths(paths: tuple[str, ...]) -> list[str]:
+    """The files to check: files as given, and below each directory the converted traces and ``*.txt``."""
+    files: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(
+                os.path.join(root, name)
+                for root, _dirs, names in os.walk(path)
+                for name in names
+                if name.endswith(CHECK_SUFFIXES)
+            )
+            if not found:
+                _fail(f"{path}: no tracepoint text (*.txt) or converted trace ({', '.join(TRACE_SUFFIXES)}) in it")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
 @click.command("check")
-@click.argument("path", metavar="TEXT")
+@click.argument("paths", nargs=-1, required=True, metavar="TEXT...")
 @click.option("--mmu", type=click.Choice(["shadow", "tdp"]), help="What the recorded addresses are (text only).")
 @click.option(
     "--fault-loop-min",
@@ -115,41 +138,49 @@ def _check_text(path: str, mmu: str | None, fault_loop_min: int) -> tuple[list[d
     show_default=True,
     help="Consecutive identical faults that make a fault-loop.",
 )
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", help="Report format.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the report to FILE.")
-def check(path: str, mmu, fault_loop_min: int, fmt: str, output) -> None:
-    """Check recorded kvm/kvmmmu tracepoints for fault loops and spte inconsistencies: TEXT is tracepoint
-    text (as convert reads it), or a converted trace (.jsonl, .jsonl.gz, .jsonl.zst) whose x annotations
-    carry the records. Nothing is replayed.
+@report_options("text", "json")
+def check(paths: tuple[str, ...], mmu, fault_loop_min: int, fmt: str, output, quiet: bool, verbose: bool) -> None:
+    """Check recorded kvm/kvmmmu tracepoints for fault loops and spte inconsistencies. Each TEXT is tracepoint
+    text (as convert reads it; - for stdin), a converted trace (.jsonl, .jsonl.gz, .jsonl.zst) whose x
+    annotations carry the records, or a directory of them. Nothing is replayed.
 
-    Exit status: 0 clean, 1 findings, 2 input error.
+    Exit status: 0 clean, 1 findings, 2 input error (the other files are still checked and reported).
     """
-    from kvmpfn.outputs import write_output
-    from kvmpfn.report import finding_text
+    from kvmpfn.outputs import refuse_inputs, write_output
+    from kvmpfn.report import finding_text, provenance_text, safe
 
-    if path.endswith(TRACE_SUFFIXES):
-        items, records, error = _check_trace(path, fault_loop_min)
-    else:
-        items, records, error = _check_text(path, mmu, fault_loop_min)
-    by_code = dict(sorted(Counter(f["code"] for f in items).items()))
+    files = _check_paths(paths)
+    refuse_inputs(output, files)
+    docs, errors = [], []
+    for path in files:
+        if path.endswith(TRACE_SUFFIXES):
+            items, records, error = _check_trace(path, fault_loop_min)
+        else:
+            items, records, error = _check_text(path, mmu, fault_loop_min)
+        if error is not None:
+            errors.append(error)
+            if not records and not items:
+                continue  # nothing read: only the error line
+        by_code = dict(sorted(Counter(f["code"] for f in items).items()))
+        docs.append({"trace": path, "records": records, "findings": items, "summary": {"by_code": by_code}})
     if fmt == "json":
-        doc: dict[str, Any] = {
-            "version": 1,
-            "trace": path,
-            "records": records,
-            "findings": items,
-            "summary": {"by_code": by_code},
-        }
-        report = json.dumps(doc, indent=2) + "\n"
+        body: dict[str, Any] = {"version": 1, **docs[0]} if len(files) == 1 and docs else {"version": 1, "traces": docs}
+        report = json.dumps(body, indent=2) + "\n" if docs or len(files) > 1 else ""
     else:
-        lines = [f"{path}: {records} records checked"]
-        lines += [f"  {finding_text(f)}" for f in items]
-        lines.append(f"  findings: {len(items)}")
-        report = "\n".join(lines) + "\n"
-    write_output(output or "-", report, [path])
-    if error is not None:
-        _fail(error)
-    sys.exit(1 if items else 0)
+        lines = []
+        for doc in docs:
+            n = len(doc["findings"])
+            if not quiet:
+                lines.append(f"{safe(doc['trace'])}: {doc['records']} records checked, {n} finding{'s' * (n != 1)}")
+            for f in doc["findings"]:
+                lines.append(f"  {finding_text(f)}")
+                lines += [f"      {provenance_text(p)}" for p in (f["provenance"] if verbose else [])]
+        report = "".join(line + "\n" for line in lines)
+    if report:
+        write_output(output or "-", report, files)
+    for error in errors:
+        click.echo(f"kvmpfn: error: {error}", err=True)
+    sys.exit(2 if errors else 1 if any(d["findings"] for d in docs) else 0)
 
 
 COMMANDS = (

@@ -150,7 +150,11 @@ class ElfCoreImage:
 
     def _load_headers(self) -> None:
         size = os.fstat(self._fh.fileno()).st_size
-        if self._fh.read(4) != b"\x7fELF":
+        try:
+            magic = self._fh.read(4)
+        except OSError as err:  # e.g. /proc/self/mem: EIO
+            raise self._fail((err.strerror or str(err)).lower()) from None
+        if magic != b"\x7fELF":
             raise self._fail("not an ELF file")
         self._fh.seek(0)
         try:

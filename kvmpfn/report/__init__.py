@@ -124,7 +124,10 @@ def subject_text(finding: dict) -> str:
 def safe(text: object) -> str:
     """``text`` with control characters (newlines, terminal escapes) escaped: input-derived strings (file names,
     labels) cannot forge report lines or drive a terminal."""
-    return str(text).translate(_CONTROL)
+    text = str(text).translate(_CONTROL)
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")  # undecodable file-name bytes as \udcXX
 
 
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)}

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from kvmpfn.report import ERROR, FAIL, NOT_RUN, PASS, AuditReport, TraceOutcome, counts_text, finding_text
+from kvmpfn.report import ERROR, FAIL, NOT_RUN, PASS, AuditReport, TraceOutcome, counts_text, finding_text, safe
 
 LABELS = {PASS: "PASS", FAIL: "FAIL", ERROR: "ERROR", NOT_RUN: "NOT RUN"}
 STYLES = {PASS: "green", FAIL: "bold red", ERROR: "bold red", NOT_RUN: "dim"}
@@ -58,15 +58,15 @@ def render_text(report: AuditReport) -> str:
     lines = []
     width = max((len(LABELS[o.status]) for o in report.outcomes), default=4)
     for o in report.outcomes:
-        line = f"{LABELS[o.status]:<{width}}  {o.trace}"
+        line = f"{LABELS[o.status]:<{width}}  {safe(o.trace)}"
         if o.status != NOT_RUN:
             line += f"  {_plural(o.events, 'event')}"
             if o.findings:
                 line += f"  findings: {counts_text(o.counts)}"
         lines.append(line)
-        lines.extend(f"{'':<{width}}    {d}" for d in _details(o))
+        lines.extend(f"{'':<{width}}    {safe(d)}" for d in _details(o))
     lines.append(_summary_line(report))
-    lines.extend(f"baseline written: {path}" for path in report.baselines_written)
+    lines.extend(f"baseline written: {safe(path)}" for path in report.baselines_written)
     return "\n".join(lines) + "\n"
 
 
@@ -85,7 +85,7 @@ def print_rich(report: AuditReport, console: Console) -> None:
         diff = "; ".join(p for p in (counts_text(o.new, "+"), counts_text(o.missing, "-")) if p)
         table.add_row(
             Text(LABELS[o.status], style=STYLES[o.status]),
-            Text(o.trace),
+            Text(safe(o.trace)),
             str(o.events) if ran else "",
             seconds,
             Text(counts_text(o.counts)),
@@ -95,9 +95,9 @@ def print_rich(report: AuditReport, console: Console) -> None:
     for o in report.outcomes:
         details = _details(o)
         if details:
-            console.print(Text(o.trace, style=STYLES[o.status]))
+            console.print(Text(safe(o.trace), style=STYLES[o.status]))
             for d in details:
-                console.print(Text("    " + d))
+                console.print(Text("    " + safe(d)))
     console.print(Text(_summary_line(report, report.seconds)))
     for path in report.baselines_written:
         console.print(Text(f"baseline written: {path}"))

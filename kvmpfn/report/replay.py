@@ -12,7 +12,6 @@ from typing import Any
 
 from kvmpfn.report import finding_text, provenance_text, safe
 
-
 FINDINGS_SHOWN = 20  # findings listed without -v
 PROVENANCE_SHOWN = 5  # provenance lines per finding without -v
 

@@ -314,6 +314,13 @@ class Parsed:
 
 def parse_record(text: str, line: int = 0) -> Parsed:
     """Parse one logical line that starts a record."""
+    try:
+        return _parse_record(text, line)
+    except ValueError:  # a number too long to convert (over 4,300 decimal digits): not a record kvmpfn can use
+        return Parsed("incomplete")
+
+
+def _parse_record(text: str, line: int) -> Parsed:
     layout = "tracefs"
     head = _HEAD.match(text)
     rest = _REST.match(text, head.end()) if head else None
@@ -491,17 +498,22 @@ def _layout(record: Record) -> str:
     return f"flags column {len(record.flags)} wide"
 
 
-def _open_input(path: str) -> tuple[BinaryIO, str | None]:
-    """The input as a seekable binary file (standard input spooled); the spool's path, to delete after."""
-    if path == "-":
-        spool = tempfile.NamedTemporaryFile(prefix="kvmpfn-", suffix=".txt", delete=False)  # noqa: SIM115
-        with spool:
-            shutil.copyfileobj(sys.stdin.buffer, spool)
-        return open(spool.name, "rb"), spool.name  # noqa: SIM115
+def _open_input(path: str) -> BinaryIO:
+    """The input as a seekable binary file. Standard input and pipes (``<(...)``) are copied into an anonymous
+    temporary file first: it has no name, so nothing is left behind whatever stops the command."""
     try:
-        fh = open(path, "rb")  # noqa: SIM115 - closed by the caller
+        fh = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115 - closed by the caller
+        if path == "-" or not fh.seekable():
+            spool = tempfile.TemporaryFile(prefix="kvmpfn-")  # noqa: SIM115 - closed by the caller
+            try:
+                shutil.copyfileobj(fh, spool)
+            finally:
+                if path != "-":
+                    fh.close()
+            spool.seek(0)
+            fh = spool
     except OSError as err:
-        raise TextTraceError(path, None, (err.strerror or str(err)).lower()) from None
+        raise TextTraceError("<stdin>" if path == "-" else path, None, (err.strerror or str(err)).lower()) from None
     magic = fh.read(len(_TRACE_DAT_MAGIC))
     fh.seek(0)
     if magic.startswith(_TRACE_DAT_MAGIC):
@@ -510,12 +522,12 @@ def _open_input(path: str) -> tuple[BinaryIO, str | None]:
     if magic.startswith(_PERF_MAGIC):
         fh.close()
         raise TextTraceError(path, 1, "a binary perf.data: convert its `perf script` text")
-    return fh, None
+    return fh
 
 
 class TextTrace:
     """An open text trace, read twice: :attr:`scan` (pass 1, once) and :meth:`items` (pass 2). Standard input
-    (``-``) is spooled to a temporary file, deleted by :meth:`close`. A context manager.
+    (``-``) and pipes are spooled to an anonymous temporary file. A context manager.
 
     :raises TextTraceError: the file cannot be read, or is a binary trace
     """
@@ -523,7 +535,7 @@ class TextTrace:
     def __init__(self, path: str) -> None:
         self.path = path
         self.display = "<stdin>" if path == "-" else path
-        self.fh, self._spool = _open_input(path)
+        self.fh = _open_input(path)
         self._scan: Scan | None = None
 
     def lines(self) -> Iterator[tuple[int, str]]:
@@ -545,9 +557,6 @@ class TextTrace:
 
     def close(self) -> None:
         self.fh.close()
-        if self._spool is not None:
-            os.unlink(self._spool)
-            self._spool = None
 
     def __enter__(self) -> TextTrace:
         return self
