@@ -30,4 +30,5 @@ fuzz: $(STAMP)
 	$(BIN)/pytest -q -m fuzz -n auto --dist worksteal
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .ruff_cache .mypy_cache bench/out
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
