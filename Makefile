@@ -18,6 +18,16 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/kvmpfn audit traces/
+	@echo
+	@echo "Each trace above was replayed through the simulated 2008 KVM MMU and audited. PASS means its findings"
+	@echo "are exactly those traces/kvmpfn-baseline.json expects: most traces must be clean, a few (recorded"
+	@echo "real-world traces, deliberate defects) expect the findings listed. Next, try:"
+	@echo "  $(BIN)/kvmpfn replay traces/findings/refcount-leak.jsonl --bug same-pfn-no-release"
+	@echo "      a leaked frame reference, and the line and kernel function that took it"
+	@echo "  $(BIN)/kvmpfn bugs"
+	@echo "      the historical MMU bugs --bug re-creates"
+	@echo "  $(BIN)/kvmpfn mutants traces/ --jobs 2"
+	@echo "      which of those bugs this corpus catches"
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

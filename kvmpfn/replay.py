@@ -299,8 +299,10 @@ class Replayer:
         return {"result": "ok"}
 
     def do_audit(self, e: ev.Audit) -> dict:
+        """A full audit; the outcome record counts the findings it added (0: the MMU passed it)."""
+        before = len(self.findings.items)
         self.auditor.full_audit("audit" if e.label is None else f"audit {e.label}")
-        return {"result": "ok"}
+        return {"result": "ok", "findings": len(self.findings.items) - before}
 
     def do_teardown(self, e: ev.Teardown | None = None) -> dict:
         """``kvm_arch_destroy_vm``: a full audit first, then every reference still held is a leak."""

@@ -412,7 +412,7 @@ def test_a_vcpu_id_from_a_string_is_the_same_vcpu(tmp_path: Path):
 def test_standard_input(tmp_path: Path):
     proc = run_kvmpfn(tmp_path, "replay", "-", "--emit", "-", "-q", stdin=HEADER + b'{"op": "audit"}\n{"op": "pf"}\n')
     check_input_error(proc, "<stdin>:3: ", "addr", "missing required field")
-    assert b'{"seq": 0, "line": 2, "op": "audit", "result": "ok"}' in proc.stdout
+    assert b'{"seq": 0, "line": 2, "op": "audit", "result": "ok", "findings": 0}' in proc.stdout
 
 
 # --- the gate ------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from typing import IO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from rich.text import Text
 
 from kvmpfn.report import ERROR, FAIL, NOT_RUN, PASS, AuditReport, TraceOutcome, counts_text, finding_text, safe
@@ -53,54 +52,42 @@ def _summary_line(report: AuditReport, seconds: float | None = None) -> str:
     return f"{traces}{shard}: {', '.join(parts)}; {events}{took}; findings: {findings}"
 
 
-def render_text(report: AuditReport) -> str:
-    """The plain-text report: one line per trace, details indented under it, a summary line."""
+def _lines(report: AuditReport, seconds: bool) -> list[tuple[str, str]]:
+    """The report as (status, line) pairs: one line per trace, details indented under it. Nothing is cut or
+    put in columns, so that paths and codes stay whole on a narrow terminal (they wrap instead)."""
     lines = []
     width = max((len(LABELS[o.status]) for o in report.outcomes), default=4)
     for o in report.outcomes:
         line = f"{LABELS[o.status]:<{width}}  {safe(o.trace)}"
         if o.status != NOT_RUN:
             line += f"  {_plural(o.events, 'event')}"
+            if seconds and o.seconds is not None:
+                line += f" in {o.seconds:.2f}s"
             if o.findings:
                 line += f"  findings: {counts_text(o.counts)}"
-        lines.append(line)
-        lines.extend(f"{'':<{width}}    {safe(d)}" for d in _details(o))
+        lines.append((o.status, line))
+        lines.extend(("", f"{'':<{width}}    {safe(d)}") for d in _details(o))
+    return lines
+
+
+def render_text(report: AuditReport) -> str:
+    """The plain-text report: one line per trace, details indented under it, a summary line."""
+    lines = [line for _, line in _lines(report, seconds=False)]
     lines.append(_summary_line(report))
     lines.extend(f"baseline written: {safe(path)}" for path in report.baselines_written)
     return "\n".join(lines) + "\n"
 
 
 def print_rich(report: AuditReport, console: Console) -> None:
-    """The terminal report: a table of traces with their seconds, then details and the summary."""
-    table = Table(show_edge=False, pad_edge=False)
-    table.add_column("status")
-    table.add_column("trace", overflow="fold")
-    table.add_column("events", justify="right")
-    table.add_column("seconds", justify="right")
-    table.add_column("findings")
-    table.add_column("vs baseline")
-    for o in report.outcomes:
-        ran = o.status != NOT_RUN
-        seconds = f"{o.seconds:.2f}" if ran and o.seconds is not None else ""
-        diff = "; ".join(p for p in (counts_text(o.new, "+"), counts_text(o.missing, "-")) if p)
-        table.add_row(
-            Text(LABELS[o.status], style=STYLES[o.status]),
-            Text(safe(o.trace)),
-            str(o.events) if ran else "",
-            seconds,
-            Text(counts_text(o.counts)),
-            Text(diff or ("error" if o.status == ERROR else "")),
-        )
-    console.print(table)
-    for o in report.outcomes:
-        details = _details(o)
-        if details:
-            console.print(Text(safe(o.trace), style=STYLES[o.status]))
-            for d in details:
-                console.print(Text("    " + safe(d)))
-    console.print(Text(_summary_line(report, report.seconds)))
+    """The terminal report: the plain text's lines with each trace's seconds, the status in colour."""
+    for status, line in _lines(report, seconds=True):
+        text = Text(line, style="dim" if not status else "")
+        if status:
+            text.stylize(STYLES[status], 0, len(LABELS[status]))
+        console.print(text, overflow="fold")
+    console.print(Text(_summary_line(report, report.seconds)), overflow="fold")
     for path in report.baselines_written:
-        console.print(Text(f"baseline written: {path}"))
+        console.print(Text(f"baseline written: {safe(path)}"), overflow="fold")
 
 
 def show(report: AuditReport, stream: IO[str] | None = None) -> None:

@@ -38,6 +38,10 @@ def replay_json(result: Any) -> str:
     return json.dumps(replay_doc(result), indent=2) + "\n"
 
 
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}" + "s" * (count != 1)
+
+
 def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{name} {n}" for name, n in counts.items()) or "none"
 
@@ -49,14 +53,14 @@ def replay_lines(result: Any, *, quiet: bool = False, verbose: bool = False) -> 
     n = len(result.findings)
     if not quiet:
         what = f"{result.mmu} MMU, kernel {result.kernel}" if result.mmu else "not started"
-        lines.append(("bold", f"{safe(result.trace)}: {result.events} events ({what})"))
+        lines.append(("bold", f"{safe(result.trace)}: {_n(result.events, 'event')} ({what})"))
         lines.append(("", f"  results: {_counts(summary['results'])}"))
         if "shadow_pages" in summary:
             lines.append(
                 (
                     "",
-                    f"  at the end: {summary['shadow_pages']} shadow pages, {summary['sptes']} leaf sptes, "
-                    f"{summary['frames_referenced']} frames referenced",
+                    f"  at the end: {_n(summary['shadow_pages'], 'shadow page')}, {_n(summary['sptes'], 'leaf spte')}, "
+                    f"{_n(summary['frames_referenced'], 'frame')} referenced",
                 )
             )
     if n and not quiet:
