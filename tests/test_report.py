@@ -283,12 +283,16 @@ def sample_report() -> AuditReport:
     return AuditReport(outcomes=[clean, leak, later], seconds=2.5)
 
 
-def test_terminal_table_has_seconds_and_plain_text_has_none():
+def test_terminal_report_has_seconds_and_plain_text_has_none():
     out = io.StringIO()
     console.print_rich(sample_report(), Console(file=out, force_terminal=True, width=160, color_system=None))
-    table = out.getvalue()
-    assert "seconds" in table and "1.23" in table and "0.50" in table and "in 2.50s" in table
-    assert "FAIL" in table and "NOT RUN" in table and "refcount-leak +1" in table
+    assert out.getvalue().splitlines() == [
+        "PASS     traces/clean.jsonl  3 events in 0.50s",
+        "FAIL     traces/leak.jsonl  12 events in 1.23s  findings: refcount-leak ×1",
+        "           + refcount-leak at line 9 (seq 7): [pfn=0x100001]",
+        "NOT RUN  traces/z.jsonl",
+        "2 traces: 1 pass, 1 fail, 0 error, 1 not run; 15 events in 2.50s; findings: refcount-leak ×1",
+    ]
     plain = console.render_text(sample_report())
     assert "1.23" not in plain and "2.50" not in plain
     assert plain.splitlines() == [
@@ -309,7 +313,7 @@ def test_show_picks_rich_only_on_a_terminal():
     console.show(sample_report(), piped)
     console.show(sample_report(), tty)
     assert piped.getvalue() == console.render_text(sample_report())
-    assert "seconds" in tty.getvalue() and "1.23" in tty.getvalue()
+    assert "12 events in 1.23s" in tty.getvalue() and "\x1b[" in tty.getvalue()
 
 
 def test_progress_bar_only_on_a_terminal():
@@ -317,3 +321,14 @@ def test_progress_bar_only_on_a_terminal():
     with console.progress(3, piped) as advance:
         advance("a.jsonl")
     assert piped.getvalue() == ""
+
+
+def test_terminal_report_fits_80_columns_without_cutting_paths_or_codes():
+    report = sample_report()
+    report.outcomes[1].trace = "traces/" + "very-long-directory-name/" * 4 + "leak.jsonl"
+    out = io.StringIO()
+    console.print_rich(report, Console(file=out, force_terminal=True, width=80, color_system=None))
+    lines = out.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "…" not in out.getvalue()
+    assert "".join(lines).count("very-long-directory-name") == 4 and "refcount-leak ×1" in " ".join(lines)

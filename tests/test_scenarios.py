@@ -56,7 +56,7 @@ EXPECTED: dict[str, list[dict]] = {
         access(3, 9, "mapped", 0x800000, 0x100200, 0x100200 << 12 | RW | LARGE),
         access(4, 10, "hit", 0x9FF000, 0x1003FF, 0x100200 << 12 | RW | LARGE),
         access(5, 11, "mapped", 0xA00000, 0x100400, 0x100400 << 12 | RW | LARGE),
-        rec(6, 12, "audit", "ok"),
+        rec(6, 12, "audit", "ok", findings=0),
     ],
     "variants/mmio-pfn.jsonl": [
         access(0, 8, "mmio", 0xFE000000),
@@ -66,7 +66,7 @@ EXPECTED: dict[str, list[dict]] = {
         rec(4, 13, "pf", "mmio", 0xFE001000),
         access(5, 15, "mapped", 0x3000, 0x100000, 0x100000 << 12 | RW),
         access(6, 16, "hit", 0x3008, 0x100000, 0x100000 << 12 | RW),
-        rec(7, 17, "audit", "ok"),
+        rec(7, 17, "audit", "ok", findings=0),
     ],
     "variants/mmio-pfn-io.jsonl": [
         access(0, 7, "mapped", 0xFE000000, MMIO_PFN_BASE, MMIO_PFN_BASE << 12 | RW),
@@ -77,7 +77,7 @@ EXPECTED: dict[str, list[dict]] = {
         rec(4, 11, "pf", "mapped", 0xFE001000, MMIO_PFN_BASE + 1, (MMIO_PFN_BASE + 1) << 12 | 0x47),
         access(5, 13, "mapped", 0x3000, 0x100000, 0x100000 << 12 | RW),
         access(6, 14, "hit", 0x3008, 0x100000, 0x100000 << 12 | RW),
-        rec(7, 15, "audit", "ok"),
+        rec(7, 15, "audit", "ok", findings=0),
     ],
     "variants/host-remap-pfn.jsonl": [
         access(0, 6, "mapped", 0x5000, 0x100000, 0x100000 << 12 | RW),
@@ -88,7 +88,7 @@ EXPECTED: dict[str, list[dict]] = {
         rec(5, 14, "write", "ok"),
         rec(6, 16, "host_remap", "ok"),
         access(7, 17, "mapped", 0x7000, 0x100003, 0x100003 << 12 | RW),
-        rec(8, 18, "audit", "ok"),
+        rec(8, 18, "audit", "ok", findings=1),
     ],
     "variants/host-remap-notifier.jsonl": [
         access(0, 6, "mapped", 0x5000, 0x100000, 0x100000 << 12 | RW),
@@ -98,7 +98,7 @@ EXPECTED: dict[str, list[dict]] = {
         access(4, 12, "hit", 0x5FF8, 0x100002, 0x100002 << 12 | RW),
         rec(5, 13, "write", "ok"),
         access(6, 15, "hit", 0x6000, 0x100001, 0x100001 << 12 | RW),
-        rec(7, 16, "audit", "ok"),
+        rec(7, 16, "audit", "ok", findings=0),
     ],
     "variants/memslot-delete-pfn-io.jsonl": [
         access(0, 7, "mapped", 0x1005000, 0x100000, 0x100000 << 12 | RW),
@@ -110,7 +110,7 @@ EXPECTED: dict[str, list[dict]] = {
         access(6, 16, "mmio", 0x1005000),
         access(7, 18, "mmio", 0x1007000),
         access(8, 20, "hit", 0x3000, 0x100002, 0x100002 << 12 | RW),
-        rec(9, 21, "audit", "ok"),
+        rec(9, 21, "audit", "ok", findings=0),
     ],
     "variants/memslot-delete-notifier.jsonl": [
         access(0, 6, "mapped", 0x1005000, 0x100000, 0x100000 << 12 | RW),
@@ -122,7 +122,7 @@ EXPECTED: dict[str, list[dict]] = {
         access(6, 13, "mmio", 0x1005000),
         access(7, 14, "mmio", 0x1007000),
         access(8, 16, "mapped", 0x3000, 0x100002, 0x100002 << 12 | RW),  # zapped, faulted back in
-        rec(9, 17, "audit", "ok"),
+        rec(9, 17, "audit", "ok", findings=0),
     ],
 }
 
