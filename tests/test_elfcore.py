@@ -417,16 +417,9 @@ def test_replay_against_a_core_equals_replay_with_the_memory_written(tmp_path, p
     assert findings_a == [] and findings_b == []
 
 
-def _memory_is_wired(tmp_path) -> bool:
-    probe = _write_trace(tmp_path / "probe.jsonl", {"kvmpfn": 1, "memory": "no-such.core"}, [])
-    return "no-such.core" in (replay_file(probe).error or "")
-
-
 def test_replay_file_uses_the_header_memory(tmp_path):
-    """NEEDS THE REPLAY WIRING of the header's ``memory`` (see the report): skipped until replay.py opens
-    the core with ``open_header_memory`` and applies ``guest_from_core``."""
-    if not _memory_is_wired(tmp_path):
-        pytest.skip("kvmpfn.replay does not load the header's memory yet")
+    """A replay reads guest memory from the core the header names (``open_header_memory``) and takes the
+    guest's paging state from its CPU note (``guest_from_core``)."""
     a, b, nsetup = _guest_pair(tmp_path, "64", 64)
     recs_a, findings_a = _replay_plain(a)
     recs_b, findings_b = _replay_plain(b)
