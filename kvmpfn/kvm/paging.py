@@ -97,8 +97,9 @@ class GuestMemory:
         api = self.kvm.api
         pfn = api.gfn_to_page(gpa >> PAGE_SHIFT, "cmpxchg_gpte")
         if api.is_error_pfn(pfn):
-            # bad_page holds zeros: the compare fails and the walk restarts (§5.20)
-            api.kvm_release_pfn_clean(pfn, "cmpxchg_gpte")
+            # bad_page holds zeros: the compare fails and the walk restarts; the kernel releases it like any
+            # page it mapped, with kvm_release_page_dirty (paging_tmpl.h, v2.6.26)
+            api.kvm_release_pfn_dirty(pfn, "cmpxchg_gpte")
             return False
         ok = self.kvm.host.cmpxchg_guest(gpa, size, old, new)
         api.kvm_release_pfn_dirty(pfn, "cmpxchg_gpte")
