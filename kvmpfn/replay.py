@@ -184,7 +184,7 @@ class Replayer:
         if e.addr >> 32:
             self._check_addr(vcpu, e.addr, False)
         out = guest_access(vcpu, self.kvm, e.addr, e.write, e.user, e.fetch, e.ac, self.records)
-        if not self.records and not out.looped:
+        if not self.records and not out.looped and not out.livelock:
             return RESULT_ONLY[out.result]
         if out.looped:
             self.findings.report(
@@ -194,12 +194,27 @@ class Replayer:
                 addr=e.addr,
                 vcpu=e.vcpu,
             )
+        self._report_livelock(out, e.vcpu, e.addr)
         return self._fault_record(out)
 
     def do_pf(self, e: ev.Pf) -> dict:
         vcpu = self.vcpu(e.vcpu)
         self._check_addr(vcpu, e.addr, self.kvm.tdp_enabled)
-        return self._fault_record(recorded_fault(vcpu, self.kvm, e.addr, e.err))
+        out = recorded_fault(vcpu, self.kvm, e.addr, e.err)
+        self._report_livelock(out, e.vcpu, e.addr)
+        return self._fault_record(out)
+
+    def _report_livelock(self, out, vcpu: int, addr: int) -> None:
+        """A fault whose guest walk restarted without end (``cmpxchg_gpte`` on ``bad_page``): the kernel spins in
+        ``FNAME(walk_addr)`` forever; the replay stopped it after ``WALK_RESTART_LIMIT`` restarts."""
+        if out.livelock:
+            self.findings.report(
+                "fault-loop",
+                f"fault at {addr:#x} on vcpu {vcpu}: FNAME(walk_addr) restarts forever (cmpxchg_gpte never succeeds)",
+                ("addr", vcpu, addr),
+                addr=addr,
+                vcpu=vcpu,
+            )
 
     def _fault_record(self, out) -> dict:
         rec: dict[str, Any] = {"result": out.result}

@@ -173,6 +173,7 @@ class FaultOutcome:
     err: int | None = None
     set_accessed: list | None = None
     set_dirty: int | None = None
+    livelock: bool = False  # the guest walk's cmpxchg_gpte never succeeded (the kernel would spin forever)
 
 
 def kvm_mmu_page_fault(vcpu: Vcpu, kvm: Kvm, cr2: int, error_code: int, pte_len: int) -> FaultOutcome:
@@ -192,6 +193,7 @@ def kvm_mmu_page_fault(vcpu: Vcpu, kvm: Kvm, cr2: int, error_code: int, pte_len:
     if walker is not None:
         out.set_accessed = walker.set_accessed
         out.set_dirty = walker.set_dirty
+        out.livelock = walker.ad_lost
     if r < 0:
         out.result = "error"
     elif vcpu.fault_err is not None:
@@ -343,6 +345,7 @@ class AccessOutcome:
     set_accessed: list | None = None
     set_dirty: int | None = None
     looped: bool = False  # the fault was fixed RETRIES times and the access still exits
+    livelock: bool = False  # KVM's guest walk restarted without end (FaultOutcome.livelock)
 
 
 #: a hit without detail (``guest_access(detail=False)``); shared, never changed
@@ -487,6 +490,9 @@ def guest_access(
         error_code |= (PFERR_USER_MASK if user else 0) | (PFERR_FETCH_MASK if fetch else 0)
         vcpu.fault_ac = ac
         out = kvm_mmu_page_fault(vcpu, kvm, tdp_addr, error_code, pte_len)
+        if out.livelock:  # the kernel never gets here: report the walk's livelock, do not retry
+            sa = set_accessed + list(out.set_accessed or ())
+            return AccessOutcome(out.result, out.gpa, set_accessed=sa, set_dirty=out.set_dirty, livelock=True)
         if out.set_accessed:
             set_accessed.extend(out.set_accessed)
         if out.set_dirty is not None:
@@ -514,6 +520,8 @@ def recorded_fault(vcpu: Vcpu, kvm: Kvm, addr: int, err: int) -> AccessOutcome:
     vcpu.fault_ac = False
     out = kvm_mmu_page_fault(vcpu, kvm, addr, err, pte_len)
     sa = list(out.set_accessed or [])
+    if out.livelock:
+        return AccessOutcome(out.result, out.gpa, set_accessed=sa, set_dirty=out.set_dirty, livelock=True)
     if kvm.consumed_failure or out.result == "error":
         return AccessOutcome("error", set_accessed=sa, set_dirty=out.set_dirty)
     if out.result == "guest_fault":

@@ -223,10 +223,15 @@ def context_role_bits(vcpu: Vcpu, kvm: Kvm) -> tuple[int, int]:
     """The role bits of the vcpu's current context beyond the era's: ``(cr0_wp, ext)``, where ``ext`` holds
     role.nxe, role.ext.cr4_pse and the smep/smap_andnot_wp bits later kernels added (a spte made for a CR0.WP=0
     supervisor write must not serve a context where the guest's SMEP/SMAP apply). Under TDP they are constant.
+
+    v2.6.26's ``union kvm_mmu_page_role`` (include/asm-x86/kvm_host.h) has glevels, level, quadrant,
+    metaphysical, access and invalid only: ``--bug role-ignores-pse-nx`` keys pages without ``ext`` (CR0.WP
+    has its own switch, ``--bug cr0wp-shared-sp``). Then after a CR4.PSE or EFER.NX change ``mmu_alloc_roots``
+    re-finds the same roots, and sptes made under the old meaning of a guest pde keep serving.
     """
     cpu = vcpu.cpu
     cr0_wp = 1 if cpu.cr0_wp or "cr0wp-shared-sp" in kvm.bugs or kvm.tdp_enabled else 0
-    if kvm.tdp_enabled:
+    if kvm.tdp_enabled or "role-ignores-pse-nx" in kvm.bugs:
         return cr0_wp, 0
     ext = (
         int(bool(cpu.efer_nx))

@@ -150,6 +150,8 @@ class Kvm:
         self.kernel = kernel
         self.notifiers = kernel == "notifier"
         self.tdp_enabled = tdp
+        if "fetch-large-rmap-remove" in bugs:
+            bugs = bugs | {"role-ignores-pse-nx"}  # the only way a large spte gets in FNAME(fetch)'s way
         #: "npt" (SVM: the x86 pte format) or "ept" (VMX); only meaningful with ``tdp``
         self.tdp_flavour = tdp_flavour
         #: ``shadow_accessed_mask`` (mmu.c): what ``rmap_remove`` tests before ``kvm_set_pfn_accessed``
