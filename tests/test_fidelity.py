@@ -214,7 +214,7 @@ def test_the_tdp_header_field_and_its_override(tmp_path):
     with open_trace(str(path)) as reader:
         assert reader.header.tdp == "ept"
     for opts, ept in ((ReplayOptions(), True), (ReplayOptions(tdp="npt"), False)):
-            out = io.StringIO()
+        out = io.StringIO()
         replay_file(str(path), opts, out)
         spte = int(out.getvalue().split('"spte": "')[1].split('"')[0], 16)
         assert bool(spte & 0x30 == 0x30) == ept
