@@ -279,9 +279,10 @@ def leaf_allows(cpu: GuestCpu, path: list[tuple], write: bool, user: bool, fetch
 
 def host_cpu_hit(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool):
     """The host CPU's walk of the shadow (or TDP) tables for an access that completes without an exit: the
-    leaf's ``(sp, index, spte)``, A set in every spte used; None when the walk ends on a trap, notrap or
-    absent root, or the sptes deny the access (:func:`guest_access` then takes the exit path). The hot path of
-    every access: one descent, no allocation (:func:`shadow_walk` is the general walk)."""
+    leaf's ``(sp, index, spte)``, A set in every spte used (not in EPT tables: the era's EPT has no A bits);
+    None when the walk ends on a trap, notrap or absent root, or the sptes deny the access (:func:`guest_access`
+    then takes the exit path). The hot path of every access: one descent, no allocation (:func:`shadow_walk` is
+    the general walk)."""
     headers = kvm.page_header
     if vcpu.shadow_root_level == PT32E_ROOT_LEVEL:
         if addr >> 32:

@@ -494,8 +494,9 @@ def walk_addr(
     ``access_at`` is the 2021 ``role.access`` fix. ``rsvd_check=False`` is the era's walk without reserved
     bits (``--bug no-rsvd-check``).
 
-    A guest table outside every memslot reads as zeros, so the walk faults not-present (today's behaviour,
-    later kernels check ``kvm_read_guest``'s return). v2.6.26 ignored that return value: ``pte`` kept the
+    A guest table outside every memslot reads as zeros, so the walk faults not-present (the behaviour since
+    d6d161b4, "KVM: MMU: bail out pagewalk on kvm_read_guest error", v2.6.33). v2.6.26 and v2.6.27 ignored
+    ``kvm_read_guest``'s return value: ``pte`` kept the
     entry above, whose frame was then used as the next table and finally as the leaf's gfn, so a read reached
     that gpa (MMIO) and a write's D-bit ``cmpxchg_gpte`` hit ``bad_page`` and restarted forever.
     ``in_memslot(gfn)`` re-creates that (``--bug walk-read-unchecked``); the restart limit then ends the
