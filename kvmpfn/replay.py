@@ -29,6 +29,7 @@ from kvmpfn.kvm.mmu import (
     kvm_mmu_zap_all,
     kvm_slot_init,
     mark_page_dirty,
+    mmu_topup_memory_caches,
 )
 from kvmpfn.kvm.pfn import PfnApi
 from kvmpfn.kvm.pte_write import kvm_mmu_pte_write
@@ -57,6 +58,7 @@ class ReplayOptions:
     bugs: frozenset[str] = frozenset()
     kernel_audit: bool = False  # also audit at the kernel's own four kvm_mmu_audit() points
     paranoid: bool = False  # full audit and a check of the simulator's own structures after every event
+    tdp: str | None = None  # "npt" or "ept": overrides the header's ``tdp`` (``--tdp``)
 
 
 @dataclass
@@ -96,7 +98,10 @@ class Replayer:
         self.options = options
         self.host = Host(first_pfn=header.host.first_pfn, memory_image=memory_image)
         self.api = PfnApi(self.host, self.kernel, bugs=options.bugs)
-        self.kvm = Kvm(self.host, self.api, kernel=self.kernel, tdp=self.mmu == "tdp", bugs=options.bugs)
+        self.tdp = options.tdp or header.tdp
+        self.kvm = Kvm(
+            self.host, self.api, kernel=self.kernel, tdp=self.mmu == "tdp", bugs=options.bugs, tdp_flavour=self.tdp
+        )
         self.auditor = Auditor(self.kvm, kernel_points=options.kernel_audit)
         self.findings = self.auditor.findings
         self.recorded = RecordedChecks.for_header(self.findings, header)
@@ -148,11 +153,16 @@ class Replayer:
     def _invalidate_range(self, start: int, end: int) -> None:
         kvm_mmu_notifier_invalidate_range(self.kvm, start, end)
 
-    def kvm_set_memory_region(self, slot: int, gfn: int, npages: int, backing: str) -> None:
-        """``__kvm_set_memory_region`` + ``kvm_arch_set_memory_region``: deletion zaps everything first under
-        ``notifier`` (``kvm_arch_flush_shadow``, v2.6.27) and nothing before it (v2.6.26: sptes stay); then
-        the shadow-page budget is recomputed and the slot's sptes lose write access."""
+    def kvm_set_memory_region(self, slot: int, gfn: int, npages: int, backing: str) -> bool:
+        """``__kvm_set_memory_region`` + ``kvm_arch_set_memory_region``: a new size for a slot that exists is
+        refused (-EINVAL: "Disallow changing a memory slot's size", kvm_main.c v2.6.26 and v2.6.27; False, nothing
+        changes); deletion zaps everything first under ``notifier`` (``kvm_arch_flush_shadow``, v2.6.27) and
+        nothing before it (v2.6.26: sptes stay); then the shadow-page budget is recomputed and the slot's sptes
+        lose write access."""
         kvm = self.kvm
+        old_ms = self.host.memslot(slot)
+        if npages and old_ms is not None and old_ms.npages and npages != old_ms.npages:
+            return False  # "Disallow changing a memory slot's size": -EINVAL, nothing changes
         if npages == 0:
             if self.host.memslot(slot) is None:
                 raise InputError("slot", f"slot {slot} does not exist")
@@ -169,6 +179,7 @@ class Replayer:
         if not kvm.n_requested_mmu_pages:
             kvm_mmu_change_mmu_pages(kvm, kvm_mmu_calculate_mmu_pages(kvm))
         kvm_mmu_slot_remove_write_access(kvm, slot)
+        return True
 
     # -- events ----------------------------------------------------------------------------------------------
 
@@ -177,7 +188,7 @@ class Replayer:
         if e.addr >> 32:
             self._check_addr(vcpu, e.addr, False)
         out = guest_access(vcpu, self.kvm, e.addr, e.write, e.user, e.fetch, e.ac, self.records)
-        if not self.records and not out.looped:
+        if not self.records and not out.looped and not out.livelock:
             return RESULT_ONLY[out.result]
         if out.looped:
             self.findings.report(
@@ -187,12 +198,28 @@ class Replayer:
                 addr=e.addr,
                 vcpu=e.vcpu,
             )
+        self._report_livelock(out, e.vcpu, e.addr)
         return self._fault_record(out)
 
     def do_pf(self, e: ev.Pf) -> dict:
         vcpu = self.vcpu(e.vcpu)
         self._check_addr(vcpu, e.addr, self.kvm.tdp_enabled)
-        return self._fault_record(recorded_fault(vcpu, self.kvm, e.addr, e.err))
+        out = recorded_fault(vcpu, self.kvm, e.addr, e.err)
+        self._report_livelock(out, e.vcpu, e.addr)
+        return self._fault_record(out)
+
+    def _report_livelock(self, out, vcpu: int, addr: int) -> None:
+        """A fault whose guest walk restarted without end (``cmpxchg_gpte`` on ``bad_page``): the kernel spins in
+        ``FNAME(walk_addr)`` forever; the replay stopped it after ``WALK_RESTART_LIMIT`` restarts. Not when an
+        injected failure was consumed: those are finite, and the kernel's next restart would succeed."""
+        if out.livelock and not (self.kvm.consumed_failure or self.api.consumed_failure):
+            self.findings.report(
+                "fault-loop",
+                f"fault at {addr:#x} on vcpu {vcpu}: FNAME(walk_addr) restarts forever (cmpxchg_gpte never succeeds)",
+                ("addr", vcpu, addr),
+                addr=addr,
+                vcpu=vcpu,
+            )
 
     def _fault_record(self, out) -> dict:
         rec: dict[str, Any] = {"result": out.result}
@@ -209,10 +236,20 @@ class Replayer:
         return rec
 
     def _guest_store(self, vcpu, gpa: int, val: int, nbytes: int, always_emulate: bool) -> dict:
+        """A guest store. One that is emulated (``pte_write``, or a store to a shadowed gfn) comes through
+        ``kvm_mmu_page_fault``, which tops up the MMU caches before emulating (mmu.c, v2.6.26): an injected
+        ``enomem`` fails it (``error``, nothing stored). Then ``emulator_write_phys`` (x86.c): when
+        ``kvm_write_guest`` fails (no memslot) it skips ``kvm_mmu_pte_write`` and the emulator takes the MMIO
+        path (``mmio``)."""
         kvm = self.kvm
-        self.host.write_guest(gpa, val, nbytes)
+        emulate = always_emulate or kvm_mmu_lookup_page(kvm, gpa >> PAGE_SHIFT) is not None
+        if emulate and mmu_topup_memory_caches(vcpu, kvm):
+            return {"result": "error"}
+        stored = self.host.write_guest(gpa, val, nbytes)
         mark_page_dirty(kvm, gpa >> PAGE_SHIFT)
-        if always_emulate or kvm_mmu_lookup_page(kvm, gpa >> PAGE_SHIFT) is not None:
+        if emulate:
+            if not stored:
+                return {"result": "mmio"}
             kvm_mmu_pte_write(vcpu, kvm, gpa, val, nbytes)
             return {"result": "emulated"}
         return {"result": "ok"}
@@ -267,21 +304,28 @@ class Replayer:
     def do_memslot(self, e: ev.MemslotEvent) -> dict:
         self._check_slot_id(e.slot)
         self.kvm.flush_walk_caches()
-        self.kvm_set_memory_region(e.slot, e.gfn, e.npages, e.backing)
+        if not self.kvm_set_memory_region(e.slot, e.gfn, e.npages, e.backing):
+            return {"result": "error"}
         return {"result": "ok"}
 
     def do_dirty_log(self, e: ev.DirtyLog) -> dict:
-        """KVM_GET_DIRTY_LOG (TRACE_FORMAT ``dirty_log``): logging on at the first call, the bitmap returned and
-        cleared, the slot's sptes write-protected; ``stop`` switches logging off."""
+        """KVM_GET_DIRTY_LOG (``kvm_vm_ioctl_get_dirty_log``, x86.c v2.6.26): the first call switches logging on
+        (the KVM_MEM_LOG_DIRTY_PAGES memslot update, whose ``kvm_arch_set_memory_region`` write-protects the
+        slot); a later call write-protects the slot and clears the bitmap only ``if (is_dirty)``, when some page
+        was logged ("If nothing is dirty, don't bother messing with page tables"); ``stop`` then switches logging
+        off (a memslot update again: the slot is write-protected whatever the bitmap held)."""
         slot = self.kvm.slots.get(e.slot)
         if slot is None:
             raise InputError("slot", f"slot {e.slot} does not exist")
         if slot.dirty_bitmap is None:
             slot.dirty_bitmap = set()
-        slot.dirty_bitmap.clear()
-        kvm_mmu_slot_remove_write_access(self.kvm, e.slot)
+            kvm_mmu_slot_remove_write_access(self.kvm, e.slot)
+        elif slot.dirty_bitmap:
+            kvm_mmu_slot_remove_write_access(self.kvm, e.slot)
+            slot.dirty_bitmap.clear()
         if e.stop:
             slot.dirty_bitmap = None
+            kvm_mmu_slot_remove_write_access(self.kvm, e.slot)
         return {"result": "ok"}
 
     def do_host_remap(self, e: ev.HostRemap) -> dict:

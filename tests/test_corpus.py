@@ -47,6 +47,7 @@ KILLS = {
     "double-release": ("mutants/cr0wp-toggle.jsonl", {"refcount-underflow": 1}),
     "error-pfn-no-release": ("mutants/mmio-outside-slots.jsonl", {"refcount-leak": 1}),
     "fetch-bailout-parent": ("findings/parent-link.jsonl", {"parent-link": 1}),
+    "fetch-large-rmap-remove": ("mutants/pse-toggle-large-in-the-way.jsonl", {"refcount-underflow": 1, "error": 1}),
     "handle-hva-unaligned": ("mutants/hva-unaligned-slot.jsonl", {"notifier-stale-spte": 1}),
     "large-spte-remove-order": ("findings/rmap-mismatch.jsonl", {"refcount-leak": 1, "rmap-mismatch": 1}),
     "memslot-delete-no-flush": ("mutants/memslot-delete-notifier.jsonl", {"spte-without-memslot": 1}),
@@ -58,6 +59,7 @@ KILLS = {
     "pse32-double-update": ("mutants/pse32-pde-rewrite.jsonl", {"spte-hpa-mismatch": 1}),
     "release-clean-writable": ("mutants/cr0wp-toggle.jsonl", {"dirty-lost": 1}),
     "rmap-wp-hugepage-iter": ("mutants/wp-two-large-sptes.jsonl", {"writable-shadowed-gfn": 1}),
+    "role-ignores-pse-nx": ("mutants/pse-toggle-stale-split.jsonl", {"spte-hpa-mismatch": 1}),
     "same-pfn-no-release": ("mutants/dirty-log-split-region.jsonl", {"refcount-leak": 1}),
     "sp-access-inherit": ("mutants/pd-mixed-access.jsonl", {"spte-permission": 1}),
     "tdp-gpa-32bit": ("mutants/tdp-gpa-above-4g.jsonl", {"fault-loop": 1}),
@@ -66,6 +68,7 @@ KILLS = {
         "mutants/self-map-user-write.jsonl",
         {"fault-loop": 1, "refcount-leak": 1, "rmap-mismatch": 3},
     ),
+    "walk-read-unchecked": ("mutants/walk-table-outside-slots.jsonl", {"fault-loop": 1}),
 }
 
 
@@ -110,11 +113,14 @@ def test_pfn_io_maps_pageless_memory_that_pfn_cannot():
     assert set(by_trace) == {
         "traces/findings/pageless-refcount.jsonl",
         "traces/findings/spte-pfn-truncated.jsonl",
+        "traces/kernel/ept-spte-format.jsonl",  # v2.6.27 drops the fake EPT dirty bit 63
         "traces/variants/mmio-pfn-io.jsonl",
         "traces/variants/mmio-pfn.jsonl",
     }
     first = by_trace["traces/variants/mmio-pfn.jsonl"]["first_divergence"]
     assert (first["a"]["result"], first["b"]["result"]) == ("mmio", "mapped")
+    first = by_trace["traces/kernel/ept-spte-format.jsonl"]["first_divergence"]
+    assert int(first["a"]["spte"], 16) ^ int(first["b"]["spte"], 16) == 1 << 63
 
 
 def test_notifier_zaps_on_host_remap_and_slot_deletion():

@@ -305,14 +305,24 @@ def test_nonpaging_roots_are_four_pae_shaped_level2_pages():
     assert all(r.root_count == 1 for r in roots) and vm.vcpu.pae_root == [r.hpa << 12 | P for r in roots]
 
 
-def test_shadow_cr3_reload_frees_roots_but_keeps_pages():
+def test_shadow_cr3_reload_of_the_same_cr3_is_a_tlb_flush_only():
+    """kvm_set_cr3 (v2.6.26): the same CR3 with unchanged PDPTEs keeps the roots."""
+    vm = make_paged_vm(maps=[(0, 512)])
+    kvm, vcpu = vm.kvm, vm.vcpu
+    assert vm.access(0x5000, write=True)["result"] == "mapped"
+    root_hpa = vcpu.root_hpa
+    assert vm.apply(ev.Cr3(val=vm.tables.cr3)) == {"result": "ok"}
+    assert vcpu.root_hpa == root_hpa and page_header(kvm, root_hpa).root_count == 1
+
+
+def test_shadow_cr3_load_frees_roots_but_keeps_pages():
     vm = make_paged_vm(maps=[(0, 512)])
     kvm, vcpu = vm.kvm, vm.vcpu
     assert vm.access(0x5000, write=True)["result"] == "mapped"
     root = page_header(kvm, vcpu.root_hpa)
     assert (root.level, root.metaphysical, root.gfn) == (4, 0, vm.tables.cr3 >> 12)
     pages, misses = dict(kvm.active_mmu_pages), kvm.stat["mmu_cache_miss"]
-    assert vm.apply(ev.Cr3(val=vm.tables.cr3)) == {"result": "ok"}
+    assert vm.apply(ev.Cr3(val=vm.tables.cr3 | 0x8)) == {"result": "ok"}  # PWT: another CR3, the same table
     assert vcpu.root_hpa == INVALID_PAGE and root.root_count == 0
     assert kvm.active_mmu_pages == pages
     assert vm.access(0x5000, write=True)["result"] == "hit"

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from kvmpfn.audit.findings import Findings
-from kvmpfn.audit.recorded import CODES, FAULT_LOOP_MIN, RecordedChecks
+from kvmpfn.audit.recorded import CODES, FAULT_LOOP_MIN, SPURIOUS_LOOP_MIN, RecordedChecks
 from kvmpfn.cli import main
 from kvmpfn.replay import Replayer, ReplayOptions, replay_file
 from kvmpfn.trace.reader import open_trace
@@ -22,6 +22,7 @@ RECORDED = Path(__file__).resolve().parent.parent / "traces" / "recorded"
 #: wired into the replay (the simulator itself finds nothing in them); the baseline entries.
 EXPECTED = {
     "tdp-fault-loop.jsonl": {"fault-loop": 1},
+    "tdp-spurious-loop.jsonl": {"fault-loop": 1},
     "spte-mismatch.trace-cmd.jsonl": {"recorded-spte-mismatch": 1},
     "tdp-pfn-change.jsonl": {"recorded-spte-pfn-change": 1},
     "shadow-2.6.32.jsonl": {},
@@ -144,6 +145,44 @@ def test_what_breaks_a_fault_loop(change, breaks):
         assert found == []
     else:
         assert len(found) == 1 and found[0]["count"] == 2 * half
+
+
+def spurious(vcpu: int, gpa: int, old: int = LEAF, new: int = LEAF) -> dict:
+    return _rec("fast_page_fault", 1000 + vcpu, vcpu=vcpu, gva=gpa, old=old, new=new, spurious=1, fixed=0)
+
+
+def test_tdp_faults_at_one_gpa_count_across_vcpus():
+    half = FAULT_LOOP_MIN // 2
+    alternating = [fault(GPA, vcpu=i % 2) for i in range(2 * half)]
+    items = run(alternating)
+    assert codes(items) == {"fault-loop": 1}
+    assert items[0]["count"] == 2 * half and items[0]["vcpus"] == [0, 1] and items[0]["spurious"] == 0
+    assert run(alternating, mmu="shadow") == []  # gvas: each vcpu's own address space, counted apart
+
+
+def test_repeated_spurious_fast_page_faults_are_a_loop_at_a_lower_threshold():
+    """The nested-guest freeze: a handful of faults on two vcpus, each fast_page_fault spurious, old == new."""
+    records = []
+    for i in range(SPURIOUS_LOOP_MIN):
+        records += [fault(GPA, vcpu=i % 2), spurious(i % 2, GPA)]
+    items = run(records)
+    assert SPURIOUS_LOOP_MIN == 3 < FAULT_LOOP_MIN
+    assert codes(items) == {"fault-loop": 1}
+    assert items[0]["spurious"] == SPURIOUS_LOOP_MIN and items[0]["count"] == SPURIOUS_LOOP_MIN
+    assert run(records[:-2]) == []  # one spurious record short
+    changed_spte = [
+        r if r["event"] != "fast_page_fault" else spurious(r["vcpu"], GPA, LEAF, LEAF | 1 << 62) for r in records
+    ]
+    assert run(changed_spte) == []  # old != new: not the loop's signature
+    assert run(records, spurious_loop_min=4) == []
+    fixed = records[:4] + [fast(1, GPA, 1)] + records[4:]
+    assert run(fixed) == []  # a fixed fast_page_fault in between is progress
+
+
+def test_a_vcpu_of_the_run_faulting_elsewhere_ends_it():
+    records = [fault(GPA, vcpu=i % 2) for i in range(FAULT_LOOP_MIN - 2)]
+    records += [fault(GPA + 0x1000, vcpu=0)] + [fault(GPA, vcpu=1), fault(GPA, vcpu=1)]
+    assert run(records) == []
 
 
 def test_shadow_faults_are_gvas_broken_only_by_changes_on_the_vcpu_thread():

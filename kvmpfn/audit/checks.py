@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from kvmpfn.kvm.mmu import gfn_to_kvm_slot, slot_largepage_idx
+from kvmpfn.kvm.mmu import gfn_to_kvm_slot, slot_edge_write_counts, slot_largepage_idx
 from kvmpfn.kvm.rmap import gfn_to_rmap, rmap_entries
 from kvmpfn.kvm.spte import NOTRAP, TRAP, is_last_spte, is_shadow_present_pte, spte_to_pfn
 from kvmpfn.kvm.walker import walk_addr
@@ -363,12 +363,8 @@ def check_write_count(kvm, findings) -> None:
     """I8: each 2 MiB region's ``write_count`` equals the live shadow pages of guest tables in it (not
     invalid ones under ``notifier``, v2.6.27), plus one for a region the slot covers only partly."""
     for slot in kvm.slots.values():
-        want: Counter = Counter()
+        want: Counter = Counter(slot_edge_write_counts(slot.base_gfn, slot.npages))
         end = slot.base_gfn + slot.npages
-        if slot.base_gfn % KVM_PAGES_PER_HPAGE:
-            want[0] += 1
-        if end % KVM_PAGES_PER_HPAGE:
-            want[slot_largepage_idx(end - 1, slot)] += 1
         for sp in kvm.active_mmu_pages.values():
             if sp.metaphysical or (sp.invalid and kvm.notifiers):
                 continue

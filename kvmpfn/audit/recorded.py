@@ -11,25 +11,33 @@ These judge the recorded kernel, not the simulator: they read only the records a
 ============================ ============= ==========================================================
 code                         subject       check
 ============================ ============= ==========================================================
-``fault-loop``               vcpu, addr    The same address faults again and again on one vcpu with
-                                           nothing changed in between: at least
-                                           :data:`FAULT_LOOP_MIN` (8) consecutive ``kvm_page_fault``
-                                           records of that vcpu at one address (the error codes may
-                                           differ), with no change to the address's mapping between
-                                           the first and the last: under ``tdp`` (the address is a
-                                           gpa) no ``kvm_mmu_set_spte`` or ``kvm_tdp_mmu_spte_changed``
-                                           covering its gfn, on any thread; under ``shadow`` (a gva)
-                                           none on the vcpu's own thread; in both, no zap of a shadow
-                                           page that covers it (a direct page's gfn range; an indirect
-                                           page, or a zap the text gives no gfn for, counts for every
-                                           address) and no ``fast_page_fault`` with ``fixed 1`` for
-                                           it. A fault with PFERR.RSVD in its error code (not an EPT
-                                           qualification) hit an MMIO spte and was emulated: progress,
-                                           so it is not counted and ends the vcpu's run. Reported when
-                                           the run ends (another address faults on that vcpu, a
-                                           change, the end of the trace). Fields: ``addr``, ``vcpu``,
-                                           ``count``, ``errs`` (the error codes seen), ``t_first``,
-                                           ``t_last`` (the time span, as recorded).
+``fault-loop``               vcpu, addr    The same address faults again and again with nothing
+                                           changed in between. The faults at one address are counted
+                                           across vcpus under ``tdp`` (the address is a gpa, the same
+                                           for every vcpu) and per vcpu under ``shadow`` (a gva), from
+                                           the first fault until a change to the address's mapping:
+                                           under ``tdp`` a ``kvm_mmu_set_spte`` or
+                                           ``kvm_tdp_mmu_spte_changed`` covering its gfn, on any thread;
+                                           under ``shadow`` one on the faulting vcpu's own thread; in
+                                           both, a zap of a shadow page that covers it (a direct page's
+                                           gfn range; an indirect page, or a zap the text gives no gfn
+                                           for, counts for every address) or a ``fast_page_fault`` with
+                                           ``fixed 1`` for it. A vcpu of the run that faults at another
+                                           address has moved on and ends the run too, as does a fault
+                                           with PFERR.RSVD in its error code (not an EPT qualification):
+                                           it hit an MMIO spte and was emulated, which is progress. A
+                                           run is a loop when it holds at least
+                                           :data:`FAULT_LOOP_MIN` (8, ``--fault-loop-min``) faults, or
+                                           at least :data:`SPURIOUS_LOOP_MIN` (3) ``fast_page_fault``
+                                           records with ``spurious 1`` and ``old`` equal to ``new``:
+                                           the spte already allowed the access, yet the access faulted
+                                           again, the signature of a vcpu that cannot make progress
+                                           (real posts are excerpts: a handful of faults, alternating
+                                           between vcpus). Reported when the run ends (a change, a
+                                           vcpu moving on, the end of the trace). Fields: ``addr``,
+                                           ``vcpu`` (the first faulting vcpu), ``vcpus`` (all, in
+                                           order), ``count``, ``spurious``, ``errs`` (the error codes
+                                           seen), ``t_first``, ``t_last`` (the time span, as recorded).
 ``recorded-spte-mismatch``   gfn, level    A ``kvm_mmu_set_spte`` installs a frame other than the one
                                            the preceding ``kvm_mmu_spte_requested`` of the same thread
                                            asked for, when the spte's range (``gfn`` to ``gfn`` +
@@ -62,12 +70,14 @@ from typing import Any
 
 from kvmpfn.audit.findings import Findings
 
-__all__ = ["CODES", "FAULT_LOOP_MIN", "RecordedChecks"]
+__all__ = ["CODES", "FAULT_LOOP_MIN", "SPURIOUS_LOOP_MIN", "RecordedChecks"]
 
 #: The finding codes of this module.
 CODES = ("fault-loop", "recorded-spte-mismatch", "recorded-spte-pfn-change")
-#: Consecutive identical faults that make a loop.
+#: Faults at one address, with nothing changed in between, that make a loop.
 FAULT_LOOP_MIN = 8
+#: Spurious ``fast_page_fault`` records (old == new) at one address that make a loop: strong evidence.
+SPURIOUS_LOOP_MIN = 3
 PFERR_RSVD = 1 << 3
 
 _FRAME_MASK = (1 << 40) - 1
@@ -134,7 +144,7 @@ class _Where:
 
 @dataclass
 class _Run:
-    """Consecutive faults of one vcpu at one address."""
+    """The faults at one address (of one vcpu under ``shadow``) since its mapping last changed."""
 
     vcpu: Any
     addr: int
@@ -144,6 +154,9 @@ class _Run:
     last: _Where
     count: int = 1
     errs: list[int] = field(default_factory=list)
+    vcpus: list = field(default_factory=list)  # the vcpu keys that faulted here, in order
+    pids: set = field(default_factory=set)
+    spurious: int = 0
 
 
 class RecordedChecks:
@@ -151,15 +164,24 @@ class RecordedChecks:
 
     :param findings: where findings go (the replay's, or a fresh one for ``kvmpfn check``)
     :param mmu: what the recorded addresses are: ``tdp`` (faults at gpas) or ``shadow`` (faults at gvas)
-    :param fault_loop_min: the consecutive faults that make a ``fault-loop``
+    :param fault_loop_min: the faults at one address that make a ``fault-loop``
+    :param spurious_loop_min: the spurious ``fast_page_fault`` records at one address that make one
     """
 
-    def __init__(self, findings: Findings, mmu: str = "tdp", fault_loop_min: int = FAULT_LOOP_MIN) -> None:
+    def __init__(
+        self,
+        findings: Findings,
+        mmu: str = "tdp",
+        fault_loop_min: int = FAULT_LOOP_MIN,
+        spurious_loop_min: int = SPURIOUS_LOOP_MIN,
+    ) -> None:
         self.findings = findings
         self.mmu = mmu
         self.fault_loop_min = fault_loop_min
+        self.spurious_loop_min = spurious_loop_min
         self.records = 0
-        self._runs: dict[Any, _Run] = {}
+        self._runs: dict[Any, _Run] = {}  # run key (addr, or (vcpu key, addr) under shadow) -> run
+        self._vcpu_run: dict[Any, Any] = {}  # vcpu key -> the key of the run it last faulted in
         self._requested: dict[Any, tuple[int, int, _Where]] = {}  # pid -> (gfn, pfn, where)
         self._dispatch = {
             "kvm_page_fault": self._page_fault,
@@ -215,48 +237,65 @@ class RecordedChecks:
             f.seq, f.line, f.point = saved
 
     # -- fault-loop -------------------------------------------------------------------------------------
+    def _run_key(self, vkey: Any, addr: int) -> Any:
+        return addr if self.mmu == "tdp" else (vkey, addr)
+
     def _page_fault(self, rec: dict, where: _Where) -> None:
         addr = _int(rec.get("address"))
         err = _int(rec.get("error_code"))
         if addr is None:
             return
         vcpu = _ident(rec.get("vcpu"))
-        key = vcpu if vcpu is not None else ("pid", _ident(rec.get("pid")))
-        run = self._runs.get(key)
+        vkey = vcpu if vcpu is not None else ("pid", _ident(rec.get("pid")))
+        key = self._run_key(vkey, addr)
+        previous = self._vcpu_run.get(vkey)
+        if previous is not None and previous != key and previous in self._runs:
+            self._close(previous)  # the vcpu moved on
         if err is not None and err & PFERR_RSVD and rec.get("ept_qualification") is not True:
             # An MMIO spte hit: KVM emulates the access, so the vcpu made progress.
-            if run is not None:
+            if key in self._runs:
                 self._close(key)
+            self._vcpu_run.pop(vkey, None)
             return
-        if run is not None and run.addr == addr:
-            run.count += 1
-            run.last = where
-        else:
-            if run is not None:
-                self._close(key)
+        run = self._runs.get(key)
+        if run is None:
             gfn = addr >> 12 if self.mmu == "tdp" else None
             run = self._runs[key] = _Run(vcpu, addr, gfn, _ident(rec.get("pid")), where, where)
+        else:
+            run.count += 1
+            run.last = where
+        self._vcpu_run[vkey] = key
+        if vkey not in run.vcpus:
+            run.vcpus.append(vkey)
+        run.pids.add(_ident(rec.get("pid")))
         if err is not None and err not in run.errs:
             run.errs.append(err)
 
     def _close(self, key: Any) -> None:
         run = self._runs.pop(key)
-        if run.count < self.fault_loop_min:
+        if run.count < self.fault_loop_min and run.spurious < self.spurious_loop_min:
             return
         t_first, t_last = run.first.rec.get("t"), run.last.rec.get("t")
         errs = [f"{e:#x}" for e in run.errs]
-        who = f"vcpu {run.vcpu}" if run.vcpu is not None else f"thread {run.pid}"
+        vcpus = [v if not isinstance(v, tuple) else None for v in run.vcpus]
+        if len(run.vcpus) > 1:
+            who = "vcpus " + ", ".join(str(v) for v in vcpus)
+        else:
+            who = f"vcpu {run.vcpu}" if run.vcpu is not None else f"thread {run.pid}"
         span = f" from t={t_first} to t={t_last}" if t_first is not None else ""
+        spurious = f", {run.spurious} spurious fast_page_fault with old == new" if run.spurious else ""
         self._report(
             run.last,
             "fault-loop",
-            f"{who} faulted {run.count} times in a row at {run.addr:#x}{span} (error codes {', '.join(errs)}) "
+            f"{who} faulted {run.count} times at {run.addr:#x}{span} (error codes {', '.join(errs)}{spurious}) "
             "with no spte installed, changed or zapped for it in between",
-            (key, run.addr),
+            (key, run.addr) if self.mmu != "tdp" else (run.vcpus[0] if run.vcpus else None, run.addr),
             [run.first, run.last],
             addr=run.addr,
             vcpu=run.vcpu,
+            vcpus=vcpus,
             count=run.count,
+            spurious=run.spurious,
             errs=errs,
             t_first=t_first,
             t_last=t_last,
@@ -268,7 +307,7 @@ class RecordedChecks:
             if run.gfn is not None:
                 if covers(run.gfn):
                     self._close(key)
-            elif same_pid is not None and run.pid == same_pid:
+            elif same_pid is not None and same_pid in run.pids:
                 self._close(key)
 
     def _zap(self, rec: dict, where: _Where) -> None:
@@ -283,12 +322,25 @@ class RecordedChecks:
                 self._close(key)
 
     def _fast_page_fault(self, rec: dict, where: _Where) -> None:
-        if _int(rec.get("fixed")) != 1:
-            return
         gva, vcpu = _int(rec.get("gva")), _ident(rec.get("vcpu"))
-        run = self._runs.get(vcpu)
-        if run is not None and run.addr == gva:
-            self._close(vcpu)
+        if gva is None:
+            return
+        key = self._run_key(vcpu, gva)
+        run = self._runs.get(key)
+        if _int(rec.get("fixed")) == 1:
+            if run is not None:
+                self._close(key)
+            return
+        old, new = _int(rec.get("old")), _int(rec.get("new"))
+        if _int(rec.get("spurious")) != 1 or old is None or old != new:
+            return
+        if run is None:  # an excerpt that starts after the fault record
+            gfn = gva >> 12 if self.mmu == "tdp" else None
+            run = self._runs[key] = _Run(vcpu, gva, gfn, _ident(rec.get("pid")), where, where, count=0)
+            run.vcpus.append(vcpu)
+            self._vcpu_run[vcpu] = key
+        run.spurious += 1
+        run.last = where
 
     # -- recorded-spte-mismatch -------------------------------------------------------------------------
     def _spte_requested(self, rec: dict, where: _Where) -> None:

@@ -25,5 +25,12 @@ BUGS: dict[str, str] = {
     "cr0wp-shared-sp": "shadow pages shared across CR0.WP (fixed in v2.6.35)",
     "sp-access-inherit": "role.access taken from the whole walk (fixed in 2021)",
     "no-rsvd-check": "the era's walker without reserved-bit checks",
+    "role-ignores-pse-nx": "v2.6.26 kvm_mmu_page_role without EFER.NX, CR4.PSE, SMEP/SMAP bits: pages shared "
+    "across a CR4.PSE or EFER.NX change",
+    "fetch-large-rmap-remove": "v2.6.26 FNAME(fetch) rmap_removes a large spte in the way without storing trap "
+    "(implies role-ignores-pse-nx, which makes it reachable)",
+    "walk-read-unchecked": "v2.6.26 FNAME(walk_addr) ignores kvm_read_guest's return: a table outside every "
+    "memslot leaves the entry above in pte (a read reaches MMIO, a write's D-bit cmpxchg_gpte livelocks; "
+    "fixed by d6d161b4, v2.6.33)",
     "dirty-log-pointer-wp": "§2.15 kvm_mmu_slot_remove_write_access clears W in table pointers too (a livelock)",
 }

@@ -10,9 +10,11 @@ from itertools import islice
 
 from kvmpfn.errors import KernelBug
 from kvmpfn.kvm.mmu import (
+    ENOMEM,
     TDP_ROOT_LEVEL,
     kvm_mmu_load,
     mmu_free_roots,
+    mmu_topup_memory_caches,
     nonpaging_page_fault,
     nonpaging_prefetch_page,
     tdp_page_fault,
@@ -80,15 +82,41 @@ def kvm_mmu_reset_context(vcpu: Vcpu, kvm: Kvm) -> None:
     init_kvm_mmu(vcpu, kvm)
 
 
-def kvm_set_cr3(vcpu: Vcpu, kvm: Kvm, cr3: int) -> bool:
-    """``kvm_set_cr3``: in PAE paging load the PDPTEs first (False = #GP, CR3 unchanged); then
-    ``mmu.new_cr3`` (``paging_new_cr3`` frees the roots; a no-op for real mode and TDP)."""
+def pdptrs_changed(vcpu: Vcpu, kvm: Kvm) -> bool:
+    """``pdptrs_changed`` (x86.c, v2.6.26): in PAE paging, whether the four PDPTEs in memory at the current
+    CR3 differ from the loaded ones; False in any other mode."""
     cpu = vcpu.cpu
+    if cpu.paging != "pae":
+        return False
+    base = cpu.cr3 & ~31
+    return [kvm.host.read_guest(base + 8 * i, 8) for i in range(4)] != list(cpu.pdptrs or ())
+
+
+def kvm_set_cr3(vcpu: Vcpu, kvm: Kvm, cr3: int) -> bool:
+    """``kvm_set_cr3`` (arch/x86/kvm/x86.c, v2.6.26): the same CR3 with unchanged PDPTEs is a TLB flush only
+    (the roots are kept); in PAE paging the PDPTEs are loaded first; then a CR3 whose frame is in no memslot
+    injects #GP (``gfn_to_memslot(cr3 >> PAGE_SHIFT)``, checked even with paging off); otherwise CR3 is set
+    and ``mmu.new_cr3`` runs (``paging_new_cr3`` frees the roots; a no-op for real mode and TDP). False =
+    #GP, CR3 unchanged.
+
+    Under TDP the guest's CR3 load is not intercepted (NPT; EPT with paging on, vmx.c
+    ``CPU_BASED_CR3_LOAD_EXITING``), so the memslot check does not apply; EPT with paging off intercepts it.
+    Differs from the kernel: the CR3 reserved-bit #GPs (``CR3_L_MODE_RESERVED_BITS``, ``CR3_PAE_RESERVED_BITS``)
+    are not modelled; a PDPTE load that #GPs leaves the PDPTEs as they were (the kernel's ``load_pdptrs``
+    returns before storing them, too).
+    """
+    cpu = vcpu.cpu
+    if cr3 == cpu.cr3 and not pdptrs_changed(vcpu, kvm):
+        return True  # kvm_mmu_flush_tlb
+    pdptrs = cpu.pdptrs
     if cpu.paging == "pae":
         pdptrs = load_pdptrs(cr3, kvm.host, cpu.maxphyaddr)
         if pdptrs is None:
             return False
-        cpu.pdptrs = pdptrs
+    intercepted = not kvm.tdp_enabled or (kvm.tdp_flavour == "ept" and cpu.paging == "none")
+    if intercepted and kvm.host.gfn_to_memslot(cr3 >> PAGE_SHIFT) is None:
+        return False
+    cpu.pdptrs = pdptrs
     cpu.cr3 = cr3
     if vcpu.new_cr3 is not None:
         vcpu.new_cr3(vcpu, kvm)
@@ -145,22 +173,27 @@ class FaultOutcome:
     err: int | None = None
     set_accessed: list | None = None
     set_dirty: int | None = None
+    livelock: bool = False  # the guest walk's cmpxchg_gpte never succeeded (the kernel would spin forever)
 
 
 def kvm_mmu_page_fault(vcpu: Vcpu, kvm: Kvm, cr2: int, error_code: int, pte_len: int) -> FaultOutcome:
     """``kvm_mmu_page_fault``: run ``mmu.page_fault``; 0 = fixed (or a guest #PF was injected); 1 = emulate:
     MMIO, or a write to a shadowed guest page table, which the emulator performs as a write of the value
-    already in memory at the aligned pte address through ``kvm_mmu_pte_write``; <0 = error."""
+    already in memory at the aligned pte address through ``kvm_mmu_pte_write``; <0 = error. Before emulating
+    the MMU caches are topped up again (mmu.c, v2.6.26), so an injected ``enomem`` can fail there too."""
     vcpu.fault_mmio = False
     vcpu.fault_err = None
     vcpu.fault_walker = None
     vcpu.fault_gpa = cr2 if vcpu.page_fault is not paging_page_fault else None
     r = vcpu.page_fault(vcpu, kvm, cr2, error_code)
+    if r == 1 and mmu_topup_memory_caches(vcpu, kvm):
+        r = ENOMEM  # the top-up before emulate_instruction failed
     walker = vcpu.fault_walker
     out = FaultOutcome("mapped", vcpu.fault_gpa)
     if walker is not None:
         out.set_accessed = walker.set_accessed
         out.set_dirty = walker.set_dirty
+        out.livelock = walker.ad_lost
     if r < 0:
         out.result = "error"
     elif vcpu.fault_err is not None:
@@ -246,9 +279,10 @@ def leaf_allows(cpu: GuestCpu, path: list[tuple], write: bool, user: bool, fetch
 
 def host_cpu_hit(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool):
     """The host CPU's walk of the shadow (or TDP) tables for an access that completes without an exit: the
-    leaf's ``(sp, index, spte)``, A set in every spte used; None when the walk ends on a trap, notrap or
-    absent root, or the sptes deny the access (:func:`guest_access` then takes the exit path). The hot path of
-    every access: one descent, no allocation (:func:`shadow_walk` is the general walk)."""
+    leaf's ``(sp, index, spte)``, A set in every spte used (not in EPT tables: the era's EPT has no A bits);
+    None when the walk ends on a trap, notrap or absent root, or the sptes deny the access (:func:`guest_access`
+    then takes the exit path). The hot path of every access: one descent, no allocation (:func:`shadow_walk` is
+    the general walk)."""
     headers = kvm.page_header
     if vcpu.shadow_root_level == PT32E_ROOT_LEVEL:
         if addr >> 32:
@@ -282,7 +316,7 @@ def host_cpu_hit(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch
             return None
     elif not rights_allow(vcpu.cpu, both, nx, write, user, fetch, ac):
         return None
-    if not both & PT_ACCESSED_MASK:
+    if not both & PT_ACCESSED_MASK and kvm.hardware_sets_accessed:
         for psp, pindex in shadow_walk(vcpu, kvm, addr)[0]:
             psp.spt[pindex] |= PT_ACCESSED_MASK
         ent = sp.spt[index]
@@ -312,6 +346,7 @@ class AccessOutcome:
     set_accessed: list | None = None
     set_dirty: int | None = None
     looped: bool = False  # the fault was fixed RETRIES times and the access still exits
+    livelock: bool = False  # KVM's guest walk restarted without end (FaultOutcome.livelock)
 
 
 #: a hit without detail (``guest_access(detail=False)``); shared, never changed
@@ -445,8 +480,9 @@ def guest_access(
             and end != NOTRAP
             and (tdp_allows(path, write) if kvm.tdp_enabled else leaf_allows(cpu, path, write, user, fetch, ac))
         ):
-            for sp, index in path:
-                sp.spt[index] |= PT_ACCESSED_MASK
+            if kvm.hardware_sets_accessed:
+                for sp, index in path:
+                    sp.spt[index] |= PT_ACCESSED_MASK
             leaf_gpa, pfn, spte = leaf_of(*path[-1], tdp_addr)
             if result is None:
                 return AccessOutcome("hit", leaf_gpa, pfn, spte, set_accessed=set_accessed, set_dirty=set_dirty)
@@ -455,6 +491,9 @@ def guest_access(
         error_code |= (PFERR_USER_MASK if user else 0) | (PFERR_FETCH_MASK if fetch else 0)
         vcpu.fault_ac = ac
         out = kvm_mmu_page_fault(vcpu, kvm, tdp_addr, error_code, pte_len)
+        if out.livelock:  # the kernel never gets here: report the walk's livelock, do not retry
+            sa = set_accessed + list(out.set_accessed or ())
+            return AccessOutcome(out.result, out.gpa, set_accessed=sa, set_dirty=out.set_dirty, livelock=True)
         if out.set_accessed:
             set_accessed.extend(out.set_accessed)
         if out.set_dirty is not None:
@@ -482,6 +521,8 @@ def recorded_fault(vcpu: Vcpu, kvm: Kvm, addr: int, err: int) -> AccessOutcome:
     vcpu.fault_ac = False
     out = kvm_mmu_page_fault(vcpu, kvm, addr, err, pte_len)
     sa = list(out.set_accessed or [])
+    if out.livelock:
+        return AccessOutcome(out.result, out.gpa, set_accessed=sa, set_dirty=out.set_dirty, livelock=True)
     if kvm.consumed_failure or out.result == "error":
         return AccessOutcome("error", set_accessed=sa, set_dirty=out.set_dirty)
     if out.result == "guest_fault":

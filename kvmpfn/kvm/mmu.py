@@ -22,7 +22,7 @@ from kvmpfn.kvm.spte import (
     is_writeble_pte,
     spte_to_pfn,
 )
-from kvmpfn.kvm.vm import SHADOW_PAGE_FIRST_PFN, Kvm, KvmMmuPage, KvmSlot, Vcpu, role_word
+from kvmpfn.kvm.vm import EPT_FAKE_DIRTY_MASK, SHADOW_PAGE_FIRST_PFN, Kvm, KvmMmuPage, KvmSlot, Vcpu, role_word
 from kvmpfn.x86 import (
     ACC_ALL,
     ACC_EXEC_MASK,
@@ -118,20 +118,35 @@ def mark_page_dirty(kvm: Kvm, gfn: int) -> None:
         slot.dirty_bitmap.add(gfn)
 
 
-def kvm_slot_init(kvm: Kvm, slot_id: int, base_gfn: int, npages: int) -> KvmSlot:
-    """The lpage_info part of ``__kvm_set_memory_region``: regions the slot covers only partly start with
-    ``write_count = 1`` so that they are never mapped large.
+def slot_edge_write_counts(base_gfn: int, npages: int) -> dict[int, int]:
+    """The ``lpage_info[].write_count`` that ``__kvm_set_memory_region`` presets (kvm_main.c, v2.6.26): 1 for
+    the first region when ``base_gfn`` is not 2 MiB aligned and 1 for the last when the slot's end is not. The
+    kernel assigns both, so a slot inside a single 2 MiB region has that region at 1, not 2.
 
-    Differs from the kernel: on a move or resize the counts are rebuilt for the new geometry from the live
-    shadow pages (the kernel reused the old slot's array).
+    Differs from the kernel: it presets index ``largepages - 1`` of an array sized ``npages / 512``, +1 for a
+    partial tail, +1 for an unaligned base; when the base is unaligned and ``base % 512 + npages % 512 <= 512``
+    that index lies one past the slot's last region, which then keeps 0. Here the slot's real last region gets
+    the 1 (the later kernels' ``gfn_to_index`` sizing).
     """
-    slot = KvmSlot(slot_id, base_gfn, npages)
+    counts: dict[int, int] = {}
     end = base_gfn + npages
     if base_gfn % KVM_PAGES_PER_HPAGE:
-        slot.write_count[0] = 1
+        counts[0] = 1
     if end % KVM_PAGES_PER_HPAGE:
-        idx = slot_largepage_idx(end - 1, slot)
-        slot.write_count[idx] = slot.write_count.get(idx, 0) + 1
+        counts[(end - 1) // KVM_PAGES_PER_HPAGE - base_gfn // KVM_PAGES_PER_HPAGE] = 1
+    return counts
+
+
+def kvm_slot_init(kvm: Kvm, slot_id: int, base_gfn: int, npages: int) -> KvmSlot:
+    """The lpage_info part of ``__kvm_set_memory_region``: regions the slot covers only partly start with
+    ``write_count = 1`` (:func:`slot_edge_write_counts`) so that they are never mapped large.
+
+    Differs from the kernel: on a move (same ``npages``, new ``base_gfn``; a new size is refused) the kernel
+    reused the old slot's ``lpage_info`` array, counts and edge flags of the old geometry included; here the
+    counts are rebuilt for the new geometry from the live shadow pages.
+    """
+    slot = KvmSlot(slot_id, base_gfn, npages, write_count=slot_edge_write_counts(base_gfn, npages))
+    end = base_gfn + npages
     for sp in kvm.active_mmu_pages.values():
         if not sp.metaphysical and base_gfn <= sp.gfn < end and (not sp.invalid or not kvm.notifiers):
             idx = slot_largepage_idx(sp.gfn, slot)
@@ -208,10 +223,15 @@ def context_role_bits(vcpu: Vcpu, kvm: Kvm) -> tuple[int, int]:
     """The role bits of the vcpu's current context beyond the era's: ``(cr0_wp, ext)``, where ``ext`` holds
     role.nxe, role.ext.cr4_pse and the smep/smap_andnot_wp bits later kernels added (a spte made for a CR0.WP=0
     supervisor write must not serve a context where the guest's SMEP/SMAP apply). Under TDP they are constant.
+
+    v2.6.26's ``union kvm_mmu_page_role`` (include/asm-x86/kvm_host.h) has glevels, level, quadrant,
+    metaphysical, access and invalid only: ``--bug role-ignores-pse-nx`` keys pages without ``ext`` (CR0.WP
+    has its own switch, ``--bug cr0wp-shared-sp``). Then after a CR4.PSE or EFER.NX change ``mmu_alloc_roots``
+    re-finds the same roots, and sptes made under the old meaning of a guest pde keep serving.
     """
     cpu = vcpu.cpu
     cr0_wp = 1 if cpu.cr0_wp or "cr0wp-shared-sp" in kvm.bugs or kvm.tdp_enabled else 0
-    if kvm.tdp_enabled:
+    if kvm.tdp_enabled or "role-ignores-pse-nx" in kvm.bugs:
         return cr0_wp, 0
     ext = (
         int(bool(cpu.efer_nx))
@@ -439,6 +459,10 @@ def mmu_set_spte(
     this branch is a user page under CR4.SMAP, left read-only with the write emulated (so the guest's SMAP
     still applies); ``pte_access |= PT_ACCESSED_MASK`` is kept as the
     era's no-op (§5.8), so fault-made sptes start with A clear. Returns the ``*ptwrite`` value.
+
+    The spte is built from the shadow masks (``shadow_base_present_pte``, ``shadow_dirty_mask``,
+    ``shadow_x_mask``/``shadow_nx_mask``, ``shadow_user_mask``): the x86 format for shadow paging and NPT, the
+    EPT format under ``--tdp ept`` (:func:`ept_base_spte`).
     """
     sp, index = sptep
     old = sp.spt[index]
@@ -453,13 +477,20 @@ def mmu_set_spte(
         else:
             was_rmapped = is_large_pte(old) if largepage else 1
 
-    spte = PT_PRESENT_MASK | PT_DIRTY_MASK
-    if not dirty:
-        pte_access &= ~ACC_WRITE_MASK
-    if not pte_access & ACC_EXEC_MASK:
-        spte |= PT64_NX_MASK
-    if pte_access & ACC_USER_MASK:
-        spte |= PT_USER_MASK
+    if kvm.tdp_enabled and kvm.tdp_flavour == "ept":
+        spte = ept_base_spte(kvm)
+        if not dirty:
+            pte_access &= ~ACC_WRITE_MASK
+        if pte_access & ACC_EXEC_MASK:
+            spte |= VMX_EPT_EXECUTABLE_MASK
+    else:
+        spte = PT_PRESENT_MASK | PT_DIRTY_MASK
+        if not dirty:
+            pte_access &= ~ACC_WRITE_MASK
+        if not pte_access & ACC_EXEC_MASK:
+            spte |= PT64_NX_MASK
+        if pte_access & ACC_USER_MASK:
+            spte |= PT_USER_MASK
     if largepage:
         spte |= PT_PAGE_SIZE_MASK
     if "pfn-shift-32" in kvm.bugs:
@@ -510,6 +541,19 @@ def mmu_set_spte(
     elif not pt_write:
         vcpu.last_pte_updated = sptep
     return pt_write
+
+
+VMX_EPT_EXECUTABLE_MASK = 0x4  # vmx.h; shadow_x_mask under EPT
+VMX_EPT_BASE_PRESENT = 0x1 | 0x2 | 0x6 << 3  # VMX_EPT_READABLE | VMX_EPT_WRITABLE | VMX_EPT_DEFAULT_MT << 3
+
+
+def ept_base_spte(kvm: Kvm) -> int:
+    """``shadow_base_present_pte | shadow_dirty_mask`` under EPT (vmx.c): readable, writable, memory type 6
+    (write-back, bits 5:3), plus in v2.6.26 (``page``, ``pfn``: ``vmx_create_vcpu``) the fake dirty bit 63
+    (VMX_EPT_FAKE_DIRTY_MASK); v2.6.27 (``pfn-io``, ``notifier``: ``hardware_setup``) sets the dirty mask to 0.
+    No user or NX mask: EPT has neither. ``shadow_accessed_mask`` is :attr:`Kvm.shadow_accessed_mask`.
+    Note that bits 1 and 5 of the base coincide with the x86 W and A bits, and bit 2 (X) with U."""
+    return VMX_EPT_BASE_PRESENT | (EPT_FAKE_DIRTY_MASK if kvm.kernel in ("page", "pfn") else 0)
 
 
 # --- the direct map: paging-off guests and TDP -------------------------------------------------------------

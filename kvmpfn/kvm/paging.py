@@ -97,8 +97,9 @@ class GuestMemory:
         api = self.kvm.api
         pfn = api.gfn_to_page(gpa >> PAGE_SHIFT, "cmpxchg_gpte")
         if api.is_error_pfn(pfn):
-            # bad_page holds zeros: the compare fails and the walk restarts (§5.20)
-            api.kvm_release_pfn_clean(pfn, "cmpxchg_gpte")
+            # bad_page holds zeros: the compare fails and the walk restarts; the kernel releases it like any
+            # page it mapped, with kvm_release_page_dirty (paging_tmpl.h, v2.6.26)
+            api.kvm_release_pfn_dirty(pfn, "cmpxchg_gpte")
             return False
         ok = self.kvm.host.cmpxchg_guest(gpa, size, old, new)
         api.kvm_release_pfn_dirty(pfn, "cmpxchg_gpte")
@@ -107,7 +108,8 @@ class GuestMemory:
 
 def paging_walk(vcpu, kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool = False):
     """``FNAME(walk_addr)`` as KVM runs it: A/D updates through ``cmpxchg_gpte``, ``mark_page_dirty`` on the
-    table, and the ``kvm_mmu_pte_write`` resync after setting D."""
+    table, and the ``kvm_mmu_pte_write`` resync after setting D. ``--bug walk-read-unchecked``: v2.6.26's
+    ignored ``kvm_read_guest`` return (:func:`walker.walk_addr`)."""
     from kvmpfn.kvm.pte_write import kvm_mmu_pte_write
 
     return walk_addr(
@@ -122,6 +124,7 @@ def paging_walk(vcpu, kvm, addr: int, write: bool, user: bool, fetch: bool, ac: 
         mark_page_dirty=lambda gfn: mark_page_dirty(kvm, gfn),
         pte_write=lambda gpa, val, size: kvm_mmu_pte_write(vcpu, kvm, gpa, val, size),
         rsvd_check="no-rsvd-check" not in kvm.bugs,
+        in_memslot=kvm.host.gfn_to_memslot if "walk-read-unchecked" in kvm.bugs else None,
     )
 
 
@@ -205,7 +208,12 @@ def fetch(vcpu, kvm, addr: int, walker, user_fault: bool, write_fault: bool, lar
     kernel: the child's ``role.access`` is the AND of the guest entries above it only (the 2021 fix;
     ``--bug sp-access-inherit`` uses the whole walk's); a large spte in the way is ``rmap_remove``d and then
     set to trap (v2.6.30 order; ``--bug large-spte-remove-order`` stores trap first, §5.11); the bail-out
-    unlinks the new page from its parent (v2.6.28 fix; ``--bug fetch-bailout-parent``, §5.9); the leaf gets
+    unlinks the new page from its parent (v2.6.28 fix; ``--bug fetch-bailout-parent``, §5.9). v2.6.26's
+    ``FNAME(fetch)`` only called ``rmap_remove`` on a large spte in the way, with no trap store and no
+    ``lpages`` decrement (``--bug fetch-large-rmap-remove``, which turns on ``role-ignores-pse-nx``: only a
+    page shared across a CR4.PSE change holds a large spte where the guest now has a table): when the child
+    then bails out, the large spte stays present without its reference and rmap entry, and the next fault
+    through it releases the frame again (``rmap_remove``'s BUG). The leaf gets
     the walker's ``pte_access`` as it is (later kernels': the era's ``& access`` changed nothing, and would
     take back the W a CR0.WP=0 supervisor write was given, ``cr0_wp0_supervisor_write``).
     """
@@ -226,13 +234,16 @@ def fetch(vcpu, kvm, addr: int, walker, user_fault: bool, write_fault: bool, lar
             level -= 1
             continue
         if is_shadow_present_pte(ent) and is_large_pte(ent):
-            if "large-spte-remove-order" in kvm.bugs:
+            if "fetch-large-rmap-remove" in kvm.bugs:
+                rmap_remove(kvm, (sp, index))  # v2.6.26: the large spte stays present, lpages unchanged
+            elif "large-spte-remove-order" in kvm.bugs:
                 sp.spt[index] = TRAP
                 rmap_remove(kvm, (sp, index))  # returns at once: the spte is no longer present
+                kvm.stat["lpages"] -= 1
             else:
                 rmap_remove(kvm, (sp, index))
                 sp.spt[index] = TRAP
-            kvm.stat["lpages"] -= 1
+                kvm.stat["lpages"] -= 1
         if "sp-access-inherit" not in kvm.bugs:
             # the guest entries above the child: down to this level, or to the guest leaf when the child
             # splits a guest large page (its role then records the large page's own rights too)

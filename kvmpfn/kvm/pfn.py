@@ -9,11 +9,12 @@ Variants (TRACE_FORMAT.md "Kernel variants"):
 - ``page`` (v2.6.25): the same semantics as ``pfn`` under the ``struct page *`` names (the seed is a pure
   refactoring): ``gfn_to_page``, ``kvm_release_page_clean``/``_dirty``, ``kvm_set_page_dirty``/``_accessed``,
   ``get_page``.
-- ``pfn`` (the seed, 35149e21): memory without struct page yields ``bad_pfn``, with a real reference on
-  ``bad_page``.
-- ``pfn-io`` (2e2e3738) and ``notifier`` (e930bffe): a VM_PFNMAP vma is mapped by pfn with no reference
-  taken; release/get/set_dirty/set_accessed are no-ops on ``!pfn_valid`` pfns; ``gfn_to_page`` WARNs and
-  returns ``bad_page`` (+1) for them.
+- ``pfn`` (v2.6.26: the seed 35149e21 and its follow-ups): memory without struct page yields ``bad_pfn``, with
+  a real reference on ``bad_page``. v2.6.26's ``gfn_to_pfn`` has no VM_PFNMAP path and its helpers no
+  ``pfn_valid`` guards: a failed get_user_pages gives ``bad_page`` (+1, released −1) and the access is MMIO.
+- ``pfn-io`` (2e2e3738, merged for v2.6.27, without the notifier work) and ``notifier`` (v2.6.27, with
+  e930bffe): a VM_PFNMAP vma is mapped by pfn with no reference taken; release/get/set_dirty/set_accessed are
+  no-ops on ``!pfn_valid`` pfns; ``gfn_to_page`` WARNs and returns ``bad_page`` (+1) for them.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from kvmpfn.errors import KernelBug
 from kvmpfn.kvm.spte import TRAP, is_large_pte, is_rmap_pte, is_writeble_pte, spte_to_pfn
-from kvmpfn.x86 import KVM_PAGES_PER_HPAGE, PT_ACCESSED_MASK, PT_WRITABLE_MASK
+from kvmpfn.x86 import KVM_PAGES_PER_HPAGE, PT_WRITABLE_MASK
 
 RMAP_EXT = 4
 
@@ -71,7 +71,8 @@ def rmap_desc_remove_entry(table: dict, key: int, descs: list, d: int, i: int) -
 def rmap_remove(kvm, sptep: tuple) -> None:
     """``rmap_remove``: drop the reference a present leaf owns, then unlink it from its rmap.
 
-    Refcount: ``kvm_set_pfn_accessed`` if A, then ``kvm_release_pfn_dirty`` if W else
+    Refcount: ``kvm_set_pfn_accessed`` if ``shadow_accessed_mask`` is set in the spte (never for EPT: v2.6.26's
+    fake bit 62 is never set, v2.6.27's mask is 0), then ``kvm_release_pfn_dirty`` if W else
     ``kvm_release_pfn_clean`` (−1). The spte itself is not modified: callers overwrite it.
     """
     sp, index = sptep
@@ -82,7 +83,7 @@ def rmap_remove(kvm, sptep: tuple) -> None:
     pfn = spte_to_pfn(spte)
     if kvm.on_rmap_remove is not None:
         kvm.on_rmap_remove(sptep, pfn, spte)
-    if spte & PT_ACCESSED_MASK:
+    if spte & kvm.shadow_accessed_mask:
         api.kvm_set_pfn_accessed(pfn, "rmap_remove")
     if is_writeble_pte(spte) and "release-clean-writable" not in kvm.bugs:
         api.kvm_release_pfn_dirty(pfn, "rmap_remove")

@@ -8,11 +8,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvmpfn.x86 import INVALID_PAGE, PT64_ENT_PER_PAGE, SHADOW_TRAP_NONPRESENT_PTE
+from kvmpfn.x86 import INVALID_PAGE, PT64_ENT_PER_PAGE, PT_ACCESSED_MASK, SHADOW_TRAP_NONPRESENT_PTE
 
 # First pfn of the host pages that hold shadow page tables (``sp->spt``): kernel memory, far from the guest
 # RAM allocator (first_pfn, 0x100000 by default) and the mmio windows, and below 2^52 >> 12.
 SHADOW_PAGE_FIRST_PFN = 0x40000000
+EPT_FAKE_ACCESSED_MASK = 1 << 62  # vmx.h, v2.6.26: VMX_EPT_FAKE_ACCESSED_MASK
+EPT_FAKE_DIRTY_MASK = 1 << 63  # vmx.h, v2.6.26: VMX_EPT_FAKE_DIRTY_MASK
 
 
 def role_word(
@@ -140,12 +142,26 @@ class Vcpu:
 class Kvm:
     """The arch part of ``struct kvm`` for the MMU: shadow-page hash and active list, budget, rmaps, slots."""
 
-    def __init__(self, host, api, *, kernel: str, tdp: bool, bugs: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self, host, api, *, kernel: str, tdp: bool, bugs: frozenset[str] = frozenset(), tdp_flavour: str = "npt"
+    ) -> None:
         self.host = host
         self.api = api
         self.kernel = kernel
         self.notifiers = kernel == "notifier"
         self.tdp_enabled = tdp
+        if "fetch-large-rmap-remove" in bugs:
+            bugs = bugs | {"role-ignores-pse-nx"}  # the only way a large spte gets in FNAME(fetch)'s way
+        #: "npt" (SVM: the x86 pte format) or "ept" (VMX); only meaningful with ``tdp``
+        self.tdp_flavour = tdp_flavour
+        #: ``shadow_accessed_mask`` (mmu.c): what ``rmap_remove`` tests before ``kvm_set_pfn_accessed``
+        self.shadow_accessed_mask = PT_ACCESSED_MASK
+        #: the host CPU sets A in the sptes it uses (x86 and NPT tables); EPT had no A/D bits before Haswell
+        self.hardware_sets_accessed = not (tdp and tdp_flavour == "ept")
+        if tdp and tdp_flavour == "ept":
+            # vmx.c: v2.6.26 vmx_create_vcpu sets the fake bit 62 (VMX_EPT_FAKE_ACCESSED_MASK), which nothing
+            # ever sets; v2.6.27 hardware_setup sets 0. Either way no EPT spte counts as accessed.
+            self.shadow_accessed_mask = EPT_FAKE_ACCESSED_MASK if kernel in ("page", "pfn") else 0
         self.bugs = bugs
         self.mmu_page_hash: dict[int, list[KvmMmuPage]] = {}
         # active_mmu_pages: dict order is list order from tail (first) to head (last)

@@ -333,9 +333,11 @@ def _walk_once(
     fetch_fault: bool,
     ac: bool,
     rsvd_check: bool = True,
+    in_memslot: Callable[[int], object] | None = None,
 ) -> tuple[bool, GuestWalker]:
     """One read-only pass from the root to the leaf or the first faulting entry. On a non-present or reserved
-    entry, pt_access and pte_access are the rights accumulated above it."""
+    entry, pt_access and pte_access are the rights accumulated above it. ``in_memslot(gfn)`` given: a table
+    outside every memslot is not read and ``pte`` keeps the entry above it (``walk_read_unchecked``)."""
     masks = _rsvd_masks(mode.name, cpu.maxphyaddr, cpu.efer_nx, cpu.cr4_pse, cpu.gbpages)
     if not rsvd_check:  # the era: nothing reserved, PS where no large page may be is a pointer
         masks = tuple((0, None if large is None else 0) for _nonleaf, large in masks)
@@ -372,7 +374,8 @@ def _walk_once(
         i = level - 1
         table_gfns[i] = table_gfn
         pte_gpas[i] = pte_gpa
-        pte = read_guest(pte_gpa, pte_size)
+        if in_memslot is None or in_memslot(table_gfn):
+            pte = read_guest(pte_gpa, pte_size)
         ptes[i] = pte
         if not pte & PT_PRESENT_MASK:
             w.level = level
@@ -461,6 +464,7 @@ def walk_addr(
     mark_page_dirty: Callable[[int], object] | None = None,
     pte_write: Callable[[int, int, int], object] | None = None,
     rsvd_check: bool = True,
+    in_memslot: Callable[[int], object] | None = None,
 ) -> tuple[bool, GuestWalker]:
     """``FNAME(walk_addr)`` (paging_tmpl.h, v2.6.26): translate gva ``addr`` for one access.
 
@@ -489,12 +493,20 @@ def walk_addr(
     fetch fault, and restarted without bound (a livelock when the cmpxchg could never succeed).
     ``access_at`` is the 2021 ``role.access`` fix. ``rsvd_check=False`` is the era's walk without reserved
     bits (``--bug no-rsvd-check``).
+
+    A guest table outside every memslot reads as zeros, so the walk faults not-present (the behaviour since
+    d6d161b4, "KVM: MMU: bail out pagewalk on kvm_read_guest error", v2.6.33). v2.6.26 and v2.6.27 ignored
+    ``kvm_read_guest``'s return value: ``pte`` kept the
+    entry above, whose frame was then used as the next table and finally as the leaf's gfn, so a read reached
+    that gpa (MMIO) and a write's D-bit ``cmpxchg_gpte`` hit ``bad_page`` and restarted forever.
+    ``in_memslot(gfn)`` re-creates that (``--bug walk-read-unchecked``); the restart limit then ends the
+    livelock with ``ad_lost`` set, which the caller reports.
     """
     mode = _paging_mode(cpu)
     set_accessed: list[int] = []
     restarts = 0
     while True:
-        ok, w = _walk_once(cpu, mode, mem, addr, write_fault, user_fault, fetch_fault, ac, rsvd_check)
+        ok, w = _walk_once(cpu, mode, mem, addr, write_fault, user_fault, fetch_fault, ac, rsvd_check, in_memslot)
         w.set_accessed = set_accessed
         if not ok or not set_ad:
             return ok, w

@@ -57,6 +57,8 @@ PagingMode = Literal["none", "32", "pae", "64"]
 Backing = Literal["ram", "hugetlb", "reserved", "mmio"]
 MmuKind = Literal["shadow", "tdp"]
 KernelName = Literal["page", "pfn", "pfn-io", "notifier"]
+#: the TDP hardware under ``mmu: tdp``: NPT (SVM, the x86 pte format) or EPT (VMX, its own spte format)
+TdpFlavour = Literal["npt", "ept"]
 FaultKind = Literal["enomem", "gup_fail", "pte_race"]
 
 # Integer fields. msgspec cannot express an upper bound of 2**64, so __post_init__ checks it.
@@ -198,6 +200,7 @@ class Header(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     memslots: list[Memslot] = msgspec.field(default_factory=_default_memslots)
     memory: str | None = None
     kernel: KernelName = "pfn"
+    tdp: TdpFlavour = "npt"
     teardown: Flag = True
     host: HostConfig = msgspec.field(default_factory=HostConfig)
     x: Any = None
