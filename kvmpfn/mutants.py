@@ -5,6 +5,7 @@ and diff outcome records and findings; traces run in parallel processes, results
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -130,7 +131,7 @@ def mutants(paths: Sequence[str], bugs: Sequence[str], base: ReplayOptions, jobs
     """Replay every trace unmutated and under each bug; judge each bug."""
     tasks = [(p, base) for p in paths]
     for name in bugs:
-        variant = ReplayOptions(base.mmu, base.kernel, base.audit_every, base.bugs | {name}, base.kernel_audit)
+        variant = dataclasses.replace(base, bugs=base.bugs | {name})
         tasks.extend((p, variant) for p in paths)
     runs = _run_all(tasks, jobs)
     n = len(paths)

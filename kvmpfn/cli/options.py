@@ -21,7 +21,8 @@ from kvmpfn.replay import ReplayOptions
 
 MMUS = ("shadow", "tdp")
 KERNELS = ("page", "pfn", "pfn-io", "notifier")
-REPLAY_FIELDS = ("mmu", "kernel", "audit_every", "kernel_audit", "bugs", "paranoid")
+REPLAY_FIELDS = ("mmu", "kernel", "tdp", "audit_every", "kernel_audit", "bugs", "paranoid")
+TDPS = ("npt", "ept")
 
 
 def fail(message: str, status: int = 2) -> NoReturn:
@@ -53,6 +54,12 @@ def _check_bugs(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
 _REPLAY_OPTIONS = (
     click.option("--mmu", type=click.Choice(MMUS), help="Override the header's MMU."),
     click.option("--kernel", type=click.Choice(KERNELS), help="Override the header's kernel variant."),
+    click.option(
+        "--tdp",
+        type=click.Choice(TDPS),
+        help="TDP hardware under --mmu tdp: npt (SVM, x86 spte format) or ept (VMX spte format); overrides the "
+        "header's tdp.",
+    ),
     click.option("--audit-every", type=click.IntRange(min=0), default=0, help="Full audit every N events (0: off)."),
     click.option(
         "--kernel-audit", is_flag=True, help="Also audit at the kernel's kvm_mmu_audit() points (shadow paging)."
@@ -108,7 +115,7 @@ def parse_replay_options(text: str, where: str) -> ReplayOptions:
 def options_text(options: ReplayOptions) -> str:
     """``options`` as command-line words (``--kernel pfn-io --bug NAME``), the inverse of the parser."""
     words = []
-    for name in ("mmu", "kernel"):
+    for name in ("mmu", "kernel", "tdp"):
         if getattr(options, name):
             words += [f"--{name}", getattr(options, name)]
     if options.audit_every:

@@ -66,14 +66,14 @@ def convert(text: str, output: str, mmu, paging, memory, quiet: bool) -> None:
         click.echo(summary.text(output), err=True, nl=False)
 
 
-def _check_trace(path: str, fault_loop_min: int) -> tuple[list[dict], int, str | None]:
+def _check_trace(path: str, limits: dict[str, int]) -> tuple[list[dict], int, str | None]:
     """Run the recorded checks over the ``x`` annotations of a converted trace."""
     from kvmpfn.audit.findings import Findings
     from kvmpfn.audit.recorded import RecordedChecks
     from kvmpfn.trace.reader import TraceError, open_trace
 
     findings = Findings()
-    checks = RecordedChecks(findings, fault_loop_min=fault_loop_min)
+    checks = RecordedChecks(findings, **limits)
     try:
         with open_trace(path) as reader:
             checks.mmu = reader.header.mmu
@@ -86,7 +86,7 @@ def _check_trace(path: str, fault_loop_min: int) -> tuple[list[dict], int, str |
     return findings.items, checks.records, None
 
 
-def _check_text(path: str, mmu: str | None, fault_loop_min: int) -> tuple[list[dict], int, str | None]:
+def _check_text(path: str, mmu: str | None, limits: dict[str, int]) -> tuple[list[dict], int, str | None]:
     """Run the recorded checks directly over tracepoint text."""
     from kvmpfn.audit.findings import Findings
     from kvmpfn.audit.recorded import RecordedChecks
@@ -97,7 +97,7 @@ def _check_text(path: str, mmu: str | None, fault_loop_min: int) -> tuple[list[d
         with TextTrace(path) as text:
             if not text.scan.records:
                 raise TextTraceError(text.display, None, NO_RECORDS)
-            checks = RecordedChecks(findings, mmu=mmu or text.scan.mmu, fault_loop_min=fault_loop_min)
+            checks = RecordedChecks(findings, mmu=mmu or text.scan.mmu, **limits)
             for seq, item in enumerate(text.items(mmu)):
                 checks.feed(item.record, seq, item.record["line"])
     except TextTraceError as err:
@@ -136,10 +136,26 @@ def _check_paths(paths: tuple[str, ...]) -> list[str]:
     type=click.IntRange(min=2),
     default=8,
     show_default=True,
-    help="Consecutive identical faults that make a fault-loop.",
+    help="Faults at one address with nothing changing its spte that make a fault-loop.",
+)
+@click.option(
+    "--spurious-loop-min",
+    type=click.IntRange(min=2),
+    default=3,
+    show_default=True,
+    help="Spurious fast_page_fault records (old == new spte) at one address that make a fault-loop.",
 )
 @report_options("text", "json")
-def check(paths: tuple[str, ...], mmu, fault_loop_min: int, fmt: str, output, quiet: bool, verbose: bool) -> None:
+def check(
+    paths: tuple[str, ...],
+    mmu,
+    fault_loop_min: int,
+    spurious_loop_min: int,
+    fmt: str,
+    output,
+    quiet: bool,
+    verbose: bool,
+) -> None:
     """Check recorded kvm/kvmmmu tracepoints for fault loops and spte inconsistencies. Each TEXT is tracepoint
     text (as convert reads it; - for stdin), a converted trace (.jsonl, .jsonl.gz, .jsonl.zst) whose x
     annotations carry the records, or a directory of them. Nothing is replayed.
@@ -150,13 +166,14 @@ def check(paths: tuple[str, ...], mmu, fault_loop_min: int, fmt: str, output, qu
     from kvmpfn.report import finding_text, provenance_text, safe
 
     files = _check_paths(paths)
+    limits = {"fault_loop_min": fault_loop_min, "spurious_loop_min": spurious_loop_min}
     refuse_inputs(output, files)
     docs, errors = [], []
     for path in files:
         if path.endswith(TRACE_SUFFIXES):
-            items, records, error = _check_trace(path, fault_loop_min)
+            items, records, error = _check_trace(path, limits)
         else:
-            items, records, error = _check_text(path, mmu, fault_loop_min)
+            items, records, error = _check_text(path, mmu, limits)
         if error is not None:
             errors.append(error)
             if not records and not items:
