@@ -61,11 +61,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvmpfn.audit.findings import Findings
+from kvmpfn.vocab import RECORDED_CODES
 
 __all__ = ["CODES", "FAULT_LOOP_MIN", "RecordedChecks"]
 
 #: The finding codes of this module.
-CODES = ("fault-loop", "recorded-spte-mismatch", "recorded-spte-pfn-change")
+CODES = RECORDED_CODES
 #: Consecutive identical faults that make a loop.
 FAULT_LOOP_MIN = 8
 PFERR_RSVD = 1 << 3
