@@ -142,8 +142,7 @@ CODES: dict[str, Code] = {
         "I5",
         "address, level",
         "The frame number stored in an spte lost high bits.",
-        "A present leaf maps the right frame modulo 2^20: the pfn was shifted in 32 bits before it went into the "
-        "spte.",
+        "A present leaf maps the right frame modulo 2^20: the pfn was shifted in 32 bits before it went into the spte.",
     ),
     "notrap-valid-gva": Code(
         "I6",

@@ -35,7 +35,9 @@ BUGS: dict[str, Bug] = {
     ),
     "user-fault-unshadow": Bug("mmu_set_spte: the seed's user-fault mmu_unshadow (gone in v2.6.26)", SHADOW),
     "memslot-delete-no-flush": Bug(
-        "kvm_arch_flush_shadow missing on slot deletion: v2.6.26 behaviour under the v2.6.27 kernel", MMUS, ("notifier",)
+        "kvm_arch_flush_shadow missing on slot deletion: v2.6.26 behaviour under the v2.6.27 kernel",
+        MMUS,
+        ("notifier",),
     ),
     "unaccount-invalid-root": Bug(
         "kvm_mmu_zap_page: write_count of an invalidated root unaccounted at zap and again at free", SHADOW, V2626

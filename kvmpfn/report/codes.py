@@ -107,9 +107,7 @@ def codes_text(name: str | None = None) -> str:
 def bugs_json() -> str:
     """Every ``--bug`` with its source and the MMUs and kernel variants it applies to, as JSON."""
     doc = {
-        "bugs": [
-            {"name": n, "text": b.text, "mmu": list(b.mmu), "kernels": list(b.kernels)} for n, b in BUGS.items()
-        ]
+        "bugs": [{"name": n, "text": b.text, "mmu": list(b.mmu), "kernels": list(b.kernels)} for n, b in BUGS.items()]
     }
     return json.dumps(doc, indent=2) + "\n"
 
