@@ -1,5 +1,5 @@
 """Replay a trace through the simulated KVM: build the VM from the header, apply each event, emit outcome
-records (TRACE_FORMAT "Outcome records"), run audits at checkpoints and collect findings. The vcpu run loop's
+records (docs/trace-format.md, Outcome records), run audits at checkpoints and collect findings. The vcpu run loop's
 counterpart.
 """
 
@@ -256,7 +256,7 @@ class Replayer:
         return {"result": "ok"}
 
     def do_invlpg(self, e: ev.Invlpg) -> dict:
-        """INVLPG is not intercepted in v2.6.26/27 (reference §2.14): no MMU work."""
+        """INVLPG is not intercepted in v2.6.26/27 (docs/kernel.md, INVLPG): no MMU work."""
         self._check_addr(self.vcpu(e.vcpu), e.addr, False)
         return {"result": "ok"}
 
@@ -267,7 +267,7 @@ class Replayer:
         return {"result": "ok"}
 
     def do_dirty_log(self, e: ev.DirtyLog) -> dict:
-        """KVM_GET_DIRTY_LOG (TRACE_FORMAT ``dirty_log``): logging on at the first call, the bitmap returned and
+        """KVM_GET_DIRTY_LOG (docs/trace-format.md, dirty_log): logging on at the first call, the bitmap returned and
         cleared, the slot's sptes write-protected; ``stop`` switches logging off."""
         slot = self.kvm.slots.get(e.slot)
         if slot is None:

@@ -231,7 +231,7 @@ def header_of(path: Path) -> dict:
 # --- the corpus is complete -----------------------------------------------------------------------------
 
 
-#: The audit's codes: TRACE_FORMAT.md "Findings" in its order, then the auditor's own extension (the per-call
+#: The audit's codes: docs/trace-format.md, Findings in its order, then the auditor's own extension (the per-call
 #: I10 check after kvm_unmap_hva). Codes of other checkers (the simulated CPU's, the recorded-trace checks')
 #: are not the auditor's and have no trace here.
 AUDIT_CODES = (
