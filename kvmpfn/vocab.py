@@ -217,7 +217,7 @@ CODES: dict[str, Code] = {
         "",
         "address, vcpu",
         "The same address faults again and again with no change in between.",
-        "Replay: an access exits to KVM three times in a row although KVM fixed the fault each time. "
+        "Replay: an access exits to KVM on three attempts in a row although KVM fixed the fault after each. "
         "Recorded traces: at least 8 consecutive faults of one vcpu at one address with no spte set, changed or "
         "zapped for it in between.",
         recorded=True,

@@ -64,9 +64,10 @@ def test_codes_explains_one():
     assert text.startswith("refcount-leak: A reference KVM took on a frame is never released.")
     assert "Invariant: I1, every KVM reference is owned" in text
     assert "docs/kernel.md, Invariants: I1" in text
-    assert "traces/findings/refcount-leak.jsonl" in text and "--bug same-pfn-no-release" in text
+    assert "  kvmpfn replay traces/findings/refcount-leak.jsonl --bug same-pfn-no-release\n" in text
     assert "--update-baseline" in text
     assert "Invariant: none" in codes_text("recorded-spte-mismatch")
+    assert "  kvmpfn replay traces/findings/spte-without-memslot.jsonl\n" in codes_text("spte-without-memslot")
 
 
 def test_codes_json():

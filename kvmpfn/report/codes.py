@@ -97,7 +97,10 @@ def codes_text(name: str | None = None) -> str:
     if trace.is_file():
         comments = [line for line in trace.read_text().splitlines() if line.startswith("#")]
         out += ["  " + line for line in comments[:12]]
-        out.append(f"  kvmpfn replay {info['example']}   (with the --bug its comment names, if any)")
+        defect = next((line for line in comments if line.startswith("# Defect: --bug ")), "")
+        bug = defect.removeprefix("# Defect: --bug ").split(" ")[0].rstrip(".,")
+        option = f" --bug {bug}" if bug in BUGS else ""
+        out.append(f"  kvmpfn replay {info['example']}{option}")
     else:
         out.append("  (not in this installation: it is in the repository's traces/ directory)")
     out += ["", f"Baseline: {BASELINE_HOWTO}"]
