@@ -5,6 +5,7 @@ types all come from kvmpfn.vocab; ``kvmpfn codes`` and ``kvmpfn bugs`` render it
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import get_args
 
@@ -166,3 +167,12 @@ def test_a_bug_changes_nothing_where_it_does_not_apply(name):
             plain = run_trace(trace, ReplayOptions(mmu=mmu, kernel=kernel))
             mutant = run_trace(trace, ReplayOptions(mmu=mmu, kernel=kernel, bugs=frozenset({name})))
             assert mutant == plain, f"--bug {name} changes the replay under {mmu}/{kernel}"
+
+
+def test_every_code_the_sources_report_is_in_the_vocabulary():
+    """A new finding code cannot be reported without its entry in kvmpfn.vocab (and so in the docs)."""
+    reported = set()
+    for path in (ROOT / "kvmpfn").rglob("*.py"):
+        reported |= set(re.findall(r'\.report\(\s*"([a-z0-9-]+)"', path.read_text()))
+    assert len(reported) >= 12
+    assert reported <= set(vocab.CODES), reported - set(vocab.CODES)
