@@ -1,5 +1,5 @@
 """The CI regression gate behind ``kvmpfn audit``: find the traces of a corpus, replay them in parallel
-processes, compare each trace's findings with the corpus baseline (TRACE_FORMAT.md "Baselines"), split the
+processes, compare each trace's findings with the corpus baseline (docs/trace-format.md, Baselines), split the
 corpus into shards, rewrite the baseline.
 
 Corpus. Each directory argument is a corpus root: its traces are the files below it whose names end in

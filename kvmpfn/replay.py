@@ -1,5 +1,5 @@
 """Replay a trace through the simulated KVM: build the VM from the header, apply each event, emit outcome
-records (TRACE_FORMAT "Outcome records"), run audits at checkpoints and collect findings. The vcpu run loop's
+records (docs/trace-format.md, Outcome records), run audits at checkpoints and collect findings. The vcpu run loop's
 counterpart.
 """
 
@@ -297,7 +297,7 @@ class Replayer:
         return {"result": "ok"}
 
     def do_invlpg(self, e: ev.Invlpg) -> dict:
-        """INVLPG is not intercepted in v2.6.26/27 (reference §2.14): no MMU work."""
+        """INVLPG is not intercepted in v2.6.26/27 (docs/kernel.md, INVLPG): no MMU work."""
         self._check_addr(self.vcpu(e.vcpu), e.addr, False)
         return {"result": "ok"}
 

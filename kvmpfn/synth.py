@@ -12,7 +12,7 @@ Determinism: the random stream is seeded from ``(workload, paging, seed)`` only,
 bytes every time, and the same guest actions under both MMUs (only the header's ``mmu`` differs): a shadow
 and a tdp trace of one seed are a differential pair.
 
-Validity (TRACE_FORMAT.md): the guest builds real page tables in guest memory with ``write`` events before it
+Validity (docs/trace-format.md): the guest builds real page tables in guest memory with ``write`` events before it
 touches an address through them; every address lies in a memslot of the header; ``host_remap`` only appears
 under ``kernel: notifier`` (before it KVM is not told, which the auditor rightly reports). A correct MMU
 replays every synth trace without findings.
@@ -453,8 +453,8 @@ def _hugepages(spec: SynthSpec, rng: random.Random) -> Iterator[ev.Event]:
     points a large PDE at another huge page.
 
     The era clears W in every entry of a logged slot's shadow pages, table pointers included (reference
-    §2.15): a store through a 4K table that existed before the last harvest exits forever (``fault-loop``).
-    So during logging a store only goes to a 2 MiB region that has not gone 4K before the last
+    docs/kernel.md, Dirty logging): a store through a 4K table that existed before the last harvest exits forever
+    (``fault-loop``). So during logging a store only goes to a 2 MiB region that has not gone 4K before the last
     ``dirty_log``; reads go anywhere. The hugetlb slot has its own 1 GiB (its own level-2 shadow pages) for
     the same reason.
     """

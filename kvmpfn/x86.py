@@ -1,4 +1,4 @@
-"""Constants of the 2008 x86 KVM MMU (arch/x86/kvm/mmu.c, mmu.h; reference §1.1, §1.2).
+"""Constants of the 2008 x86 KVM MMU (arch/x86/kvm/mmu.c, mmu.h; docs/kernel.md, Kernel variants).
 
 Plain ints, named as in the kernel, shared by the walker, the MMU and the auditor.
 """
@@ -55,7 +55,7 @@ PFERR_FETCH_MASK = 1 << 4
 KVM_HPAGE_SHIFT = 21
 KVM_PAGES_PER_HPAGE = 512
 
-# Shadow-page budget (kvm_host.h / mmu.c, reference §1.7).
+# Shadow-page budget (kvm_host.h / mmu.c, docs/kernel.md, Zapping and recycling).
 KVM_MIN_FREE_MMU_PAGES = 5
 KVM_REFILL_PAGES = 25
 KVM_PERMILLE_MMU_PAGES = 20
@@ -64,7 +64,7 @@ KVM_MMU_HASH_SHIFT = 10
 KVM_NUM_MMU_PAGES = 1 << KVM_MMU_HASH_SHIFT
 KVM_MAX_VCPUS = 16
 
-# VMX without EPT, bypass_guest_pf=1 (reference §1.2): the non-present spte values.
+# VMX without EPT, bypass_guest_pf=1 (docs/kernel.md, Kernel variants): the non-present spte values.
 SHADOW_TRAP_NONPRESENT_PTE = 0xFFFFFFFFFFFFF001
 SHADOW_NOTRAP_NONPRESENT_PTE = 0
 

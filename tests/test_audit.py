@@ -314,7 +314,7 @@ def test_cr0wp0_supervisor_write_without_u_is_allowed():
     sp, index = g.leaf(0x10000)
     assert sp.spt[index] & PT_WRITABLE_MASK and not sp.spt[index] & PT_USER_MASK
     assert g.audit() == []
-    sp.spt[index] |= PT_USER_MASK  # CORRUPT: the era's §5.17
+    sp.spt[index] |= PT_USER_MASK  # CORRUPT: the era's docs/kernel.md, Historical bugs: cr0wp-user-write
     assert_only(g.audit(), "spte-permission")
 
 
@@ -501,7 +501,7 @@ def test_audit_takes_no_reference_writes_no_memory_sets_no_a_bit():
 
 
 def test_side_effect_check_catches_an_audit_that_takes_references():
-    """Control: with --bug audit-no-release (§5.1) the audit's own gfn_to_pfn reference stays, and the same
+    """Control: with --bug audit-no-release the audit's own gfn_to_pfn reference stays, and the same
     comparison sees it."""
     g = side_effect_state(bugs=("audit-no-release",))
     before = snapshot(g)

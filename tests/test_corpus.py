@@ -47,7 +47,10 @@ KILLS = {
     "double-release": ("mutants/cr0wp-toggle.jsonl", {"refcount-underflow": 1}),
     "error-pfn-no-release": ("mutants/mmio-outside-slots.jsonl", {"refcount-leak": 1}),
     "fetch-bailout-parent": ("findings/parent-link.jsonl", {"parent-link": 1}),
-    "fetch-large-rmap-remove": ("mutants/pse-toggle-large-in-the-way.jsonl", {"refcount-underflow": 1, "kernel-bug": 1}),
+    "fetch-large-rmap-remove": (
+        "mutants/pse-toggle-large-in-the-way.jsonl",
+        {"refcount-underflow": 1, "kernel-bug": 1},
+    ),
     "handle-hva-unaligned": ("mutants/hva-unaligned-slot.jsonl", {"notifier-stale-spte": 1}),
     "large-spte-remove-order": ("findings/rmap-mismatch.jsonl", {"refcount-leak": 1, "rmap-mismatch": 1}),
     "memslot-delete-no-flush": ("mutants/memslot-delete-notifier.jsonl", {"spte-without-memslot": 1}),

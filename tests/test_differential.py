@@ -1,5 +1,5 @@
 """Differential test: one guest-action trace, replayed with ``mmu: shadow`` and with ``mmu: tdp``, must give the
-guest the same view (TRACE_FORMAT "The simulated CPU": "both must agree on what the guest sees").
+guest the same view (docs/trace-format.md, The simulated CPU).
 
 Guest-action traces hold only ``write``, ``access``, ``cr3``, ``paging`` and ``invlpg`` events (no ``pf``: a
 recorded fault means different things under the two MMUs). For every ``access`` the two replays must agree on

@@ -197,6 +197,7 @@ CASES = [
         elsewhere={"spte-hpa-mismatch": 1},
         notes="without notifiers the host remap leaves the spte stale: kernel behaviour (spte-hpa-mismatch)",
     ),
+    Case("kernel-bug", {"kernel-bug": 1}, bugs=("direct-map-into-large",)),
 ]
 BY_CODE = {case.code: case for case in CASES}
 
@@ -231,8 +232,8 @@ def header_of(path: Path) -> dict:
 # --- the corpus is complete -----------------------------------------------------------------------------
 
 
-#: The audit's codes: TRACE_FORMAT.md "Findings" in its order, then the auditor's own extension (the per-call
-#: I10 check after kvm_unmap_hva). Codes of other checkers (the simulated CPU's, the recorded-trace checks')
+#: The audit's codes: docs/trace-format.md, Findings in its order, then the auditor's own extension (the per-call
+#: I10 check after kvm_unmap_hva) and the simulated kernel's BUG(). Codes of other checkers (the simulated CPU's, the recorded-trace checks')
 #: are not the auditor's and have no trace here.
 AUDIT_CODES = (
     "refcount-leak",
@@ -251,6 +252,7 @@ AUDIT_CODES = (
     "mmu-page-accounting",
     "dirty-lost",
     "notifier-stale-spte",
+    "kernel-bug",
 )
 
 

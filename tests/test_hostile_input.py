@@ -1,10 +1,10 @@
 """Hostile input (issue 9) through the real command line, each run bounded in time and memory (cli_helper).
 
 ``HOSTILE``: traces from other tools, truncated CI artifacts and hand-edited files that break
-TRACE_FORMAT.md. Each gives exit status 2 and one line on stderr naming PATH:LINE (where a line applies), the
+docs/trace-format.md. Each gives exit status 2 and one line on stderr naming PATH:LINE (where a line applies), the
 field (where one applies) and the problem; never a traceback, a hang or unbounded memory.
 
-``LEGAL``: what TRACE_FORMAT.md makes legal but odd behaves as documented: exit 0 and the outcome records it
+``LEGAL``: what docs/trace-format.md makes legal but odd behaves as documented: exit 0 and the outcome records it
 describes.
 
 Then ``kvmpfn audit`` over a corpus with broken traces among good ones, and "nothing is lost": a replay that

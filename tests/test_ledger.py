@@ -318,7 +318,7 @@ def test_teardown_leak_lists_each_leaked_reference():
 
 
 def test_after_teardown_reports_references_left_once_the_vm_is_gone():
-    """--bug audit-no-release (§5.1): the teardown audit's own gfn_to_pfn references are taken after its
+    """--bug audit-no-release: the teardown audit's own gfn_to_pfn references are taken after its
     refcount check, so only the check after kvm_arch_destroy_vm sees them: one finding per frame, listing
     each reference (two sptes map gpa 0x20000, so the audit took two on that frame)."""
     g = Guest(bugs=("audit-no-release",))

@@ -1,5 +1,5 @@
-"""Shadow-page lifetime and VM-wide events (reference §2.12, §2.13, §2.15–§2.18): zapping, recycling under a
-budget, roots, teardown, memslot deletion, dirty logging and host remapping, in each kernel variant.
+"""Shadow-page lifetime and VM-wide events (docs/kernel.md, Fault paths: Zapping and recycling to Teardown): zapping,
+recycling under a budget, roots, teardown, memslot deletion, dirty logging and host remapping, in each kernel variant.
 """
 
 from __future__ import annotations
@@ -211,9 +211,9 @@ def test_free_some_pages_zaps_exactly_the_oldest_until_25_are_free():
 
 
 def test_free_some_pages_zaps_past_the_four_pae_roots_at_the_tail():
-    """Paging off under shadow: four level-2 roots (§2.2), allocated first, sit at the tail. The kernel's loop
-    zaps them (each turns invalid and moves to the head, freeing nothing) and goes on with the next oldest
-    pages until 25 are free (§2.12)."""
+    """Paging off under shadow: four level-2 roots (docs/kernel.md, nonpaging_map and tdp_page_fault), allocated first,
+    sit at the tail. The kernel's loop zaps them (each turns invalid and moves to the head, freeing nothing) and goes on
+    with the next oldest pages until 25 are free (docs/kernel.md, Zapping and recycling)."""
     vm = budget_vm(40, mmu="shadow")
     kvm = vm.kvm
     k = 0
@@ -250,8 +250,8 @@ def test_change_mmu_pages_shrinks_from_the_tail_then_grows():
 
 
 def test_change_mmu_pages_counts_a_zapped_root_as_freed():
-    """§1.7/§2.12: the shrink loop counts each zap as one freed page; a root is not freed (it turns invalid
-    and moves to the head), so one page more than the budget stays live and ``n_free`` is reset to 0."""
+    """docs/kernel.md, Zapping and recycling: the shrink loop counts each zap as one freed page; a root is not freed (it
+    turns invalid and moves to the head), so one page more than the budget stays live and ``n_free`` is reset to 0."""
     vm = make_vm(memslots=[(0, 0, 0x8000, "ram")])
     kvm = vm.kvm
     for k in range(6):
@@ -492,8 +492,8 @@ def test_dirty_log_removes_write_access_and_fills_the_bitmap(mmu):
 
 @pytest.mark.parametrize("bugs", [(), ("dirty-log-pointer-wp",)])
 def test_dirty_log_clears_w_in_the_leaves_of_a_page_with_the_slot_bit(bugs):
-    """§2.15: the leaves of a page holding a large leaf of the logged slot lose W; its pointer entries keep it
-    (later kernels), or lose it too under the era's ``dirty-log-pointer-wp``."""
+    """docs/kernel.md, Dirty logging: the leaves of a page holding a large leaf of the logged slot lose W; its pointer
+    entries keep it (later kernels), or lose it too under the era's ``dirty-log-pointer-wp``."""
     vm = make_vm(bugs=bugs)
     vm.access(0x5000, write=True)
     vm.access(LARGE_GFN << 12, write=True)

@@ -1,5 +1,6 @@
-"""``mmu_set_spte`` branch by branch (reference §2.8), write protection of shadowed gfns, large pages
-(§1.6, §2.2–§2.4) and the MMIO / error paths of ``nonpaging_map`` and ``tdp_page_fault``.
+"""``mmu_set_spte`` branch by branch (docs/kernel.md, mmu_set_spte), write protection of shadowed gfns, large pages
+(docs/kernel.md, nonpaging_map and tdp_page_fault; and __direct_map) and the MMIO / error paths of ``nonpaging_map`` and
+``tdp_page_fault``.
 
 Every test builds the VM through the Python API (tests/conftest.py) and asserts KVM's exact reference count
 on the frames involved (``host.frames[pfn].count``) and, where it tells the branch apart, the pfn-API hook
@@ -51,7 +52,8 @@ def set_spte(vm, sptep, gfn, pfn, *, write_fault=0, dirty=1, largepage=0, pte_ac
 
 
 def leaf_spte(pfn: int, extra: int = 0) -> int:
-    """The spte ``mmu_set_spte`` builds for a direct-map leaf with ACC_ALL: P|W|U|D, no A (§5.8), no NX."""
+    """The spte ``mmu_set_spte`` builds for a direct-map leaf with ACC_ALL: P|W|U|D, no A, no NX
+    (docs/kernel.md, mmu_set_spte)."""
     return pfn << 12 | P | W | U | D_BIT | extra
 
 

@@ -1,4 +1,5 @@
-"""Reverse maps (reference §1.5) and write protection (§2.9): the rmap encoding on ``kvm.rmap`` and
+"""Reverse maps and write protection (docs/kernel.md, rmap_remove and rmap_write_protect): the rmap encoding on
+``kvm.rmap`` and
 ``kvm.rmap_pde`` through 0 → 1 → many → 1 → 0, ``rmap_next``, desc compaction, the BUG paths, and
 ``rmap_write_protect`` on 4 KiB and large sptes (with and without ``--bug rmap-wp-hugepage-iter``).
 """
@@ -99,7 +100,8 @@ def test_first_desc_emptying_relinks_the_head_to_the_next(rm):
 
 def test_rmap_add_fills_the_first_desc_with_a_free_slot(rm):
     """v2.6.26 ``rmap_add`` (many → many): ``while (desc->shadow_ptes[RMAP_EXT-1] && desc->more) desc =
-    desc->more;`` stops at the first desc with a free last slot (reference §1.5), so a hole left by
+    desc->more;`` stops at the first desc with a free last slot (docs/kernel.md, rmap_remove and rmap_write_protect), so
+    a hole left by
     ``rmap_desc_remove_entry`` in an earlier desc is reused before the last desc grows."""
     vm, sp, pfn = rm
     kvm = vm.kvm
@@ -156,7 +158,8 @@ def test_rmap_next_walks_every_desc_in_order(rm):
 
 
 def test_rmap_next_ends_the_walk_after_a_removed_entry(rm):
-    """The successor is found by searching for the current entry: removing it ends the walk (§5.3)."""
+    """The successor is found by searching for the current entry: removing it ends the walk (--bug
+    rmap-wp-hugepage-iter)."""
     vm, sp, pfn = rm
     s = [install(vm, sp, i, pfn) for i in range(3)]
     assert rmap_next(vm.kvm.rmap, GFN, s[0]) == s[1]
@@ -290,7 +293,7 @@ def test_write_protect_removes_writable_large_sptes_and_restarts(vm):
 
 def test_write_protect_hugepage_iter_bug_stops_after_the_first_removal():
     """``--bug rmap-wp-hugepage-iter`` (before 6597ca09): the walk continues from the removed entry,
-    which ``rmap_next`` no longer finds, so the other writable large sptes survive (§5.3)."""
+    which ``rmap_next`` no longer finds, so the other writable large sptes survive (--bug rmap-wp-hugepage-iter)."""
     vm = make_vm(bugs={"rmap-wp-hugepage-iter"})
     kvm = vm.kvm
     base, s = large_mappings(vm)

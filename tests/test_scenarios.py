@@ -27,7 +27,7 @@ TRACES = ROOT / "traces"
 
 
 def rec(seq, line, op, result, gpa=None, pfn=None, spte=None, **extra) -> dict:
-    """An outcome record as TRACE_FORMAT.md defines it (integers other than seq/line in hex)."""
+    """An outcome record as docs/trace-format.md defines it (integers other than seq/line in hex)."""
     out = {"seq": seq, "line": line, "op": op, "result": result}
     if gpa is not None:
         out["gpa"] = hex(gpa)

@@ -193,8 +193,8 @@ def test_cli_errors_exit_2(tmp_path) -> None:
 
 
 # A 2008 livelock that the hugepages workload steers around (see kvmpfn.synth._hugepages): the era's
-# kvm_mmu_slot_remove_write_access clears W in table pointers too (reference §2.15), and neither __direct_map
-# nor FNAME(fetch) restores W on a present pointer, so after a dirty-log harvest every store through a 4K
+# kvm_mmu_slot_remove_write_access clears W in table pointers too (docs/kernel.md, Dirty logging), and neither
+# __direct_map nor FNAME(fetch) restores W on a present pointer, so after a dirty-log harvest every store through a 4K
 # table under a level-2 page that holds a large leaf of the slot exits forever.
 LIVELOCK = """\
 {"kvmpfn":1,"mmu":"tdp","guest":{"paging":"none"},"memslots":[{"slot":1,"gfn":"0x40000","npages":"0x8000","backing":"hugetlb"}]}

@@ -1,4 +1,5 @@
-"""The trace reader: decoding, validation rules of TRACE_FORMAT.md, line numbers, compression, streaming."""
+"""The trace reader: decoding, line numbers, compression, streaming, and the validation rules of
+docs/trace-format.md."""
 
 from __future__ import annotations
 

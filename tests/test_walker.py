@@ -692,7 +692,8 @@ def test_bounded_restarts_succeed(fails):
 
 @pytest.mark.parametrize("write", (False, True))
 def test_cmpxchg_that_never_succeeds_ends_as_a_success_without_ad(write):
-    # Reference §5.20: a page table without struct page; the kernel livelocked, the walker stops restarting.
+    # docs/kernel.md, FNAME(walk_addr): a page table without struct page; the kernel livelocked, the walker stops
+    # restarting.
     g = build("64", {4: P | W | U, 1: P | W | U})
     before = g.snapshot()
     mem = FlakyMem(1000)

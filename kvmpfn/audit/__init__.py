@@ -1,5 +1,5 @@
-"""The auditor: the reference ledger plus the ported audit checks, run at audit points (reference §3, §6), and
-the notifier check (I10) after each ``kvm_unmap_hva``."""
+"""The auditor: the reference ledger plus the ported audit checks, run at audit points (docs/kernel.md, The audit;
+docs/kernel.md, Invariants), and the notifier check (docs/kernel.md, Invariants: I10) after each ``kvm_unmap_hva``."""
 
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ class Auditor:
             kvm.audit_point = self.kvm_mmu_audit
 
     def unmapped_hva(self, hva: int, gfn: int) -> None:
-        """After each ``kvm_unmap_hva``: no present leaf maps the gfn behind hva any more (I10)."""
+        """After each ``kvm_unmap_hva``: no present leaf maps the gfn behind hva any more (docs/kernel.md, Invariants:
+        I10)."""
         check_unmapped_hva(self.kvm, self.ledger, self.findings, hva, gfn)
 
     def kvm_mmu_audit(self, vcpu, msg: str) -> None:
@@ -54,7 +55,7 @@ class Auditor:
         self.full_audit(msg, in_flight, mappings=msg != "pre pte write")
 
     def full_audit(self, point: str, in_flight: Counter | None = None, mappings: bool = True) -> None:
-        """Every check of §6 over the current state."""
+        """Every check of docs/kernel.md, Invariants over the current state."""
         kvm, f = self.kvm, self.findings
         saved = f.point
         f.point = point

@@ -1,7 +1,9 @@
-"""Ported audit checks (arch/x86/kvm/mmu.c ``#ifdef AUDIT``, seed … v2.6.32; reference §3, §6).
+"""Ported audit checks (arch/x86/kvm/mmu.c ``#ifdef AUDIT``, seed … v2.6.32): docs/kernel.md, The audit; and
+docs/kernel.md, Invariants.
 
 Each check reads the MMU state and reports findings; none takes a reference, writes guest memory or sets a
-guest A bit. Where the 2008 code was broken, the port checks what it meant to check and says so.
+guest A bit. Where the 2008 code was broken, the port checks what it meant to check and says so. A check's
+docstring starts with the invariant it checks (I1 … I14, each defined in docs/kernel.md, Invariants).
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ def audit_mappings_page(kvm, findings, view: GuestView, sp, va: int, level: int)
         pfn = spte_to_pfn(ent)
         want = None if gpa == UNMAPPED_GVA else host.peek_pfn(gpa >> PAGE_SHIFT)
         if "audit-no-release" in kvm.bugs and gpa != UNMAPPED_GVA:
-            # §5.1: the 2.6.31 audit's own gfn_to_pfn reference, here without its release
+            # --bug audit-no-release: the 2.6.31 audit's own gfn_to_pfn reference, here without its release
             kvm.api.gfn_to_pfn(gpa >> PAGE_SHIFT, "audit_mappings_page")
         if want != pfn:
             if want is not None and want >> 20 and want & PFN_TRUNCATE_MASK == pfn:
@@ -193,9 +195,9 @@ def audit_mappings_page(kvm, findings, view: GuestView, sp, va: int, level: int)
 
 
 def guest_entry_present(view: GuestView, sp, index: int, addr: int, level: int, table: bytes | None) -> bool:
-    """Whether the guest entry that entry ``index`` of ``sp`` shadows is present (I6). A page that shadows a
-    guest table reads that entry directly from ``table``, the table's bytes (a 32-bit guest's tables in
-    quadrants: 512 ptes of 1024 per level-1 page, one 4-byte pde per two 2 MiB shadow pdes); elsewhere the
+    """Whether the guest entry that entry ``index`` of ``sp`` shadows is present (docs/kernel.md, Invariants: I6). A
+    page that shadows a guest table reads that entry directly from ``table``, the table's bytes (a 32-bit guest's tables
+    in quadrants: 512 ptes of 1024 per level-1 page, one 4-byte pde per two 2 MiB shadow pdes); elsewhere the
     guest walk of ``addr`` says."""
     if not sp.metaphysical:
         if sp.glevels == 2:
@@ -213,7 +215,8 @@ def guest_entry_present(view: GuestView, sp, index: int, addr: int, level: int, 
 def check_permission(kvm, findings, view: GuestView, sp, index: int, addr: int, level: int, spte: int) -> None:
     """I11: a leaf never grants more than the guest translation (W, U, NX), judged with the CR0.WP of its
     shadow page's role: a W spte over a read-only translation is legal only for CR0.WP=0 supervisor
-    writes, and then without U (the v2.6.35 rule; violated in 2008, §5.17)."""
+    writes, and then without U (the v2.6.35 rule; violated in 2008, docs/kernel.md, Historical bugs:
+    cr0wp-user-write)."""
     ok, w = view.walk(addr)
     if not ok:
         return  # the mappings check reports a leaf over an unmapped gva
@@ -417,10 +420,12 @@ def check_dirty_log(kvm, findings) -> None:
 def check_unmapped_hva(kvm, ledger, findings, hva: int, gfn: int) -> None:
     """I10, after each ``kvm_unmap_hva(hva)`` (all of ``invalidate_page``, one page of
     ``invalidate_range_start``): no present leaf, 4K or large, maps ``gfn``, the gfn behind hva, whose frame
-    the host is about to free. Guards ``kvm_unmap_hva`` / ``kvm_handle_hva`` (reference §2.17, §5.14).
+    the host is about to free. Guards ``kvm_unmap_hva`` / ``kvm_handle_hva`` (docs/kernel.md, MMU notifiers;
+    docs/kernel.md, Historical bugs: handle-hva-unaligned).
 
     The leaves are not looked up in the rmaps ``kvm_unmap_hva`` just used (a wrong rmap index would hide them):
-    every present leaf of a refcounted frame owns one reference (I1), bound to it in the ledger when
+    every present leaf of a refcounted frame owns one reference (docs/kernel.md, Invariants: I1), bound to it in the
+    ledger when
     ``rmap_add`` installed it, and the host moves only refcounted frames. So the candidates are the owners of
     the references on gfn's frame and on its 2 MiB head frame (a large leaf's), each read back from its shadow
     page: O(references on two frames) per call.

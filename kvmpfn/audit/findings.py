@@ -1,4 +1,4 @@
-"""Findings: stable codes (TRACE_FORMAT "Findings"), one per distinct defect.
+"""Findings: stable codes (:data:`kvmpfn.vocab.CODES`; docs/trace-format.md, Findings), one per distinct defect.
 
 A finding is a plain dict, JSON-ready: ``code``, ``seq``/``line`` of the event where it was detected,
 ``point`` (the audit point or kernel operation that saw it), the subject (``pfn``, ``gfn``, ``addr`` as hex
@@ -10,28 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-CODES = (
-    "refcount-leak",
-    "refcount-underflow",
-    "pageless-refcount",
-    "spte-hpa-mismatch",
-    "spte-pfn-truncated",
-    "notrap-valid-gva",
-    "notrap-nonleaf",
-    "rmap-mismatch",
-    "parent-link",
-    "writable-shadowed-gfn",
-    "spte-without-memslot",
-    "write-count",
-    "spte-permission",
-    "mmu-page-accounting",
-    "dirty-lost",
-    "fault-loop",
-    "notifier-stale-spte",
-    "recorded-spte-mismatch",
-    "recorded-spte-pfn-change",
-    "kernel-bug",
-)
+from kvmpfn import vocab
+
+CODES = tuple(vocab.CODES)
 
 
 def hexs(value: int) -> str:

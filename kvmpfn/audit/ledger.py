@@ -1,6 +1,6 @@
 """The reference ledger: every reference KVM holds on a host frame, with where it was taken and which spte
 owns it. Fed by the pfn API's hook (``get``/``put``/``dirty``/``accessed``) and by ``rmap_add``/``rmap_remove``,
-so a leak or an underflow is known without walking the sptes (reference §6 I1, I14).
+so a leak or an underflow is known without walking the sptes (docs/kernel.md, Invariants: I1 and I14).
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ class RefLedger:
         self._removed_writable[pfn] = bool(spte & PT_WRITABLE_MASK)
 
     def write_protect(self, cleared: set[int] | None) -> None:
-        """``rmap_write_protect`` took W from sptes of these frames: each must have been marked dirty (I14),
-        unless it is a frame the helpers never dirty (PageReserved, or no struct page)."""
+        """``rmap_write_protect`` took W from sptes of these frames: each must have been marked dirty, unless it is
+        a frame the helpers never dirty (PageReserved, or no struct page): docs/kernel.md, Invariants: I14."""
         if cleared is None:
             self._dirtied.clear()
             return

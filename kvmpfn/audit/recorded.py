@@ -69,11 +69,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvmpfn.audit.findings import Findings
+from kvmpfn.vocab import RECORDED_CODES
 
 __all__ = ["CODES", "FAULT_LOOP_MIN", "SPURIOUS_LOOP_MIN", "RecordedChecks"]
 
 #: The finding codes of this module.
-CODES = ("fault-loop", "recorded-spte-mismatch", "recorded-spte-pfn-change")
+CODES = RECORDED_CODES
 #: Faults at one address, with nothing changed in between, that make a loop.
 FAULT_LOOP_MIN = 8
 #: Spurious ``fast_page_fault`` records (old == new) at one address that make a loop: strong evidence.

@@ -1,4 +1,4 @@
-"""Guest-physical memory from an ELF core, as QEMU's ``dump-guest-memory`` writes it (TRACE_FORMAT ``memory``).
+"""Guest-physical memory from an ELF core, as QEMU's ``dump-guest-memory`` writes it (docs/trace-format.md, The header).
 
 >>> image = ElfCoreImage("guest.core")                 # doctest: +SKIP
 >>> len(image.read_page(0x1f))                         # gpa 0x1f000: file bytes, zero-filled

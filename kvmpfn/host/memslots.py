@@ -1,4 +1,4 @@
-"""Memslots: gfn → hva (virt/kvm/kvm_main.c ``gfn_to_memslot``, ``gfn_to_hva``; reference §1.6).
+"""Memslots: gfn → hva (virt/kvm/kvm_main.c ``gfn_to_memslot``, ``gfn_to_hva``; docs/kernel.md, Memslot changes).
 
 Every slot creation maps a fresh host vma, an ``HvaWindow``: 2 MiB aligned, at ``HVA_BASE`` plus a cursor that
 only grows, with a 2 MiB guard gap after each. A slot's ``userspace_addr`` is its window base plus the 2 MiB

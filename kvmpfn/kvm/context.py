@@ -1,6 +1,6 @@
 """The vcpu side of the MMU: context setup (``init_kvm_mmu``, ``kvm_mmu_reset_context``, ``kvm_set_cr3``),
 ``kvm_mmu_page_fault``, and the simulated CPU that turns a guest ``access`` into hits, exits and guest
-faults (TRACE_FORMAT "The simulated CPU"). Reference §2.1, §2.13.
+faults (docs/trace-format.md, The simulated CPU). docs/kernel.md, Fault paths; docs/kernel.md, Roots and CR3.
 """
 
 from __future__ import annotations
@@ -336,7 +336,7 @@ def tdp_allows(path: list[tuple], write: bool) -> bool:
 
 @dataclass(slots=True)
 class AccessOutcome:
-    """The outcome of one guest ``access`` (TRACE_FORMAT outcome record fields)."""
+    """The outcome of one guest ``access`` (docs/trace-format.md, Outcome records)."""
 
     result: str
     gpa: int | None = None
@@ -431,7 +431,7 @@ def remember_walk(vcpu: Vcpu, kvm: Kvm, page: int, found: tuple, pte_gpas: list[
 def guest_access(
     vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool, detail: bool = True
 ) -> AccessOutcome:
-    """One guest memory access on the simulated CPU (TRACE_FORMAT "The simulated CPU").
+    """One guest memory access on the simulated CPU (docs/trace-format.md, The simulated CPU).
 
     Shadow: walk the sptes; a hit sets A in the sptes used; trap or a denying spte exits to
     ``kvm_mmu_page_fault`` and the access is retried; notrap or an absent PAE root is a guest #PF without an

@@ -1,7 +1,7 @@
 """The shadow MMU core of arch/x86/kvm/mmu.c (v2.6.26, with the v2.6.27 switches of the ``notifier`` variant):
 shadow pages, parent links, write-protection accounting, ``mmu_set_spte``, the direct map used by paging-off
-guests and TDP, zapping, recycling, roots and dirty logging. Reference §1.3–§1.7, §2.2–§2.4, §2.8–§2.9,
-§2.12–§2.13, §2.15–§2.18.
+guests and TDP, zapping, recycling, roots and dirty logging. See docs/kernel.md, Fault paths (each section from
+nonpaging_map to Teardown).
 """
 
 from __future__ import annotations
@@ -446,8 +446,8 @@ def mmu_set_spte(
 ) -> int:
     """``mmu_set_spte``: install a leaf spte for ``gfn`` → ``pfn``, consuming the caller's reference R(pfn).
 
-    Branches on the old value (reference §2.8): (B) a table pointer replaced by a large leaf → the child loses
-    its parent link (not zapped); (C) a leaf of another pfn → ``rmap_remove`` (−1 on the old frame);
+    Branches on the old value (docs/kernel.md, mmu_set_spte): (B) a table pointer replaced by a large leaf → the child
+    loses its parent link (not zapped); (C) a leaf of another pfn → ``rmap_remove`` (−1 on the old frame);
     (D) the same pfn → ``was_rmapped``: the duplicate reference is released at the end (dirty if the old spte
     was writable). A new spte is ``rmap_add``ed and owns R(pfn). Write access is withheld when gfn is a
     shadowed guest table (``kvm_mmu_lookup_page``) or a large spte would cover one (``has_wrprotected_page``);
@@ -458,7 +458,8 @@ def mmu_set_spte(
     ``pte_access`` to W without U (later kernels, ``paging.cr0_wp0_supervisor_write``), and what reaches
     this branch is a user page under CR4.SMAP, left read-only with the write emulated (so the guest's SMAP
     still applies); ``pte_access |= PT_ACCESSED_MASK`` is kept as the
-    era's no-op (§5.8), so fault-made sptes start with A clear. Returns the ``*ptwrite`` value.
+    era's no-op (docs/kernel.md, mmu_set_spte), so fault-made sptes start with A clear. Returns the ``*ptwrite``
+    value.
 
     The spte is built from the shadow masks (``shadow_base_present_pte``, ``shadow_dirty_mask``,
     ``shadow_x_mask``/``shadow_nx_mask``, ``shadow_user_mask``): the x86 format for shadow paging and NPT, the
@@ -494,7 +495,7 @@ def mmu_set_spte(
     if largepage:
         spte |= PT_PAGE_SIZE_MASK
     if "pfn-shift-32" in kvm.bugs:
-        spte |= (pfn << PAGE_SHIFT) & 0xFFFFFFFF  # §5.2: the shift without the seed's (u64) cast
+        spte |= (pfn << PAGE_SHIFT) & 0xFFFFFFFF  # --bug pfn-shift-32: no (u64) cast before the shift
     else:
         spte |= pfn << PAGE_SHIFT
 
@@ -508,7 +509,7 @@ def mmu_set_spte(
             spte &= ~PT_WRITABLE_MASK
             pt_write = 1
         if user_fault and "user-fault-unshadow" in kvm.bugs:
-            mmu_unshadow(kvm, gfn)  # the seed's heuristic (§5.5)
+            mmu_unshadow(kvm, gfn)  # the seed's heuristic (docs/kernel.md, Historical bugs: user-fault-unshadow)
         elif "no-write-protect" not in kvm.bugs and (
             kvm_mmu_lookup_page(kvm, gfn) is not None or (largepage and has_wrprotected_page(kvm, gfn))
         ):
@@ -601,7 +602,8 @@ def __direct_map(vcpu: Vcpu, kvm: Kvm, v: int, write: int, largepage: int, gfn: 
             ent = sp.spt[index]
         child = kvm.page_header.get((ent & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT)
         if child is None:
-            # §5.12: the large spte's frame is not a shadow page; the kernel scribbles on guest memory
+            # --bug direct-map-into-large: the large spte's frame is not a shadow page; the kernel scribbles on guest
+            # memory
             raise KernelBug(f"__direct_map: entry {ent:#x} at level {level} is not a table", ent)
         sp = child
         level -= 1
@@ -615,7 +617,7 @@ def fault_gfn_to_pfn(vcpu: Vcpu, kvm: Kvm, gfn: int, caller: str) -> int | None:
     kernel: R(pfn) from ``gfn_to_pfn``; an error pfn (its ``bad_page`` reference) is released and the fault is
     MMIO (None: the caller returns 1, emulate); under ``notifier`` an invalidation that ran meanwhile releases
     it too (FAULT_RETRY: the caller returns 0 and the guest faults again). ``--bug error-pfn-no-release``
-    skips the MMIO release (§5.21)."""
+    skips the MMIO release (docs/kernel.md, Historical bugs: error-pfn-no-release)."""
     mmu_seq = kvm.mmu_notifier_seq
     api = kvm.api
     pfn = api.gfn_to_pfn(gfn, caller)
@@ -659,7 +661,7 @@ def tdp_page_fault(vcpu: Vcpu, kvm: Kvm, gpa: int, error_code: int) -> int:
     """``tdp_page_fault`` (NPT/EPT): ``nonpaging_map`` on the fault's gpa, whose ``__direct_map`` starts at the
     TDP root (the kernel repeats that body here rather than calling it).
 
-    ``--bug tdp-gpa-32bit`` truncates the gpa to 32 bits (the era's ``gva_t gpa`` on i386 hosts, §5.18).
+    ``--bug tdp-gpa-32bit`` truncates the gpa to 32 bits (the era's ``gva_t gpa`` on i386 hosts).
     """
     if "tdp-gpa-32bit" in kvm.bugs:
         gpa &= 0xFFFFFFFF
@@ -750,7 +752,7 @@ def kvm_mmu_unload(vcpu: Vcpu, kvm: Kvm) -> None:
 
 def kvm_mmu_slot_remove_write_access(kvm: Kvm, slot: int) -> None:
     """``kvm_mmu_slot_remove_write_access``: clear W in the leaves (4K and large) of every page that maps into
-    the slot, without touching rmaps or dirtying frames (reference §2.15).
+    the slot, without touching rmaps or dirtying frames (docs/kernel.md, Dirty logging).
 
     Differs from the kernel: v2.6.26 cleared W in every entry of such a page, table pointers included, and no
     fault path gave a present pointer its W back, so a store through a 4K table under a level-2 page holding a
@@ -773,10 +775,10 @@ def kvm_mmu_slot_remove_write_access(kvm: Kvm, slot: int) -> None:
 def kvm_unmap_hva(kvm: Kvm, hva: int) -> bool:
     """``kvm_unmap_hva`` via ``kvm_handle_hva``: unmap the 4K rmap and the 2 MiB rmap of the gfn behind hva in
     every slot that maps it. ``--bug handle-hva-unaligned`` indexes the 2 MiB rmap relative to the slot
-    start (``(gfn - base_gfn) / 512``, §5.14) instead of by region.
+    start (``(gfn - base_gfn) / 512``, docs/kernel.md, Historical bugs: handle-hva-unaligned) instead of by region.
 
-    The caller relies on no present leaf, 4K or large, mapping that gfn afterwards (I10); the auditor is told
-    of each call (``on_unmap_hva``) and checks it."""
+    The caller relies on no present leaf, 4K or large, mapping that gfn afterwards (docs/kernel.md, Invariants: I10);
+    the auditor is told of each call (``on_unmap_hva``) and checks it."""
     gfn = kvm.host.hva_to_gfn(hva)
     if gfn is None:
         return False

@@ -1,7 +1,7 @@
 """Shadow paging: arch/x86/kvm/paging_tmpl.h of v2.6.26 (``FNAME(page_fault)``, ``FNAME(fetch)``,
 ``FNAME(prefetch_page)``, ``FNAME(update_pte)``), parameterised by the shadow page's guest format instead of
 the ``PTTYPE`` template (``sp.glevels == 2``: 32-bit ptes). The guest walk itself is walker.walk_addr.
-Reference §2.5–§2.7, §2.9, §2.10.
+See docs/kernel.md, FNAME(page_fault) and FNAME(fetch); and docs/kernel.md, kvm_mmu_pte_write.
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ class GuestMemory:
         api = self.kvm.api
         pfn = api.gfn_to_page(gpa >> PAGE_SHIFT, "cmpxchg_gpte")
         if api.is_error_pfn(pfn):
-            # bad_page holds zeros: the compare fails and the walk restarts; the kernel releases it like any
-            # page it mapped, with kvm_release_page_dirty (paging_tmpl.h, v2.6.26)
+            # bad_page holds zeros: the compare fails and the walk restarts (docs/kernel.md, FNAME(walk_addr)); the
+            # kernel releases it like any page it mapped, with kvm_release_page_dirty (paging_tmpl.h, v2.6.26)
             api.kvm_release_pfn_dirty(pfn, "cmpxchg_gpte")
             return False
         ok = self.kvm.host.cmpxchg_guest(gpa, size, old, new)
@@ -204,11 +204,11 @@ def fetch(vcpu, kvm, addr: int, walker, user_fault: bool, write_fault: bool, lar
     ``*ptwrite``.
 
     Guest large pages are split into metaphysical level-1 pages (W dropped from the role while the guest pde
-    is not dirty); guest 1 GiB pages likewise one level up (TRACE_FORMAT's deviation). Differs from the
+    is not dirty); guest 1 GiB pages likewise one level up (docs/trace-format.md, The simulated CPU). Differs from the
     kernel: the child's ``role.access`` is the AND of the guest entries above it only (the 2021 fix;
     ``--bug sp-access-inherit`` uses the whole walk's); a large spte in the way is ``rmap_remove``d and then
-    set to trap (v2.6.30 order; ``--bug large-spte-remove-order`` stores trap first, §5.11); the bail-out
-    unlinks the new page from its parent (v2.6.28 fix; ``--bug fetch-bailout-parent``, §5.9). v2.6.26's
+    set to trap (v2.6.30 order; ``--bug large-spte-remove-order`` stores trap first); the bail-out
+    unlinks the new page from its parent (v2.6.28 fix; ``--bug fetch-bailout-parent``). v2.6.26's
     ``FNAME(fetch)`` only called ``rmap_remove`` on a large spte in the way, with no trap store and no
     ``lpages`` decrement (``--bug fetch-large-rmap-remove``, which turns on ``role-ignores-pse-nx``: only a
     page shared across a CR4.PSE change holds a large spte where the guest now has a table): when the child
@@ -336,6 +336,7 @@ def update_pte(vcpu, kvm, sp, sptep: tuple, gpte: int) -> None:
         return
     api.kvm_get_pfn(pfn, "update_pte")
     # mmu_guess_page_from_pte_write reads bit 7 as PS whatever the level; in a level-1 pte it is PAT, and the
-    # era then wrote a "large" spte into a page table (reference §2.10's hazard): only level 2 goes large here
+    # era then wrote a "large" spte into a page table (docs/kernel.md, kvm_mmu_pte_write's hazard): only level 2 goes
+    # large here
     largepage = vcpu.update_pte_largepage if sp.level == 2 else 0
     mmu_set_spte(vcpu, kvm, sptep, sp.access, pte_access, 0, 0, gpte & PT_DIRTY_MASK, largepage, gfn, pfn, True)

@@ -1,10 +1,10 @@
-"""The seed's pfn API: virt/kvm/kvm_main.c ``gfn_to_pfn`` and friends, per kernel variant (reference §1.9).
+"""The seed's pfn API: virt/kvm/kvm_main.c ``gfn_to_pfn`` and friends, per kernel variant (docs/kernel.md, The pfn API).
 
 Every reference or flag operation actually applied to a frame calls ``hook(op, pfn, fn, caller)`` once, with
 ``op`` in ``"get"``, ``"put"``, ``"dirty"``, ``"accessed"``; ``fn`` the API function as the variant names it;
 ``caller`` the MMU function that called it. The auditor's ledger is built from these calls.
 
-Variants (TRACE_FORMAT.md "Kernel variants"):
+Variants (docs/kernel.md, Kernel variants):
 
 - ``page`` (v2.6.25): the same semantics as ``pfn`` under the ``struct page *`` names (the seed is a pure
   refactoring): ``gfn_to_page``, ``kvm_release_page_clean``/``_dirty``, ``kvm_set_page_dirty``/``_accessed``,
@@ -75,7 +75,7 @@ class PfnApi:
         self.names = API_NAMES[kernel]
         #: 2e2e3738: VM_PFNMAP fallback in gfn_to_pfn, and the helpers skip ``!pfn_valid`` pfns.
         self.pfnmap = kernel in PFNMAP_KERNELS
-        #: ``--bug pageless-as-normal`` (§5.19): VM_PFNMAP frames get references like any page.
+        #: ``--bug pageless-as-normal``: VM_PFNMAP frames get references like any page.
         self.pageless_as_normal = "pageless-as-normal" in bugs
         #: the helpers' ``if (!pfn_valid(pfn)) return`` guard
         self.skip_pageless = self.pfnmap and not self.pageless_as_normal

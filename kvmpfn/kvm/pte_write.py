@@ -1,5 +1,5 @@
 """Guest page-table write emulation: ``kvm_mmu_pte_write`` and its helpers (arch/x86/kvm/mmu.c v2.6.26, with the
-v2.6.27 ``kvm_mmu_access_page`` of the ``notifier`` variant). Reference §2.10, §2.11.
+v2.6.27 ``kvm_mmu_access_page`` of the ``notifier`` variant). docs/kernel.md, kvm_mmu_pte_write.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def mmu_pte_write_zap_pte(vcpu, kvm, sp, sptep: tuple) -> None:
 def mmu_pte_write_new_pte(vcpu, kvm, sp, sptep: tuple, new: int) -> None:
     """``mmu_pte_write_new_pte``: directory entries are only zapped, except a large guest pde backed large
     (v2.6.26: never for 32-bit guests, whose 4 MiB pde maps two shadow pdes; ``--bug pse32-double-update``
-    drops that rule, §5.4); level-1 entries go through ``FNAME(update_pte)``.
+    drops that rule); level-1 entries go through ``FNAME(update_pte)``.
 
     Differs from the kernel: a level-3 entry is never updated large (the era would have written a 1 GiB spte
     from a 2 MiB guess).

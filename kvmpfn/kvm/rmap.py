@@ -1,11 +1,11 @@
-"""Reverse maps (arch/x86/kvm/mmu.c, v2.6.26, reference §1.5, §2.9, §2.17).
+"""Reverse maps (arch/x86/kvm/mmu.c, v2.6.26): docs/kernel.md, rmap_remove and rmap_write_protect; and
+docs/kernel.md, MMU notifiers.
 
 An rmap head (the kernel's ``unsigned long *rmapp``) is a key in ``kvm.rmap`` (4K, by gfn) or
 ``kvm.rmap_pde`` (2 MiB, by region ``gfn >> 9``). Its value follows the kernel's encoding: absent (0), one
 ``sptep`` (bit 0 clear: a single pointer), or a ``list`` of ``kvm_rmap_desc`` (bit 0 set), each desc a list of
 at most RMAP_EXT sptep. As in the kernel, a desc chain never collapses back to the single-pointer form: it
-shrinks until its last entry goes, then the head becomes 0. (Reference §1.5 says it collapses; v2.6.26's
-``rmap_desc_remove_entry`` does not.)
+shrinks until its last entry goes, then the head becomes 0 (v2.6.26's ``rmap_desc_remove_entry``).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def rmap_remove(kvm, sptep: tuple) -> None:
 
 def rmap_next(table: dict, key: int, sptep: tuple | None) -> tuple | None:
     """``rmap_next``: the entry after ``sptep`` (the first for None). In desc form the successor is found by
-    searching for ``sptep``, so a removed ``sptep`` ends the walk (the root of bug §5.3)."""
+    searching for ``sptep``, so a removed ``sptep`` ends the walk (the root of ``--bug rmap-wp-hugepage-iter``)."""
     head = table.get(key)
     if head is None:
         return None
@@ -138,7 +138,7 @@ def rmap_write_protect(kvm, gfn: int) -> None:
     the first one's frame if any was writable), drop writable large sptes covering it (``rmap_remove``,
     trap, restart the iteration), then ``account_shadowed``. Read-only large sptes stay.
 
-    ``--bug rmap-wp-hugepage-iter`` continues from the removed entry instead of restarting (§5.3).
+    ``--bug rmap-wp-hugepage-iter`` continues from the removed entry instead of restarting.
     """
     from kvmpfn.kvm.mmu import account_shadowed
 

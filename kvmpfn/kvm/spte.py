@@ -22,7 +22,7 @@ def is_shadow_present_pte(spte: int) -> bool:
     return spte != TRAP and spte != NOTRAP
 
 
-is_rmap_pte = is_shadow_present_pte  # every present spte is rmapped (reference §1.2)
+is_rmap_pte = is_shadow_present_pte  # every present spte is rmapped (docs/kernel.md, Kernel variants)
 
 
 def is_large_pte(spte: int) -> bool:
@@ -41,5 +41,6 @@ def spte_to_pfn(spte: int) -> int:
 
 
 def is_last_spte(spte: int, level: int) -> bool:
-    """A leaf: any entry at level 1, a large entry at level 2 (reference §1.2; ``is_last_spte`` of v2.6.32)."""
+    """A leaf: any entry at level 1, a large entry at level 2 (docs/kernel.md, Kernel variants; ``is_last_spte`` of
+    v2.6.32)."""
     return level == 1 or (level == 2 and bool(spte & PT_PAGE_SIZE_MASK))

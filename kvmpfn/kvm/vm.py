@@ -107,7 +107,7 @@ class KvmSlot:
 
 @dataclass(slots=True)
 class Vcpu:
-    """The MMU part of ``struct kvm_vcpu`` (``vcpu->arch.mmu`` and its neighbours, reference §1.8)."""
+    """The MMU part of ``struct kvm_vcpu`` (``vcpu->arch.mmu`` and its neighbours, docs/kernel.md, Roots and CR3)."""
 
     vcpu_id: int
     cpu: object  # walker.GuestCpu
@@ -195,7 +195,8 @@ class Kvm:
         self.on_rmap_remove: Callable | None = None
         # rmap_write_protect: called with None before its 4K loop, then with the frames whose W it cleared
         self.on_write_protect: Callable | None = None
-        # kvm_unmap_hva: called with (hva, gfn) after each call, so the auditor can check I10
+        # kvm_unmap_hva: called with (hva, gfn) after each call, so the auditor can check docs/kernel.md, Invariants:
+        # I10
         self.on_unmap_hva: Callable | None = None
         self.audit_point: Callable | None = None  # kvm_mmu_audit(vcpu, msg) at the kernel's audit points
         host.on_watched_write = self.drop_walks
@@ -237,7 +238,7 @@ class Kvm:
                 self.forget_walk(vcpu, key)
 
     def consume(self, fault: str) -> bool:
-        """Take one injected failure of this kind, if any is pending (TRACE_FORMAT ``inject``)."""
+        """Take one injected failure of this kind, if any is pending (docs/trace-format.md, inject)."""
         if self.inject[fault]:
             self.inject[fault] -= 1
             self.consumed_failure = True

@@ -1,4 +1,5 @@
-"""The guest page-table walker: FNAME(walk_addr) of arch/x86/kvm/paging_tmpl.h (v2.6.26; reference §2.5).
+"""The guest page-table walker: FNAME(walk_addr) of arch/x86/kvm/paging_tmpl.h, v2.6.26
+(docs/kernel.md, FNAME(walk_addr)).
 
 The kernel instantiates paging_tmpl.h twice (``paging32_*`` with u32 entries, ``paging64_*`` with u64
 entries for PAE and 4-level guests). Here there is one walk, :func:`walk_addr`, driven by a per-mode table
@@ -6,7 +7,7 @@ entries for PAE and 4-level guests). Here there is one walk, :func:`walk_addr`, 
 exist).
 
 The walk follows the architecture (Intel SDM vol. 3 ch. 4, and what kvm-unit-tests x86/access.c expects),
-with the guest-visible fixes of TRACE_FORMAT.md "Kernel variants": reserved bits are checked, access rights
+with the guest-visible fixes of docs/kernel.md, Kernel variants: reserved bits are checked, access rights
 are judged once the leaf is reached, no guest A/D bit is written by a faulting walk, and ``access_at`` gives
 each level's ``role.access`` (the 2021 fix). Each public function names where it differs from the 2008
 kernel.
@@ -90,7 +91,7 @@ PT32_DIR_RSVD_BIT21 = 1 << 21
 PT32E_PDPTE_RSVD_LOW = 0b1_1110_0110
 # How many times a walk restarts after losing a compare-and-exchange of an A/D bit. A single-threaded guest
 # memory needs at most 3 (a pte aliasing a higher-level entry of the same walk); more means the cmpxchg cannot
-# succeed (reference §5.20: a page table without struct page), where the kernel livelocked.
+# succeed (docs/kernel.md, FNAME(walk_addr): a page table without struct page), where the kernel livelocked.
 WALK_RESTART_LIMIT = 4
 
 # What bit 7 means at a level (PagingMode.ps). Level 1 always has PS_PAT: there bit 7 is PAT, never PS.
@@ -264,7 +265,7 @@ def is_canonical(addr: int, va_bits: int = 48) -> bool:
 
 
 def gva_in_range(paging: str, addr: int) -> bool:
-    """Whether ``addr`` is a valid gva for a paging mode (TRACE_FORMAT.md "Values"); "none": a gpa."""
+    """Whether ``addr`` is a valid gva for a paging mode (docs/trace-format.md, Values); "none": a gpa."""
     if paging == "64":
         return is_canonical(addr)
     if paging == "none":
@@ -481,8 +482,8 @@ def walk_addr(
     lost cmpxchg restarts the whole walk (``goto walk``); A bits set before it stay set and stay listed in
     ``set_accessed``, even if the restarted walk faults. When the cmpxchg is still lost after
     :data:`WALK_RESTART_LIMIT` restarts, the last walk is returned as a success with the A/D bits it could
-    not write left clear (in ``ptes`` and in memory), which the I12 audit can see. ``set_ad=False`` is the
-    auditor's side-effect-free walk; the TDP hardware walk is ``set_ad=True`` without callbacks. Paging
+    not write left clear (in ``ptes`` and in memory), which docs/kernel.md, Invariants: I12 requires. ``set_ad=False``
+    is the auditor's side-effect-free walk; the TDP hardware walk is ``set_ad=True`` without callbacks. Paging
     "none" raises ValueError.
 
     :return: (True, walker) or (False, walker with ``error_code``; ``level`` is the faulting entry's).

@@ -1,132 +1,127 @@
-"""The finding codes of TRACE_FORMAT.md "Findings": subject, one-line summary and the check, for reports that
-describe a code (SARIF rules, console legends)."""
+"""``kvmpfn codes [NAME]`` and ``kvmpfn bugs``: the finding codes and the ``--bug`` switches, as text or JSON.
+
+The facts come from :mod:`kvmpfn.vocab` (codes, invariants) and :mod:`kvmpfn.kvm.bugs`; this module only
+renders them. An unknown name is an :class:`~kvmpfn.errors.InputError` with a suggestion.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import difflib
+import json
+from pathlib import Path
+from typing import Any
 
+from kvmpfn.errors import InputError
+from kvmpfn.kvm.bugs import BUGS
+from kvmpfn.vocab import CODES, INVARIANTS, KERNELS, MMUS, Code
 
-class Code(NamedTuple):
-    """One finding code: ``subject`` (what it names), ``short`` (a one-line summary), ``check`` (the test)."""
+__all__ = ["CODES", "Code", "bugs_json", "bugs_text", "codes_json", "codes_text", "example_trace"]
 
-    subject: str
-    short: str
-    check: str
-
-
-#: Every finding code, in the order of TRACE_FORMAT.md's table.
-CODES: dict[str, Code] = {
-    "refcount-leak": Code(
-        "frame",
-        "A reference KVM took on a frame is never released.",
-        "A reference KVM took on a frame is never released: at teardown, or at an audit when a frame holds "
-        "more KVM references than present leaf sptes that map it plus the references in flight (I1).",
-    ),
-    "refcount-underflow": Code(
-        "frame",
-        "KVM releases a reference it does not hold.",
-        "KVM releases a reference it does not hold (I1).",
-    ),
-    "pageless-refcount": Code(
-        "frame",
-        "A refcount, dirty or accessed operation touches a frame without struct page.",
-        "A reference-count, dirty or accessed operation touches a frame that has no struct page, or one that "
-        "must not be refcounted (I1).",
-    ),
-    "spte-hpa-mismatch": Code(
-        "address, level",
-        "A present leaf spte maps a frame other than the one its address translates to now.",
-        "A present leaf spte maps a frame other than the one its address translates to now (audit_mappings_page, I5).",
-    ),
-    "spte-pfn-truncated": Code(
-        "address, level",
-        "The frame number stored in an spte lost high bits.",
-        "The frame number stored in an spte lost high bits (pfn shifted without widening).",
-    ),
-    "notrap-valid-gva": Code(
-        "address, level",
-        "A notrap leaf where the guest translation is valid.",
-        "A notrap leaf where the guest translation is valid (I6).",
-    ),
-    "notrap-nonleaf": Code(
-        "address, level",
-        "A notrap entry above the leaf level whose shadowed guest entry is present.",
-        "A notrap entry above the leaf level whose shadowed guest entry is present (I6).",
-    ),
-    "rmap-mismatch": Code(
-        "address, level",
-        "A present leaf is not in exactly one rmap, or an rmap entry is not a live present leaf.",
-        "A present leaf is not in exactly one rmap, or an rmap entry points at something that is not a "
-        "present leaf of a live shadow page (audit_rmap, I2).",
-    ),
-    "parent-link": Code(
-        "address, level",
-        "A present non-leaf spte and its child's parent list disagree.",
-        "A present non-leaf spte and its child's parent list disagree (I3).",
-    ),
-    "writable-shadowed-gfn": Code(
-        "gfn, level",
-        "A writable leaf maps or covers a guest page table that KVM shadows.",
-        "A writable leaf maps, or a writable large leaf covers, a guest page table that KVM shadows "
-        "(audit_write_protection, I4).",
-    ),
-    "spte-without-memslot": Code(
-        "gfn, level",
-        "A present leaf maps a gfn that no memslot holds.",
-        "A present leaf maps a gfn that no memslot holds (I7).",
-    ),
-    "write-count": Code(
-        "slot, 2 MiB region",
-        "A region's shadowed-page count disagrees with the live shadow pages in it.",
-        "A region's shadowed-page count disagrees with the live shadow pages in it (I8).",
-    ),
-    "spte-permission": Code(
-        "address, level",
-        "A leaf grants more than the guest translation allows.",
-        "A leaf grants more than the guest translation allows, judged with the CR0.WP of its shadow page's role (I11).",
-    ),
-    "mmu-page-accounting": Code(
-        "(once)",
-        "Shadow-page budget counters disagree with the live pages.",
-        "Shadow-page budget counters disagree with the live pages (I13).",
-    ),
-    "dirty-lost": Code(
-        "frame",
-        "A frame written through a writable spte was not marked dirty.",
-        "A leaf that had W when it was removed (rmap_remove, or replaced in mmu_set_spte branch C) had its "
-        "reference released clean; or rmap_write_protect cleared W without kvm_set_pfn_dirty; or, in a "
-        "logging slot, a writable leaf's gfn is missing from the bitmap (I14).",
-    ),
-    "fault-loop": Code(
-        "address, vcpu",
-        "The same address faults again and again with no change in between.",
-        "Replay: an access exits to KVM, the fault is fixed, and each retry of the access exits again. "
-        "Recorded traces: at least 8 consecutive faults on one vcpu at one address with no spte set, changed "
-        "or zapped for it in between (kvmpfn/audit/recorded.py).",
-    ),
-    "notifier-stale-spte": Code(
-        "gfn, level",
-        "After kvm_unmap_hva a present leaf still maps the gfn behind the hva.",
-        "After kvm_unmap_hva(hva) (all of invalidate_page, one page of invalidate_range_start) a present leaf, "
-        "4K or large, still maps the gfn behind hva, whose frame the host is about to free (I10).",
-    ),
-    "recorded-spte-mismatch": Code(
-        "gfn",
-        "A recorded kvm_mmu_set_spte installed another frame than the one requested.",
-        "A recorded kvm_mmu_set_spte whose frame differs from the pfn that the preceding "
-        "kvm_mmu_spte_requested for the same gfn asked for (allowing the 2 MiB rounding of large pages).",
-    ),
-    "recorded-spte-pfn-change": Code(
-        "gfn",
-        "A recorded leaf spte changed frame without going non-present.",
-        "A kvm_tdp_mmu_spte_changed old/new pair where a present leaf spte changes frame without passing "
-        "through a non-present value: the stale-spte pattern.",
-    ),
-    "kernel-bug": Code(
-        "function",
-        "The simulated kernel hit a BUG(): the host would have crashed.",
-        "A BUG()/BUG_ON() in the modelled kernel code (rmap_remove on an spte it does not hold, __direct_map "
-        "walking into a large spte as a table, ...), reachable only under a --bug mutant. The replay stops at "
-        "that event; the finding names the kernel function and the spte it choked on.",
-    ),
+#: The repository's trace corpus (present in a clone, not in an installed wheel).
+TRACES = Path(__file__).resolve().parent.parent.parent / "traces"
+#: Example traces that are not traces/findings/<code>.jsonl.
+_EXAMPLES = {
+    "fault-loop": "recorded/tdp-fault-loop.jsonl",
+    "recorded-spte-mismatch": "recorded/spte-mismatch.trace-cmd.jsonl",
+    "recorded-spte-pfn-change": "recorded/tdp-pfn-change.jsonl",
 }
+BASELINE_HOWTO = (
+    "If a trace is expected to produce it, record it in the corpus baseline: `kvmpfn audit DIR --update-baseline` "
+    'writes DIR/kvmpfn-baseline.json, {"version": 1, "traces": {"rel/path.jsonl": {"CODE": COUNT}}} '
+    "(docs/trace-format.md, Baselines)."
+)
+
+
+def _known(name: str, table: dict[str, Any], what: str) -> None:
+    if name not in table:
+        close = difflib.get_close_matches(name, list(table), n=1)
+        hint = f'; did you mean "{close[0]}"?' if close else f"; `kvmpfn {what}s` lists them"
+        raise InputError(what, f'unknown {what} "{name}"{hint}')
+
+
+def example_trace(name: str) -> Path:
+    """The corpus trace that shows code ``name`` (a path under :data:`TRACES`; it may be absent when installed)."""
+    return TRACES / _EXAMPLES.get(name, f"findings/{name}.jsonl")
+
+
+def _invariant(code: Code) -> str:
+    if not code.invariant:
+        return "none (a progress or recorded-trace check)"
+    return f"{code.invariant}, {INVARIANTS[code.invariant]} (docs/kernel.md, Invariants: {code.invariant})"
+
+
+def _explain(name: str) -> dict[str, Any]:
+    code = CODES[name]
+    trace = example_trace(name)
+    return {
+        "code": name,
+        "subject": code.subject,
+        "short": code.short,
+        "check": code.check,
+        "invariant": code.invariant or None,
+        "recorded": code.recorded,
+        "example": str(trace.relative_to(TRACES.parent)),
+        "baseline": BASELINE_HOWTO,
+    }
+
+
+def codes_json(name: str | None = None) -> str:
+    """Every code (``name`` None) or one, as a JSON document with a trailing newline."""
+    if name is None:
+        doc: Any = {"codes": [_explain(n) for n in CODES]}
+    else:
+        _known(name, CODES, "code")
+        doc = _explain(name)
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def codes_text(name: str | None = None) -> str:
+    """The list of codes (``name`` None), or what one code means, its invariant, a trace that shows it and how
+    to baseline it."""
+    if name is None:
+        width = max(map(len, CODES))
+        lines = [f"{n:<{width}}  {c.invariant or '-':<4} {c.short}" for n, c in CODES.items()]
+        return "\n".join(lines) + "\n`kvmpfn codes NAME` explains one.\n"
+    _known(name, CODES, "code")
+    code, info = CODES[name], _explain(name)
+    trace = example_trace(name)
+    out = [
+        f"{name}: {code.short}",
+        "",
+        f"When: {code.check}",
+        f"Subject: {code.subject}",
+        f"Invariant: {_invariant(code)}",
+        "",
+        f"A trace that shows it: {info['example']}",
+    ]
+    if trace.is_file():
+        comments = [line for line in trace.read_text().splitlines() if line.startswith("#")]
+        out += ["  " + line for line in comments[:12]]
+        defect = next((line for line in comments if line.startswith("# Defect: --bug ")), "")
+        bug = defect.removeprefix("# Defect: --bug ").split(" ")[0].rstrip(".,")
+        option = f" --bug {bug}" if bug in BUGS else ""
+        out.append(f"  kvmpfn replay {info['example']}{option}")
+    else:
+        out.append("  (not in this installation: it is in the repository's traces/ directory)")
+    out += ["", f"Baseline: {BASELINE_HOWTO}"]
+    return "\n".join(out) + "\n"
+
+
+def bugs_json() -> str:
+    """Every ``--bug`` with its source and the MMUs and kernel variants it applies to, as JSON."""
+    doc = {
+        "bugs": [{"name": n, "text": b.text, "mmu": list(b.mmu), "kernels": list(b.kernels)} for n, b in BUGS.items()]
+    }
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def bugs_text() -> str:
+    """One line per ``--bug``: name, MMUs, kernel variants, source."""
+    width = max(map(len, BUGS))
+    lines = []
+    for name, bug in BUGS.items():
+        kernels = "all kernels" if bug.kernels == KERNELS else ",".join(bug.kernels)
+        mmu = ",".join(bug.mmu) if bug.mmu != MMUS else "both MMUs"
+        lines.append(f"{name:<{width}}  {mmu:<10} {kernels:<16} {bug.text}")
+    lines.append("Details: docs/kernel.md, Historical bugs.")
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""``kvmpfn audit --format json`` (TRACE_FORMAT.md "JSON report").
+"""``kvmpfn audit --format json`` (docs/trace-format.md, JSON report).
 
 >>> print(render(report))                    # doctest: +SKIP
 {"version": 1, "traces": [{"trace": "traces/a.jsonl", "status": "fail", "events": 12, "findings": [...],

@@ -1,6 +1,6 @@
 """``kvmpfn audit --format sarif``: SARIF 2.1.0 for code-scanning dashboards.
 
-One run; the driver ``kvmpfn`` has one rule per finding code (:data:`kvmpfn.report.codes.CODES`, plus any
+One run; the driver ``kvmpfn`` has one rule per finding code (:data:`kvmpfn.vocab.CODES`, plus any
 code a finding carries that the table lacks). Each finding is a result of level ``error`` located at its trace
 and line, with a ``baselineState``: per code, the first findings in trace order up to the baseline's count are
 ``unchanged``, the rest ``new``; a baseline finding that did not appear is an ``absent`` result located at the
@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from kvmpfn import __version__
 from kvmpfn.report import AuditReport, TraceOutcome, subject_text
-from kvmpfn.report.codes import CODES
+from kvmpfn.vocab import CODES, INVARIANTS
 
 SCHEMA_URI = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
 
@@ -37,14 +37,17 @@ def rule(code: str) -> dict[str, Any]:
     short = known.short if known else f"kvmpfn finding {code}."
     check = known.check if known else short
     subject = known.subject if known else "see the finding"
+    if known and known.invariant:
+        inv = known.invariant
+        check += f" Invariant {inv}, {INVARIANTS[inv]}: docs/kernel.md, Invariants: {inv}."
     return {
         "id": code,
         "name": "".join(part.capitalize() for part in code.split("-")),
         "shortDescription": {"text": short},
         "fullDescription": {"text": check},
         "help": {
-            "text": f"{check} Subject: {subject}. If the finding is expected for this trace, record it with "
-            "`kvmpfn audit --update-baseline`."
+            "text": f"{check} Subject: {subject}. `kvmpfn codes {code}` explains it. If the finding is expected "
+            "for this trace, record it with `kvmpfn audit --update-baseline` (docs/trace-format.md, Baselines)."
         },
         "defaultConfiguration": {"level": "error"},
     }

@@ -1,4 +1,4 @@
-"""Typed trace records of TRACE_FORMAT.md version 1: the header and the 13 events.
+"""Typed trace records of trace format version 1 (docs/trace-format.md): the header and the 13 events.
 
 msgspec Structs; `Event` is a tagged union on ``"op"``. Field names are the format's names.
 
@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from kvmpfn import vocab
 from kvmpfn.errors import InputError
 
 __all__ = [
@@ -53,13 +54,12 @@ U64_LIMIT = 1 << 64
 GPA_LIMIT = 1 << 52
 GFN_LIMIT = 1 << 40
 
-PagingMode = Literal["none", "32", "pae", "64"]
-Backing = Literal["ram", "hugetlb", "reserved", "mmio"]
-MmuKind = Literal["shadow", "tdp"]
-KernelName = Literal["page", "pfn", "pfn-io", "notifier"]
-#: the TDP hardware under ``mmu: tdp``: NPT (SVM, the x86 pte format) or EPT (VMX, its own spte format)
-TdpFlavour = Literal["npt", "ept"]
-FaultKind = Literal["enomem", "gup_fail", "pte_race"]
+PagingMode = vocab.PagingMode
+Backing = vocab.Backing
+MmuKind = vocab.Mmu
+KernelName = vocab.Kernel
+TdpFlavour = vocab.TdpFlavour
+FaultKind = vocab.FaultKind
 
 # Integer fields. msgspec cannot express an upper bound of 2**64, so __post_init__ checks it.
 U64 = Annotated[int, Meta(ge=0)]

@@ -6,7 +6,8 @@
 ('tdp', '64', {'kvm_page_fault': 12, 'kvm_mmu_set_spte': 9})
 >>> summary = convert_text("trace.txt", "trace.jsonl") # doctest: +SKIP
 
-**Text layouts** (reference/kvm-tracepoints.md §2). A record starts at ``<comm>-<pid> [<cpu>]``, anchored on
+**Text layouts** (the TP_printk formats of the kvm and kvmmmu tracepoints). A record starts at ``<comm>-<pid> [<cpu>]``,
+anchored on
 ``-<pid> [<cpu>]`` so that a comm may hold blanks and dashes (``CPU 1/KVM-1278472``, ``<...>-35787``); then an
 optional ``(tgid)`` column, an optional flags column of any width (none before 2011, 4 characters, 5 since
 v5.15, or ``trace-cmd report -l``), the timestamp (``secs.usecs``, or a bare counter), ``: ``, the event name
@@ -53,7 +54,7 @@ tracepoint's field names, 64-bit values as ``0x`` hex strings; plus ``event``, `
 a ``pf``'s list starts with its own fault and goes on with what followed it, up to the next fault. Records
 that follow no fault (before the first, or past :data:`BATCH_MAX` records in one list) ride on a *carrier*:
 ``{"op": "invlpg", "addr": 0, "x": {"carrier": true, "recorded": [...]}}`` — INVLPG is a no-op for the MMU
-of the era (TRACE_FORMAT ``invlpg``). The concatenation of the ``x.recorded`` lists, in trace order, is
+of the era (docs/trace-format.md, invlpg). The concatenation of the ``x.recorded`` lists, in trace order, is
 every kept record in text order: that is what :mod:`kvmpfn.audit.recorded` checks.
 
 **Header guesses** (each overridable: ``convert --mmu --paging``):

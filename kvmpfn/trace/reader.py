@@ -1,4 +1,4 @@
-"""Stream a trace (TRACE_FORMAT.md): decompress, split lines, decode and validate each into a typed event.
+"""Stream a trace (docs/trace-format.md): decompress, split lines, decode and validate each into a typed event.
 
 >>> with open_trace("trace.jsonl") as reader:          # doctest: +SKIP
 ...     reader.header.mmu

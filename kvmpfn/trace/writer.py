@@ -1,4 +1,4 @@
-"""Write traces (TRACE_FORMAT.md): compact JSON Lines, compressed by extension, deterministic bytes.
+"""Write traces (docs/trace-format.md): compact JSON Lines, compressed by extension, deterministic bytes.
 
 >>> with TraceWriter("big.jsonl.zst") as w:            # doctest: +SKIP
 ...     w.write_header(Header(kvmpfn=1, mmu="tdp"))
