@@ -272,9 +272,9 @@ def test_bugs_json_and_one_bug():
     doc = json.loads(invoke("bugs", "--format", "json").stdout)
     assert [b["name"] for b in doc["bugs"]] == list(BUGS)
     one = invoke("bugs", "same-pfn-no-release")
-    assert one.exit_code == 0 and one.stdout.startswith("same-pfn-no-release  ")
-    wrong = invoke("bugs", "same-pfn")
-    assert wrong.exit_code == 2 and "did you mean same-pfn-no-release?" in wrong.stderr
+    assert one.exit_code == 0 and one.stdout.startswith("same-pfn-no-release  both MMUs  all kernels")
+    wrong = invoke("bugs", "same-pfn-no-relase")
+    assert wrong.exit_code == 2 and 'did you mean "same-pfn-no-release"?' in wrong.stderr
 
 
 # --- check, convert: directories, pipes, nothing readable ----------------------------------------------------
@@ -347,3 +347,28 @@ def test_input_strings_cannot_forge_report_lines(tmp_path: Path):
     lines = res.stdout.splitlines()
     assert len(lines) == 3 and all(line.startswith("PASS  ") for line in lines[:2])
     assert "\x1b" not in res.stdout and "b\\x0aPASS evil.jsonl" in lines[0]
+
+
+def test_options_that_do_nothing_are_stated():
+    res = invoke("replay", str(LEAK), "--bug", "prefetch-no-release", "--tdp", "ept", "-q")
+    assert res.exit_code == 0
+    assert res.stderr.splitlines() == [
+        "kvmpfn: warning: --bug prefetch-no-release does nothing under the tdp MMU with kernel pfn (it applies to "
+        "shadow MMU, kernel page/pfn/pfn-io/notifier)",
+    ]
+    shadow = invoke("replay", str(LEAK), "--mmu", "shadow", "--tdp", "ept", "-q")
+    assert shadow.stderr == "kvmpfn: warning: --tdp ept does nothing under shadow paging\n"
+
+
+def test_codes_lists_and_explains():
+    from kvmpfn import vocab
+
+    listing = invoke("codes")
+    assert [line.split()[0] for line in listing.stdout.splitlines()[:-1]] == list(vocab.CODES)
+    one = invoke("codes", "refcount-leak")
+    assert one.exit_code == 0
+    assert "kvmpfn replay traces/findings/refcount-leak.jsonl --bug same-pfn-no-release" in one.stdout
+    doc = json.loads(invoke("codes", "kernel-bug", "--format", "json").stdout)
+    assert doc["code"] == "kernel-bug" and doc["subject"] == "function, spte"
+    wrong = invoke("codes", "refcount-lek")
+    assert wrong.exit_code == 2 and 'did you mean "refcount-leak"?' in wrong.stderr

@@ -233,8 +233,8 @@ def header_of(path: Path) -> dict:
 
 
 #: The audit's codes: docs/trace-format.md, Findings in its order, then the auditor's own extension (the per-call
-#: I10 check after kvm_unmap_hva) and the simulated kernel's BUG(). Codes of other checkers (the simulated CPU's, the recorded-trace checks')
-#: are not the auditor's and have no trace here.
+#: I10 check after kvm_unmap_hva) and the simulated kernel's BUG(). Codes of other checkers (the simulated
+#: CPU's, the recorded-trace checks') are not the auditor's and have no trace here.
 AUDIT_CODES = (
     "refcount-leak",
     "refcount-underflow",

@@ -1,40 +1,19 @@
-"""``kvmpfn bugs``, ``kvmpfn mutants`` and ``kvmpfn compare``: the historical bugs, and how a corpus or two
-option sets tell them apart (work in :mod:`kvmpfn.mutants`, rendering in :mod:`kvmpfn.report.mutants`)."""
+"""``kvmpfn mutants`` and ``kvmpfn compare``: how a corpus, or two option sets, tell the historical bugs apart
+(work in :mod:`kvmpfn.mutants`, rendering in :mod:`kvmpfn.report.mutants`)."""
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
-from kvmpfn.cli.options import fail, jobs_option, options_text, parse_replay_options, report_options, suggest
+from kvmpfn.cli.options import jobs_option, options_text, parse_replay_options, report_options, suggest
 
 
 def _corpus(paths: tuple[str, ...]) -> list[str]:
     from kvmpfn import gate
 
     return [ref.path for ref in gate.discover(paths or ("traces/",))]
-
-
-@click.command()
-@click.argument("name", required=False)
-@report_options("text", "json")
-def bugs(name: str | None, fmt: str, output, quiet: bool, verbose: bool) -> None:
-    """List the historical MMU bugs that --bug NAME re-creates, with where each comes from; NAME shows one."""
-    from kvmpfn.kvm.bugs import BUGS
-    from kvmpfn.outputs import write_output
-
-    if name is not None and name not in BUGS:
-        fail(f"no bug {name!r}{suggest(name, BUGS)}; kvmpfn bugs lists them")
-    chosen = {name: BUGS[name]} if name else BUGS
-    if fmt == "json":
-        text = json.dumps({"version": 1, "bugs": [{"name": n, "citation": c} for n, c in chosen.items()]}, indent=2)
-        text += "\n"
-    else:
-        width = max(len(n) for n in chosen)
-        text = "".join(f"{n:<{width}}  {c}\n" for n, c in chosen.items())
-    write_output(output or "-", text)
 
 
 @click.command()
@@ -86,4 +65,4 @@ def compare(paths: tuple[str, ...], a: str, b: str, jobs, fmt: str, output, quie
     sys.exit(1 if diffs else 0)
 
 
-COMMANDS = (bugs, mutants, compare)
+COMMANDS = (mutants, compare)

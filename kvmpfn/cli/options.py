@@ -18,11 +18,9 @@ from typing import Any, NoReturn
 import click
 
 from kvmpfn.replay import ReplayOptions
+from kvmpfn.vocab import KERNELS, MMUS, TDPS
 
-MMUS = ("shadow", "tdp")
-KERNELS = ("page", "pfn", "pfn-io", "notifier")
 REPLAY_FIELDS = ("mmu", "kernel", "tdp", "audit_every", "kernel_audit", "bugs", "paranoid")
-TDPS = ("npt", "ept")
 
 
 def fail(message: str, status: int = 2) -> NoReturn:

@@ -84,8 +84,7 @@ def replay(trace: str, options: ReplayOptions, emit: str | None, fmt: str, outpu
         traceback.print_exception(result.exception)
     if result.mmu is None and result.error:  # nothing replayed: only the error
         fail(result.error)
-    if options.kernel_audit and result.mmu == "tdp":
-        warn("--kernel-audit does nothing under tdp: the kernel's kvm_mmu_audit() points are in shadow paths")
+    _warn_idle_options(options, result)
     _show(result, fmt, output, quiet, verbose, report_stream, inputs)
     if result.interrupted:
         click.echo(f"kvmpfn: interrupted at event {result.events}", err=True)
@@ -93,6 +92,24 @@ def replay(trace: str, options: ReplayOptions, emit: str | None, fmt: str, outpu
     if result.error:
         fail(result.error)
     sys.exit(1 if result.findings else 0)
+
+
+def _warn_idle_options(options: ReplayOptions, result) -> None:
+    """Say which options did nothing under the MMU and kernel variant the trace replayed with."""
+    from kvmpfn.kvm.bugs import BUGS
+
+    if result.mmu is None:
+        return
+    if options.kernel_audit and result.mmu == "tdp":
+        warn("--kernel-audit does nothing under tdp: the kernel's kvm_mmu_audit() points are in shadow paths")
+    if options.tdp and result.mmu != "tdp":
+        warn(f"--tdp {options.tdp} does nothing under shadow paging")
+    for name in sorted(options.bugs):
+        bug = BUGS[name]
+        if result.mmu not in bug.mmu or result.kernel not in bug.kernels:
+            where = f"{'/'.join(bug.mmu)} MMU, kernel {'/'.join(bug.kernels)}"
+            now = f"the {result.mmu} MMU with kernel {result.kernel}"
+            warn(f"--bug {name} does nothing under {now} (it applies to {where})")
 
 
 def _show(result, fmt: str, output, quiet: bool, verbose: bool, stream: str, inputs: list[str]) -> None:

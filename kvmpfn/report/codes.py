@@ -107,19 +107,28 @@ def codes_text(name: str | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
-def bugs_json() -> str:
-    """Every ``--bug`` with its source and the MMUs and kernel variants it applies to, as JSON."""
+def bugs_json(name: str | None = None) -> str:
+    """Every ``--bug`` (or ``name``) with its source and the MMUs and kernel variants it applies to, as JSON."""
+    chosen = _bugs(name)
     doc = {
-        "bugs": [{"name": n, "text": b.text, "mmu": list(b.mmu), "kernels": list(b.kernels)} for n, b in BUGS.items()]
+        "bugs": [{"name": n, "text": b.text, "mmu": list(b.mmu), "kernels": list(b.kernels)} for n, b in chosen.items()]
     }
     return json.dumps(doc, indent=2) + "\n"
 
 
-def bugs_text() -> str:
-    """One line per ``--bug``: name, MMUs, kernel variants, source."""
-    width = max(map(len, BUGS))
+def _bugs(name: str | None) -> dict[str, Any]:
+    if name is None:
+        return dict(BUGS)
+    _known(name, BUGS, "bug")
+    return {name: BUGS[name]}
+
+
+def bugs_text(name: str | None = None) -> str:
+    """One line per ``--bug`` (or for ``name``): name, MMUs, kernel variants, source."""
+    chosen = _bugs(name)
+    width = max(map(len, chosen))
     lines = []
-    for name, bug in BUGS.items():
+    for name, bug in chosen.items():
         kernels = "all kernels" if bug.kernels == KERNELS else ",".join(bug.kernels)
         mmu = ",".join(bug.mmu) if bug.mmu != MMUS else "both MMUs"
         lines.append(f"{name:<{width}}  {mmu:<10} {kernels:<16} {bug.text}")
