@@ -110,7 +110,7 @@ EXPECTED: dict[str, list[dict]] = {
         access(6, 16, "mmio", 0x1005000),
         access(7, 18, "mmio", 0x1007000),
         access(8, 20, "hit", 0x3000, 0x100002, 0x100002 << 12 | RW),
-        rec(9, 21, "audit", "ok", findings=0),
+        rec(9, 21, "audit", "ok", findings=2),
     ],
     "variants/memslot-delete-notifier.jsonl": [
         access(0, 6, "mapped", 0x1005000, 0x100000, 0x100000 << 12 | RW),
