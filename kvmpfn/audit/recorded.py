@@ -57,7 +57,8 @@ code                         subject       check
 ============================ ============= ==========================================================
 
 Every finding of these codes has ``point`` ``recorded`` and a provenance entry per record it rests on:
-``{"seq", "line", "function": the tracepoint, "caller": "comm-pid", "text_line": the line in the text, "t"}``.
+``{"seq", "line", "function": the tracepoint, "task": "comm-pid", "text_line": the line in the text, "t"}``
+(no ``caller``: that field names an MMU function in a replay, and the text does not say which one fired it).
 Under ``kvmpfn replay`` ``seq``/``line`` are those of the trace event that carries the record; under ``kvmpfn
 check`` of a text trace, ``seq`` is the record's index among the kept records and ``line`` its text line.
 Records that lack a field a check needs are ignored by that check: annotations are free-form.
@@ -134,7 +135,7 @@ class _Where:
             "seq": self.seq,
             "line": self.line,
             "function": str(rec.get("event")),
-            "caller": f"{rec.get('comm', '?')}-{rec.get('pid', '?')}",
+            "task": f"{rec.get('comm', '?')}-{rec.get('pid', '?')}",
         }
         if isinstance(rec.get("line"), int):
             out["text_line"] = rec["line"]

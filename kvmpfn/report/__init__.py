@@ -136,8 +136,10 @@ _CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)}
 def provenance_text(entry: dict) -> str:
     """One provenance entry in words: ``reference taken at line 12 (seq 0) by gfn_to_pfn in tdp_page_fault,
     owned by spte 5 of shadow page gfn 0x0 level 1``. Fields it does not know are appended as ``name=value``."""
-    known = ("seq", "line", "function", "caller", "owner")
-    if "function" in entry:
+    known = ("seq", "line", "function", "caller", "owner", "task", "text_line")
+    if "text_line" in entry:  # a record of a real kernel's tracepoint (kvmpfn check, x.recorded)
+        text = f"{entry.get('function')} record at text line {entry['text_line']} (task {entry.get('task')})"
+    elif "function" in entry:
         text = f"reference taken at line {entry.get('line')} (seq {entry.get('seq')}) by {entry['function']}"
         if entry.get("caller"):
             text += f" in {entry['caller']}"
