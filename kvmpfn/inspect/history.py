@@ -281,7 +281,10 @@ def _mark_finding(steps: list[dict], finding: dict, history: FrameHistory) -> No
     code = finding["code"]
     for entry in finding.get("provenance") or ():
         for step in steps:
-            if step["kind"] not in ("get", "put") or (step["seq"], step["line"]) != (entry.get("seq"), entry.get("line")):
+            if step["kind"] not in ("get", "put") or (step["seq"], step["line"]) != (
+                entry.get("seq"),
+                entry.get("line"),
+            ):
                 continue
             if (step.get("function"), step.get("caller")) != (entry.get("function"), entry.get("caller")):
                 continue
