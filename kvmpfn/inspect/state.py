@@ -204,7 +204,7 @@ class StopAt:
             return original(e)
 
         rp.do_teardown = teardown
-        for cls, (handler, op) in list(rp.dispatch.items()):
+        for cls, (_handler, op) in list(rp.dispatch.items()):
             if op == "teardown":
                 rp.dispatch[cls] = (teardown, op)
 

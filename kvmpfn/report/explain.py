@@ -50,10 +50,11 @@ def explain_lines(doc: dict) -> list[tuple[str, str]]:
     subject = ", ".join(f"{k} {v}" for k, v in doc["subject"].items()) or "no frame"
     lines.append(("bold", f"{safe(doc['trace'])}: history of {subject}; frames {', '.join(doc['frames']) or 'none'}"))
     if "finding" in doc:
+        finding = {k: v for k, v in doc["finding"].items() if k != "number"}
         lines.append(
             (
                 "red",
-                f"  finding [{doc['finding']['number']}] {finding_text({k: v for k, v in doc['finding'].items() if k != 'number'})}",
+                f"  finding [{doc['finding']['number']}] {finding_text(finding)}",
             )
         )
     if not doc["steps"]:
