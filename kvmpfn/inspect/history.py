@@ -235,10 +235,12 @@ def explain(
     gfn: int | None = None,
     gva: int | None = None,
     finding: int | None = None,
+    findings: list[dict] | None = None,
 ) -> dict:
     """The history document of ``kvmpfn explain``: one frame (``pfn``), the frames behind a ``gfn``, the frames
     the sptes of ``gva`` mapped, or the subject of the replay's ``finding``-th finding (1-based, as
-    ``kvmpfn replay`` numbers them), whose references at fault are marked.
+    ``kvmpfn replay`` numbers them; ``findings``: that replay's findings when already known), whose references
+    at fault are marked.
 
     :raises InputError: ``finding`` is not a finding of this replay.
     """
@@ -247,10 +249,11 @@ def explain(
     doc: dict = {"version": 1, "trace": path}
     target = None
     if finding is not None:
-        first = replay_file(path, options)
-        if not 1 <= finding <= len(first.findings):
-            raise InputError("--finding", f"{path}: the replay has {len(first.findings)} finding(s), not {finding}")
-        target = first.findings[finding - 1]
+        if findings is None:
+            findings = replay_file(path, options).findings
+        if not 1 <= finding <= len(findings):
+            raise InputError("--finding", f"{path}: the replay has {len(findings)} finding(s), not {finding}")
+        target = findings[finding - 1]
         doc["finding"] = {"number": finding, **target}
         subject = finding_subject(target)
         pfn, gfn, gva = subject.get("pfn"), subject.get("gfn"), subject.get("gva")
