@@ -31,7 +31,7 @@ class TimelineWriter:
         self.threads: set[int] = set()
         self.sep = ""
         out.write('{"displayTimeUnit":"ns","traceEvents":[\n')
-        self._write({"args": {"name": title}, "name": "process_name", "ph": "M", "pid": PID, "tid": VM_TID})
+        self._write({"args": {"name": title}, "name": "process_name", "ph": "M", "pid": PID, "tid": VM_TID, "ts": 0})
         self._thread(VM_TID, "VM")
 
     def _write(self, obj: dict) -> None:
@@ -40,8 +40,10 @@ class TimelineWriter:
 
     def _thread(self, tid: int, name: str) -> None:
         self.threads.add(tid)
-        self._write({"args": {"name": name}, "name": "thread_name", "ph": "M", "pid": PID, "tid": tid})
-        self._write({"args": {"sort_index": tid}, "name": "thread_sort_index", "ph": "M", "pid": PID, "tid": tid})
+        self._write({"args": {"name": name}, "name": "thread_name", "ph": "M", "pid": PID, "tid": tid, "ts": 0})
+        self._write(
+            {"args": {"sort_index": tid}, "name": "thread_sort_index", "ph": "M", "pid": PID, "tid": tid, "ts": 0}
+        )
 
     def event(self, seq: int, line: int, op: str, vcpu: int, rec: dict) -> None:
         tid = VM_TID if op in VM_OPS else vcpu + 1
