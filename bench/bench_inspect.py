@@ -40,7 +40,7 @@ elif what == "html":
     from kvmpfn.inspect.series import Tracker
     from kvmpfn.report.html import histories_of, replay_report
     t = Tracker(); r = replay_file(trace, opts, observer=t)
-    open(out, "w").write(replay_report(r, t, histories_of(trace, opts, r.findings)))
+    open(out, "w").write(replay_report(r, t, histories_of(trace, opts, r)))
 elif what == "explain-pfn":
     from kvmpfn.inspect.history import explain
     json.dumps(explain(trace, opts, pfn=0x100010))

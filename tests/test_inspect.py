@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from kvmpfn.cli import main as cli_main
-from kvmpfn.inspect.history import explain
+from kvmpfn.inspect.history import explain, explain_findings
 from kvmpfn.inspect.series import Sampler, Tracker
 from kvmpfn.inspect.state import StopAt
 from kvmpfn.replay import ReplayOptions, replay_file
@@ -93,6 +93,19 @@ def test_explain_every_finding_trace(case):
     assert (broken and broken["line"]) == FIRST_BROKEN.get(case.code)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.hook is None], ids=_case_ids)
+def test_explain_findings_in_one_pass_agrees(case):
+    """The HTML report's one-pass histories of all findings mark the same steps as explain --finding N."""
+    options = case.options()
+    result = replay_file(str(case.trace), options)
+    for number, doc in enumerate(explain_findings(str(case.trace), options, result), 1):
+        alone = explain(str(case.trace), options, finding=number)
+        if doc is None:
+            assert "pfn" not in alone["subject"] and "gfn" not in alone["subject"]
+            continue
+        assert doc["steps"] == alone["steps"] and doc["first_broken"] == alone["first_broken"]
+
+
 def test_explain_leak_names_the_reference_never_given_back():
     """The leak's text names the second gfn_to_pfn at line 15 as taken and never given back, and the JSON is
     the same on every run."""
@@ -119,7 +132,7 @@ def test_explain_gfn_follows_a_host_remap():
     """--gfn: the frames behind the gfn, the old one and the one a host remap put there."""
     doc = explain(str(FINDINGS / "spte-hpa-mismatch.jsonl"), ReplayOptions(), gfn=0x5)
     assert doc["frames"] == ["0x100000", "0x100001"]
-    assert any(s["kind"] == "host_remap" and s["pfn"] == "0x100001" for s in doc["steps"])
+    assert any(s["kind"] == "host_remap" and (s["pfn"], s["now"]) == ("0x100000", "0x100001") for s in doc["steps"])
 
 
 @pytest.mark.parametrize(

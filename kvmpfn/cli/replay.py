@@ -92,7 +92,7 @@ def replay(
     if html:
         from kvmpfn.report.html import histories_of, replay_report
 
-        write_output(html, replay_report(result, tracker, histories_of(trace, options, result.findings)), inputs)
+        write_output(html, replay_report(result, tracker, histories_of(trace, options, result)), inputs)
     if result.exception is not None and DEBUG:
         import traceback
 

@@ -34,7 +34,7 @@ class FrameHistory:
         self.sptes: dict[tuple, tuple[int | None, int]] = {}  # tracked sptep -> (last value seen, its frame)
         self.spte_gfns: set[int] = set()  # gfns of sptes that mapped a tracked frame (for host remaps)
         self.broken: dict[int, set[str]] = {}  # pfn -> invariants already marked broken
-        self.first_broken: dict | None = None
+        self.by_gfn: dict[int, set[int]] = {gfn: set() for gfn in gfns}  # the frames seen behind each gfn
 
     # -- hooks ---------------------------------------------------------------------------------------------
 
@@ -60,12 +60,13 @@ class FrameHistory:
         return step
 
     def _tracked(self, pfn: int) -> bool:
-        if pfn in self.pfns:
-            return True
-        if self.gfns and any(self.host.peek_pfn(gfn) == pfn for gfn in self.gfns):
-            self.pfns.add(pfn)
-            return True
-        return False
+        found = pfn in self.pfns
+        for gfn in self.gfns:
+            if pfn not in self.by_gfn[gfn] and self.host.peek_pfn(gfn) == pfn:
+                self.by_gfn[gfn].add(pfn)
+                self.pfns.add(pfn)
+                found = True
+        return found
 
     def _api(self, op: str, pfn: int, function: str, caller: str) -> None:
         held = self.ledger.total(pfn)
@@ -116,10 +117,14 @@ class FrameHistory:
             self.pfns.add(int(rec["pfn"], 16))
         if op == "host_remap" and (e.gfn in self.gfns or e.gfn in self.spte_gfns):
             now = self.host.peek_pfn(e.gfn)
-            if now is not None:
-                if e.gfn in self.gfns:
-                    self.pfns.add(now)
-                self._step("host_remap", now, gfn=f"{e.gfn:#x}", caller="host_remap")
+            before = {pfn for (sp, i), (_, pfn) in self.sptes.items() if sp.gfns[i] == e.gfn}
+            before |= self.by_gfn.get(e.gfn, set())
+            if e.gfn in self.gfns and now is not None:
+                self.pfns.add(now)
+                self.by_gfn[e.gfn].add(now)
+            for pfn in sorted(before - {now}) or ([now] if now is not None else []):
+                new = "none" if now is None else f"{now:#x}"
+                self._step("host_remap", pfn, gfn=f"{e.gfn:#x}", now=new, caller="host_remap")
         self._settle()
         return False
 
@@ -179,9 +184,6 @@ class FrameHistory:
     def _break(self, pfn: int, what: str, step: dict, message: str) -> None:
         self.broken.setdefault(pfn, set()).add(what)
         step["broken"] = message
-        if self.first_broken is None:
-            self.first_broken = step
-            step["first_broken"] = True
 
 
 class GvaFrames:
@@ -235,12 +237,10 @@ def explain(
     gfn: int | None = None,
     gva: int | None = None,
     finding: int | None = None,
-    findings: list[dict] | None = None,
 ) -> dict:
     """The history document of ``kvmpfn explain``: one frame (``pfn``), the frames behind a ``gfn``, the frames
     the sptes of ``gva`` mapped, or the subject of the replay's ``finding``-th finding (1-based, as
-    ``kvmpfn replay`` numbers them; ``findings``: that replay's findings when already known), whose references
-    at fault are marked.
+    ``kvmpfn replay`` numbers them), whose references at fault are marked.
 
     :raises InputError: ``finding`` is not a finding of this replay.
     """
@@ -249,8 +249,7 @@ def explain(
     doc: dict = {"version": 1, "trace": path}
     target = None
     if finding is not None:
-        if findings is None:
-            findings = replay_file(path, options).findings
+        findings = replay_file(path, options).findings
         if not 1 <= finding <= len(findings):
             raise InputError("--finding", f"{path}: the replay has {len(findings)} finding(s), not {finding}")
         target = findings[finding - 1]
@@ -265,20 +264,56 @@ def explain(
         pfns |= walk.pfns
     history = FrameHistory(pfns, () if gfn is None else (gfn,))
     result = replay_file(path, options, observer=history)
-    steps = history.steps
+    return _document(doc, history.steps, sorted(history.pfns), result, target)
+
+
+def _document(doc: dict, steps: list[dict], frames, result, target: dict | None) -> dict:
+    """Finish an explain document: the finding placed and its references marked, the first broken step."""
     if target is not None:
-        _mark_finding(steps, target, history)
-    doc["frames"] = sorted(f"{p:#x}" for p in history.pfns)
+        _mark_finding(steps, target)
+    doc["frames"] = [f"{p:#x}" for p in frames]
     doc["events"] = result.events
     doc["error"] = result.error
     doc["steps"] = steps
-    broken = history.first_broken
+    broken = next((s for s in steps if s.get("broken")), None)
+    if broken is not None:
+        broken["first_broken"] = True
     doc["first_broken"] = None if broken is None else {k: broken[k] for k in ("seq", "line", "pfn", "broken")}
     doc["at_fault"] = [i for i, s in enumerate(steps) if "at_fault" in s]
     return doc
 
 
-def _mark_finding(steps: list[dict], finding: dict, history: FrameHistory) -> None:
+def explain_findings(path: str, options, result, limit: int = 20) -> list[dict | None]:
+    """The explain documents of the first ``limit`` findings of ``result`` (a replay of ``path``) from ONE more
+    replay that follows all their frames at once (None for a finding whose subject is no frame or gfn)."""
+    from kvmpfn.replay import replay_file
+
+    findings = result.findings[:limit]
+    subjects = [finding_subject(f) for f in findings]
+    pfns = {s["pfn"] for s in subjects if "pfn" in s}
+    gfns = {s["gfn"] for s in subjects if "gfn" in s}
+    if not pfns and not gfns:
+        return [None] * len(findings)
+    history = FrameHistory(pfns, gfns)
+    again = replay_file(path, options, observer=history)
+    docs: list[dict | None] = []
+    for number, (finding, subject) in enumerate(zip(findings, subjects, strict=True), 1):
+        if "pfn" in subject:
+            frames = {subject["pfn"]}
+        elif "gfn" in subject:
+            frames = history.by_gfn[subject["gfn"]]
+        else:
+            docs.append(None)
+            continue
+        wanted = {f"{p:#x}" for p in frames}
+        steps = [dict(s) for s in history.steps if s["pfn"] in wanted]
+        doc = {"version": 1, "trace": path, "finding": {"number": number, **finding}}
+        doc["subject"] = {k: f"{v:#x}" for k, v in subject.items()}
+        docs.append(_document(doc, steps, sorted(frames), again, finding))
+    return docs
+
+
+def _mark_finding(steps: list[dict], finding: dict) -> None:
     """Mark the steps behind a finding's provenance (the references at fault) and insert where it was
     detected."""
     code = finding["code"]

@@ -34,7 +34,7 @@ def step_text(step: dict) -> str:
     elif kind == "write_protect":
         text = f"{where}  rmap_write_protect cleared W on frame {step['pfn']}  {counts}"
     elif kind == "host_remap":
-        text = f"{where}  host remap: gfn {step['gfn']} now backed by frame {step['pfn']}"
+        text = f"{where}  host remap: gfn {step['gfn']} (frame {step['pfn']}) now backed by frame {step['now']}"
     else:
         text = f"{where}  frame {step['pfn']}  {counts}"
     if step.get("broken"):

@@ -186,15 +186,15 @@ def inspect_trace(path: str, options, anchor: str, findings_limit: int = 20) -> 
 
     tracker = Tracker()
     result = replay_file(path, options, observer=tracker)
-    histories = histories_of(path, options, result.findings, findings_limit)
+    histories = histories_of(path, options, result, findings_limit)
     return trace_section(result, tracker, histories, anchor), result, tracker
 
 
-def histories_of(path: str, options, findings: list[dict], limit: int = 20) -> list[dict | None]:
-    """The explain history of each of the first ``limit`` findings."""
-    from kvmpfn.inspect.history import explain
+def histories_of(path: str, options, result, limit: int = 20) -> list[dict | None]:
+    """The explain history of each of the first ``limit`` findings (one more replay for all of them)."""
+    from kvmpfn.inspect.history import explain_findings
 
-    return [explain(path, options, finding=i, findings=findings) for i in range(1, min(len(findings), limit) + 1)]
+    return explain_findings(path, options, result, limit)
 
 
 def audit_html(report, options) -> str:
