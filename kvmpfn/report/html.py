@@ -39,8 +39,9 @@ def page(title: str, body: list[str]) -> str:
     )
 
 
-def line_plot(points: list[tuple], names: tuple[str, ...], events: int, markers: list[tuple[int, str, str]]) -> str:
-    """Lines of ``points`` ``(x, *values)`` over ``events``; ``markers`` ``(x, label, anchor)`` as red links."""
+def line_plot(points: list[tuple], names: tuple[str, ...], events: int, markers: list[tuple]) -> str:
+    """Lines of ``points`` ``(x, *values)`` over ``events``; ``markers`` ``(x, label, anchor, colour)`` as links
+    (red where a finding was detected, orange where explain saw its invariant first break)."""
     w, h, left, bottom, top = 900, 240, 50, 30, 24
     ymax = max((max(p[1:]) for p in points), default=0) or 1
     xmax = max(events - 1, 1)
@@ -59,7 +60,11 @@ def line_plot(points: list[tuple], names: tuple[str, ...], events: int, markers:
     out.append(f'<text x="{w - 10}" y="{h - 8}" text-anchor="end">event {xmax}</text>')
     out.append(f'<text x="{left}" y="{h - 8}">event 0</text>')
     for i, name in enumerate(names):
-        pts = " ".join(f"{x(p[0]):.1f},{y(p[i + 1]):.1f}" for p in points)
+        # a step line: each point holds the maximum of the events since the previous one
+        steps = [(points[0][0], points[0][i + 1])] if points else []
+        for prev, p in zip(points, points[1:], strict=False):
+            steps += [(prev[0], p[i + 1]), (p[0], p[i + 1])]
+        pts = " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in steps)
         colour = COLOURS[i % len(COLOURS)]
         out.append(
             f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{pts}">'
@@ -67,10 +72,10 @@ def line_plot(points: list[tuple], names: tuple[str, ...], events: int, markers:
         )
         out.append(f'<rect x="{left + 10 + 170 * i}" y="6" width="12" height="10" fill="{colour}"/>')
         out.append(f'<text x="{left + 26 + 170 * i}" y="15">{escape(name)}</text>')
-    for seq, label, anchor in markers:
+    for seq, label, anchor, colour in markers:
         mx = x(min(seq, xmax))
         out.append(
-            f'<a href="#{anchor}"><line x1="{mx:.1f}" y1="{top}" x2="{mx:.1f}" y2="{h - bottom}" stroke="#d00" '
+            f'<a href="#{anchor}"><line x1="{mx:.1f}" y1="{top}" x2="{mx:.1f}" y2="{h - bottom}" stroke="{colour}" '
             f'stroke-dasharray="4 3" stroke-width="2"><title>{escape(label)}</title></line></a>'
         )
     out.append("</svg>")
@@ -123,7 +128,13 @@ def trace_section(result, tracker, histories: list[dict | None], anchor: str) ->
     )
     if result.error:
         body.append(f'<p class="error">{escape(result.error)}</p>')
-    markers = [(f["seq"], f"[{i}] {f['code']}", f"{anchor}-f{i}") for i, f in enumerate(result.findings, 1)]
+    markers = [
+        (f["seq"], f"[{i}] {f['code']} detected", f"{anchor}-f{i}", "#d00") for i, f in enumerate(result.findings, 1)
+    ]
+    for i, history in enumerate(histories, 1):
+        broken = history and history["first_broken"]
+        if broken:
+            markers.append((broken["seq"], f"[{i}] first broken: {broken['broken']}", f"{anchor}-f{i}", "#f80"))
     body.append(line_plot(tracker.points, ("frames referenced", "live sptes", "shadow pages"), result.events, markers))
     body.append(bar_plot([(gpa, n) for gpa, n in doc["hottest_gpas"]], "faults per guest page (gpa), hottest"))
     kinds = [(f"{op} {res}", n) for op, results in doc["by_kind"].items() for res, n in results.items()]
