@@ -1,9 +1,10 @@
 """Counts and series of one replay (``kvmpfn stat``, the HTML report's plots, the timeline).
 
-:class:`Tracker` is a replay observer. Per event it counts the op and its result, the faults per vcpu and
-per guest page, and samples three gauges: frames KVM holds references on (the ledger's), live leaf sptes
-(``rmap_add`` minus ``rmap_remove``, chained on those hooks) and shadow pages (``active_mmu_pages``). Series
-are sampled (:class:`Sampler`) so memory stays flat on long traces.
+:class:`Tracker` is a replay observer. Per event it counts the op and its result, the faults (``access``
+and ``pf`` events that exited to KVM: every result but ``hit``) per vcpu and per guest page, and samples
+three gauges: frames KVM holds references on (the ledger's), live leaf sptes (``rmap_add`` minus
+``rmap_remove``, chained on those hooks) and shadow pages (``active_mmu_pages``). Series are sampled
+(:class:`Sampler`) so memory stays flat on long traces.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class Tracker:
         self.clock = now
         self.seq = seq
         self.kinds[op, result] += 1
-        if op in FAULT_OPS:
+        if op in FAULT_OPS and result != "hit":  # a hit is the simulated CPU's, with no exit to KVM
             self.vcpu_faults[e.vcpu] += 1
             self.gva_faults[e.addr >> PAGE_SHIFT] += 1
             if "gpa" in rec:
