@@ -358,6 +358,11 @@ def test_timeline_is_valid_trace_event_json(trace, bugs):
     assert [e["args"]["seq"] for e in slices] == list(range(result.events))
     assert [e["name"] for e in events if e["ph"] == "i"] == [f["code"] for f in result.findings]
     assert {e["name"] for e in events if e["ph"] == "C"} == {"frames referenced", "live sptes", "shadow pages"}
+    lines = text.splitlines()
+    assert lines[0] == '{"displayTimeUnit":"ns","traceEvents":[' and lines[-1] == "]}"
+    for line in lines[1:-1]:  # one event per line, each exactly as json.dumps(sort_keys) writes it
+        obj = line.removesuffix(",")
+        assert json.dumps(json.loads(obj), sort_keys=True, separators=(",", ":")) == obj
     names = {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
     assert names[0] == "VM" and {e["tid"] for e in slices} <= set(names)
 

@@ -46,18 +46,29 @@ class TimelineWriter:
         )
 
     def event(self, seq: int, line: int, op: str, vcpu: int, rec: dict) -> None:
+        """One slice. Written by hand, not by json.dumps (a third of the cost): op and result are identifiers,
+        the other values numbers and hex strings, and the keys stay in sorted order as json.dumps would put
+        them."""
         tid = VM_TID if op in VM_OPS else vcpu + 1
         if tid not in self.threads:
             self._thread(tid, f"vcpu {vcpu}")
-        args = {"seq": seq, "line": line, "result": rec["result"]}
-        for name in ("gpa", "pfn", "spte"):
-            if name in rec:
-                args[name] = rec[name]
-        name = f"{op} {rec['result']}"
-        self._write({"args": args, "cat": op, "dur": 1, "name": name, "ph": "X", "pid": PID, "tid": tid, "ts": seq})
+        result = rec["result"]
+        args = f'"gpa":"{rec["gpa"]}",' if "gpa" in rec else ""
+        args += f'"line":{line},'
+        if "pfn" in rec:
+            args += f'"pfn":"{rec["pfn"]}",'
+        args += f'"result":"{result}","seq":{seq}'
+        if "spte" in rec:
+            args += f',"spte":"{rec["spte"]}"'
+        self.out.write(
+            f',\n{{"args":{{{args}}},"cat":"{op}","dur":1,"name":"{op} {result}","ph":"X","pid":{PID},'
+            f'"tid":{tid},"ts":{seq}}}'
+        )
 
     def counter(self, seq: int, name: str, value: int) -> None:
-        self._write({"args": {"value": value}, "name": name, "ph": "C", "pid": PID, "tid": VM_TID, "ts": seq})
+        self.out.write(
+            f',\n{{"args":{{"value":{value}}},"name":"{name}","ph":"C","pid":{PID},"tid":{VM_TID},"ts":{seq}}}'
+        )
 
     def instant(self, seq: int, finding: dict) -> None:
         args = {k: v for k, v in finding.items() if k != "provenance"}
