@@ -157,9 +157,6 @@ def stat(traces, top, timing, options: ReplayOptions, fmt, output, quiet, verbos
         doc = tracker.doc(result, top=top, timing=timing or fmt == "text")
         docs.append(doc)
         lines += stat_lines(doc)
-    if fmt == "json":
-        for doc in docs:
-            doc.pop("seconds_by_op", None) if not timing else None
     _emit(lines, {"version": 1, "traces": docs}, fmt, output, list(traces))
 
 

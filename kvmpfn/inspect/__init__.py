@@ -24,6 +24,8 @@ from kvmpfn.x86 import (
     PT_WRITABLE_MASK,
 )
 
+FAULT_OPS = frozenset({"access", "pf"})  # the events that are a guest access (the others are stores or setup)
+
 BITS = (
     (PT_PRESENT_MASK, "P"),
     (PT_WRITABLE_MASK, "W"),

@@ -13,11 +13,9 @@ references; nothing here re-implements it.
 from __future__ import annotations
 
 from kvmpfn.errors import InputError
-from kvmpfn.inspect import chain, sptep_text
+from kvmpfn.inspect import FAULT_OPS, chain, sptep_text
 from kvmpfn.kvm.spte import is_shadow_present_pte, spte_to_pfn
 from kvmpfn.x86 import PAGE_SHIFT
-
-FAULT_OPS = frozenset({"access", "pf"})
 
 
 class FrameHistory:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from kvmpfn.inspect import chain
+from kvmpfn.inspect import FAULT_OPS, chain
 from kvmpfn.x86 import PAGE_SHIFT
 
-FAULT_OPS = frozenset({"access", "pf"})
 GAUGES = ("frames referenced", "live sptes", "shadow pages")
 
 

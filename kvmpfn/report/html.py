@@ -189,7 +189,7 @@ def audit_report(report, sections: dict[str, list[str]]) -> str:
     return page("kvmpfn audit", body)
 
 
-def inspect_trace(path: str, options, anchor: str, findings_limit: int = 20) -> tuple[list[str], object, object]:
+def inspect_trace(path: str, options, anchor: str, findings_limit: int = 20) -> list[str]:
     """Replay ``path`` with the tracker, explain its first ``findings_limit`` findings, and render its
     section."""
     from kvmpfn.inspect.series import Tracker
@@ -198,7 +198,7 @@ def inspect_trace(path: str, options, anchor: str, findings_limit: int = 20) -> 
     tracker = Tracker()
     result = replay_file(path, options, observer=tracker)
     histories = histories_of(path, options, result, findings_limit)
-    return trace_section(result, tracker, histories, anchor), result, tracker
+    return trace_section(result, tracker, histories, anchor)
 
 
 def histories_of(path: str, options, result, limit: int = 20) -> list[dict | None]:
@@ -214,5 +214,5 @@ def audit_html(report, options) -> str:
     sections = {}
     for i, o in enumerate(report.outcomes):
         if o.findings:
-            sections[o.trace] = inspect_trace(o.trace, options, f"t{i}")[0]
+            sections[o.trace] = inspect_trace(o.trace, options, f"t{i}")
     return audit_report(report, sections)
