@@ -373,3 +373,16 @@ def test_replay_timeline_option(tmp_path):
     res = CliRunner().invoke(cli_main, ["replay", trace, "--timeline", str(out), "--bug", "same-pfn-no-release"])
     assert res.exit_code == 1, res.output
     assert [e["name"] for e in json.loads(out.read_text())["traceEvents"] if e["ph"] == "i"] == ["refcount-leak"]
+
+
+@pytest.mark.parametrize("command", [["explain", "--pfn", "0x100000"], ["show"], ["stat"]], ids=lambda c: c[0])
+def test_bad_input_one_line_exit_2(tmp_path, command):
+    """A trace that breaks at line 3: what came before is shown, then one error line naming file and line."""
+    trace = tmp_path / "bad.jsonl"
+    lines = (FINDINGS / "refcount-leak-clean.jsonl").read_text().splitlines()
+    header = next(i for i, ln in enumerate(lines) if ln.startswith("{"))
+    trace.write_text("\n".join([lines[header], lines[header + 1], '{"op": "access", "addr": "zz"}']) + "\n")
+    res = CliRunner().invoke(cli_main, [command[0], str(trace), *command[1:]])
+    assert res.exit_code == 2
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("kvmpfn: error:")]
+    assert len(errors) == 1 and f"{trace}:3" in errors[0] and "Traceback" not in res.output

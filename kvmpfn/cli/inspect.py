@@ -88,6 +88,8 @@ def explain(trace, pfn, gfn, gva, finding, options: ReplayOptions, fmt, output, 
     _check_trace(trace)
     doc = run(trace, options, pfn=pfn, gfn=gfn, gva=gva, finding=finding)
     _emit(explain_lines(doc), doc, fmt, output, [trace])
+    if doc["error"]:
+        fail(doc["error"])
     sys.exit(1 if doc["first_broken"] or "finding" in doc else 0)
 
 
@@ -123,6 +125,8 @@ def show(trace, seq, gva, vcpu, options: ReplayOptions, fmt, output, quiet, verb
     if result.error:
         stop.state["error"] = result.error
     _emit(show_lines(stop.state, verbose), stop.state, fmt, output, [trace])
+    if result.error:
+        fail(result.error)
 
 
 STAT_EXAMPLES = """
@@ -158,6 +162,9 @@ def stat(traces, top, timing, options: ReplayOptions, fmt, output, quiet, verbos
         docs.append(doc)
         lines += stat_lines(doc)
     _emit(lines, {"version": 1, "traces": docs}, fmt, output, list(traces))
+    for doc in docs:
+        if "error" in doc:
+            fail(doc["error"])
 
 
 COMMANDS = (explain, show, stat)
