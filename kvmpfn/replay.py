@@ -428,10 +428,15 @@ def replay_file(
     options: ReplayOptions | None = None,
     emit: IO[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    observer=None,
 ) -> ReplayResult:
     """Replay the trace at ``path``. An input error stops the replay and is returned in ``result.error`` with
     everything found up to that line; a simulated kernel BUG becomes a ``kernel-bug`` finding and stops it;
-    Ctrl-C stops it with ``result.interrupted``. ``progress(events)`` is called every PROGRESS_EVERY events."""
+    Ctrl-C stops it with ``result.interrupted``. ``progress(events)`` is called every PROGRESS_EVERY events.
+
+    ``observer`` (:mod:`kvmpfn.inspect`): ``attach(rp)`` once the Replayer exists (``observer.records``: it
+    wants whole outcome records), ``event(seq, line, e, rec)`` after each event (true: stop the replay there,
+    with no teardown), ``finish(rp)`` at the end. Without one the loop pays a single test per event."""
     options = options or ReplayOptions()
     result = ReplayResult(trace=path)
     rp = None
@@ -440,8 +445,11 @@ def replay_file(
             try:
                 image = open_header_memory(reader.header.memory, path)
                 reader.header.guest = guest_from_core(reader.header.guest, image)
-                rp = Replayer(reader.header, options, memory_image=image, records=emit is not None)
+                records = emit is not None or (observer is not None and observer.records)
+                rp = Replayer(reader.header, options, memory_image=image, records=records)
                 result.mmu, result.kernel = rp.mmu, rp.kernel
+                if observer is not None:
+                    observer.attach(rp)
             except (HostError, InputError) as err:
                 raise TraceError(path, reader.header_line, err.message, field=err.field, context="header") from None
             seq = -1
@@ -476,6 +484,8 @@ def replay_file(
                 counts[r] = counts.get(r, 0) + 1
                 if emit is not None:
                     emit.write(json.dumps(rec, separators=(", ", ": ")) + "\n")
+                if observer is not None and observer.event(seq, line, e, rec):
+                    break
             else:
                 rp.recorded.finish()
                 if reader.header.teardown and not rp.torn_down:
@@ -493,4 +503,6 @@ def replay_file(
             result.stats = rp.stats()
     if rp is not None:
         result.findings = rp.findings.items
+        if observer is not None:
+            observer.finish(rp)
     return result

@@ -18,8 +18,9 @@ LAYERS: list[set[str]] = [
     {"kvmpfn.kvm"},
     {"kvmpfn.audit"},
     {"kvmpfn.replay", "kvmpfn.synth"},
+    {"kvmpfn.inspect"},
     {"kvmpfn.report"},
-    {"kvmpfn.gate", "kvmpfn.mutants"},
+    {"kvmpfn.gate", "kvmpfn.mutants", "kvmpfn.runner", "kvmpfn.reduce", "kvmpfn.hunt"},
     {"kvmpfn.cli", "kvmpfn.__main__"},
 ]
 

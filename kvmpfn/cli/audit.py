@@ -43,7 +43,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 @jobs_option
 @click.option("--shard", callback=_parse_shard, metavar="I/N", help="Run shard I of N: trace k goes to (k mod N)+1.")
 @click.option("--fail-fast", is_flag=True, help="Stop after the first failing trace.")
-@report_options("text", "json", "sarif", "junit")
+@report_options("text", "json", "sarif", "junit", "html")
 def audit(
     paths: tuple[str, ...],
     options: ReplayOptions,
@@ -90,7 +90,12 @@ def audit(
         if not quiet or any(o.status != "pass" for o in report.outcomes):
             console.show(report)
     else:
-        text = renderers[fmt](report) if fmt in renderers else console.render_text(report)
+        if fmt == "html":
+            from kvmpfn.report.html import audit_html
+
+            text = audit_html(report, options)
+        else:
+            text = renderers[fmt](report) if fmt in renderers else console.render_text(report)
         write_output(output or "-", text, inputs)
         if output is not None and output != "-" and not quiet:
             console.show(report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -47,8 +48,14 @@ def trace_inputs(path: str) -> list[str]:
     help="Write one outcome record per event to FILE (.gz/.zst compressed; - for stdout, the report then goes "
     "to stderr).",
 )
+@click.option("--html", type=click.Path(dir_okay=False), help="Also write a self-contained HTML report to FILE.")
+@click.option(
+    "--timeline", type=click.Path(dir_okay=False), help="Also write a Chrome trace-event timeline (Perfetto) to FILE."
+)
 @report_options("text", "json")
-def replay(trace: str, options: ReplayOptions, emit: str | None, fmt: str, output, quiet: bool, verbose: bool) -> None:
+def replay(
+    trace: str, options: ReplayOptions, emit: str | None, html, timeline, fmt: str, output, quiet: bool, verbose: bool
+) -> None:
     """Replay TRACE (.jsonl, .jsonl.gz, .jsonl.zst or - for stdin) and report what the MMU did: results by
     kind, the state at the end, and every finding with where it was detected and where its references came
     from.
@@ -61,7 +68,7 @@ def replay(trace: str, options: ReplayOptions, emit: str | None, fmt: str, outpu
     if trace != "-" and not os.path.exists(trace):
         fail(f"{trace}: no such file")
     inputs = trace_inputs(trace)
-    for out in (emit, output):
+    for out in (emit, output, html, timeline):
         if out and out != "-":
             from kvmpfn.outputs import refuse_inputs
 
@@ -71,13 +78,21 @@ def replay(trace: str, options: ReplayOptions, emit: str | None, fmt: str, outpu
         report_stream = "stderr"
     else:
         report_stream = "stdout"
-    with progress("replaying", unit="events") as update:
+    with progress("replaying", unit="events") as update, contextlib.ExitStack() as stack:
         tick = (lambda seq: update(seq, "")) if sys.stderr.isatty() else None
-        if emit:
-            with open_output(emit, inputs) as emit_fh:
-                result = replay_file(trace, options, emit_fh, progress=tick)
-        else:
-            result = replay_file(trace, options, progress=tick)
+        tracker = None
+        if html or timeline:
+            from kvmpfn.inspect.series import Tracker
+            from kvmpfn.report.timeline import TimelineWriter
+
+            writer = TimelineWriter(stack.enter_context(open_output(timeline, inputs)), trace) if timeline else None
+            tracker = Tracker(writer)
+        emit_fh = stack.enter_context(open_output(emit, inputs)) if emit else None
+        result = replay_file(trace, options, emit_fh, progress=tick, observer=tracker)
+    if html:
+        from kvmpfn.report.html import histories_of, replay_report
+
+        write_output(html, replay_report(result, tracker, histories_of(trace, options, result)), inputs)
     if result.exception is not None and DEBUG:
         import traceback
 
