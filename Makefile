@@ -31,8 +31,8 @@ demo: $(STAMP)
 	@echo "real-world traces, deliberate defects) expect the findings listed. Next, try:"
 	@echo "  $(BIN)/kvmpfn replay traces/findings/refcount-leak.jsonl --bug same-pfn-no-release"
 	@echo "      a leaked frame reference, and the line and kernel function that took it"
-	@echo "  $(BIN)/kvmpfn bugs"
-	@echo "      the historical MMU bugs --bug re-creates"
+	@echo "  $(BIN)/kvmpfn explain traces/findings/refcount-leak.jsonl --finding 1 --bug same-pfn-no-release"
+	@echo "      that frame's history, event by event, and the step where the invariant first broke"
 	@echo "  $(BIN)/kvmpfn mutants traces/ --jobs 2"
 	@echo "      which of those bugs this corpus catches"
 

@@ -100,7 +100,7 @@ def replay(
     if result.mmu is None and result.error:  # nothing replayed: only the error
         fail(result.error)
     _warn_idle_options(options, result)
-    _show(result, fmt, output, quiet, verbose, report_stream, inputs)
+    _show(result, options, fmt, output, quiet, verbose, report_stream, inputs)
     if result.interrupted:
         click.echo(f"kvmpfn: interrupted at event {result.events}", err=True)
         sys.exit(130)
@@ -127,7 +127,12 @@ def _warn_idle_options(options: ReplayOptions, result) -> None:
             warn(f"--bug {name} does nothing under {now} (it applies to {where})")
 
 
-def _show(result, fmt: str, output, quiet: bool, verbose: bool, stream: str, inputs: list[str]) -> None:
+def _show(result, options, fmt: str, output, quiet: bool, verbose: bool, stream: str, inputs: list[str]) -> None:
+    import shlex
+
+    from kvmpfn.cli.options import options_text
+
+    hint = " ".join(w for w in ("kvmpfn explain", shlex.quote(result.trace), "--finding N", options_text(options)) if w)
     if fmt == "json":
         text = render.replay_json(result)
     elif output is None and getattr(sys, stream).isatty():
@@ -135,11 +140,11 @@ def _show(result, fmt: str, output, quiet: bool, verbose: bool, stream: str, inp
         from rich.text import Text
 
         console = Console(file=getattr(sys, stream), highlight=False)
-        for style, line in render.replay_lines(result, quiet=quiet, verbose=verbose):
+        for style, line in render.replay_lines(result, quiet=quiet, verbose=verbose, hint=hint):
             console.print(Text(line, style=style), soft_wrap=True)
         return
     else:
-        text = render.replay_text(result, quiet=quiet, verbose=verbose)
+        text = render.replay_text(result, quiet=quiet, verbose=verbose, hint=hint)
     if output is not None:
         write_output(output, text, inputs)
     elif stream == "stderr":

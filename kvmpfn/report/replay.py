@@ -46,8 +46,9 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{name} {n}" for name, n in counts.items()) or "none"
 
 
-def replay_lines(result: Any, *, quiet: bool = False, verbose: bool = False) -> list[tuple[str, str]]:
-    """The text report as (style, line) pairs; the style is for rich, the words are the same without it."""
+def replay_lines(result: Any, *, quiet: bool = False, verbose: bool = False, hint: str = "") -> list[tuple[str, str]]:
+    """The text report as (style, line) pairs; the style is for rich, the words are the same without it.
+    ``hint``: the command that explains a finding, shown after the findings."""
     lines: list[tuple[str, str]] = []
     summary = result.summary()
     n = len(result.findings)
@@ -79,11 +80,13 @@ def replay_lines(result: Any, *, quiet: bool = False, verbose: bool = False) -> 
     if len(shown) < n:
         rest = Counter(f["code"] for f in result.findings[len(shown) :])
         lines.append(("dim", f"  ... {n - len(shown)} more: {_counts(dict(sorted(rest.items())))} (-v shows all)"))
+    if n and hint and not quiet:
+        lines.append(("dim", f"  the history behind a finding: {hint}"))
     if result.interrupted:
         lines.append(("bold yellow", f"  interrupted at event {result.events}: the report covers the events before it"))
     return lines
 
 
-def replay_text(result: Any, *, quiet: bool = False, verbose: bool = False) -> str:
-    lines = replay_lines(result, quiet=quiet, verbose=verbose)
+def replay_text(result: Any, *, quiet: bool = False, verbose: bool = False, hint: str = "") -> str:
+    lines = replay_lines(result, quiet=quiet, verbose=verbose, hint=hint)
     return "".join(line + "\n" for _, line in lines)
