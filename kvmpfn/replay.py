@@ -35,6 +35,7 @@ from kvmpfn.kvm.pte_write import kvm_mmu_pte_write
 from kvmpfn.kvm.spte import is_last_spte, is_shadow_present_pte
 from kvmpfn.kvm.vm import Kvm
 from kvmpfn.kvm.walker import gva_in_range, load_pdptrs
+from kvmpfn.limits import CHECK_EVERY, over_limit, resolve_max_memory
 from kvmpfn.trace import events as ev
 from kvmpfn.trace.reader import TraceError, open_trace
 from kvmpfn.x86 import KVM_MAX_VCPUS, PAGE_SHIFT
@@ -57,6 +58,8 @@ class ReplayOptions:
     bugs: frozenset[str] = frozenset()
     kernel_audit: bool = False  # also audit at the kernel's own four kvm_mmu_audit() points
     paranoid: bool = False  # full audit and a check of the simulator's own structures after every event
+    #: bytes the simulated VM may hold (kvmpfn.limits): None is half the machine's memory, 0 no limit
+    max_memory: int | None = None
 
 
 @dataclass
@@ -364,10 +367,12 @@ class Replayer:
 
 
 def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] | None = None) -> ReplayResult:
-    """Replay the trace at ``path``; an input error stops the replay and is returned in ``result.error``
-    with everything found up to that line."""
+    """Replay the trace at ``path``; an input error, the memory limit or running out of memory stops the
+    replay and is returned in ``result.error`` with everything found up to that line."""
     options = options or ReplayOptions()
     result = ReplayResult(trace=path)
+    limit = resolve_max_memory(options.max_memory) or 1 << 63  # 0: no limit
+    out_of_memory = False
     rp = None
     try:
         with open_trace(path) as reader:
@@ -379,6 +384,7 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
                 raise TraceError(path, reader.header_line, err.message, field=err.field, context="header") from None
             seq = -1
             counts = result.results
+            every = CHECK_EVERY
             for line, e in reader:
                 seq += 1
                 try:
@@ -390,6 +396,8 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
                     raise TraceError(path, line, f"internal consistency: {err}", context="paranoid") from None
                 except KernelBug as bug:
                     raise TraceError(path, line, f"simulated kernel BUG: {bug}", context="kernel") from None
+                except MemoryError:
+                    raise
                 except Exception as exc:  # a defect in kvmpfn itself: report it on one line, keep the findings
                     if os.environ.get("KVMPFN_DEBUG"):
                         raise
@@ -400,8 +408,11 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
                 counts[r] = counts.get(r, 0) + 1
                 if emit is not None:
                     emit.write(json.dumps(rec, separators=(", ", ": ")) + "\n")
+                if not seq % every:
+                    _check_memory(rp, limit, path, line)
             rp.recorded.finish()
             if reader.header.teardown and not rp.torn_down:
+                _check_memory(rp, limit, path, rp.findings.line)
                 rp.findings.seq, rp.findings.point = seq + 1, "teardown"
                 try:
                     rp.do_teardown()
@@ -410,6 +421,23 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
             result.stats = rp.final_stats if rp.torn_down else rp.stats()
     except TraceError as err:
         result.error = str(err)
+    except MemoryError:
+        if os.environ.get("KVMPFN_DEBUG"):
+            raise
+        out_of_memory = True  # leaving this block frees the traceback; dropping rp then frees the VM
     if rp is not None:
         result.findings = rp.findings.items
+    if out_of_memory:
+        teardown = rp is not None and rp.findings.point == "teardown"
+        line = rp.findings.line if rp is not None and rp.findings.line else None
+        rp = None
+        where = "in the teardown audit after this line" if teardown else "here"
+        result.error = str(TraceError(path, line, f"out of memory {where}; the findings up to here are reported"))
     return result
+
+
+def _check_memory(rp: Replayer, limit: int, path: str, line: int) -> None:
+    """Stop the replay (a :class:`TraceError` at ``line``) once the simulated VM outgrows ``limit`` bytes."""
+    reason = over_limit(rp.host, rp.kvm, rp.findings, limit)
+    if reason is not None:
+        raise TraceError(path, line, reason)
