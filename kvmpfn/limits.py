@@ -115,29 +115,29 @@ def resolve_max_memory(max_memory: int | None) -> int:
     return max_memory
 
 
-def memory_use(host, kvm, findings) -> list[tuple[int, str]]:
-    """The estimated bytes of each structure the trace makes grow, with a label saying what it is."""
-    walks = len(host.watched) + len(host.watched_upper)
-    parts = [
+def memory_use(host, kvm, findings) -> list[tuple[int, int, str]]:
+    """``(count, bytes each, what)`` of each structure the trace makes grow."""
+    return [
         (len(host.frames), FRAME, "host frames with state"),
         (host.data_pages, PAGE_DATA, "guest pages with contents"),
         (len(host.huge_blocks), HUGE_BLOCK, "hugetlb 2 MiB blocks"),
-        (len(kvm.active_mmu_pages), SHADOW_PAGE, f"shadow pages (budget {kvm.n_alloc_mmu_pages:,})"),
+        (len(kvm.active_mmu_pages), SHADOW_PAGE, "shadow pages"),
         (len(kvm.rmap) + len(kvm.rmap_pde), MAPPED_GFN, "mapped gfns (rmaps, sptes, references)"),
-        (walks, WALK, "memoised guest walks"),
+        (len(host.watched) + len(host.watched_upper), WALK, "memoised guest walks"),
         (len(findings.items), FINDING, "findings"),
     ]
-    return [(count * cost, f"{label}: {count:,} ({format_size(count * cost)})") for count, cost, label in parts]
 
 
 def over_limit(host, kvm, findings, limit: int) -> str | None:
     """The one-line reason the replay must stop, when the estimate of :func:`memory_use` passes ``limit``."""
     parts = memory_use(host, kvm, findings)
-    total = sum(size for size, _ in parts)
+    total = sum(count * cost for count, cost, _ in parts)
     if total <= limit:
         return None
-    _size, largest = max(parts)
+    count, cost, what = max(parts, key=lambda part: part[0] * part[1])
+    if what == "shadow pages":
+        what += f" (the kernel's budget: {kvm.n_alloc_mmu_pages:,})"
     return (
         f"over the memory limit: the simulated VM holds about {format_size(total)} "
-        f"(max_memory {format_size(limit)}), most of it {largest}"
+        f"(max_memory {format_size(limit)}), most of it {what}: {count:,} ({format_size(count * cost)})"
     )

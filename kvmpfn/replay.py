@@ -372,7 +372,7 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
     options = options or ReplayOptions()
     result = ReplayResult(trace=path)
     limit = resolve_max_memory(options.max_memory) or 1 << 63  # 0: no limit
-    out_of_memory = False
+    out_of_memory = implicit_teardown = False
     rp = None
     try:
         with open_trace(path) as reader:
@@ -384,7 +384,7 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
                 raise TraceError(path, reader.header_line, err.message, field=err.field, context="header") from None
             seq = -1
             counts = result.results
-            every = CHECK_EVERY
+            check_at = 0  # the seq after which the memory is checked next
             for line, e in reader:
                 seq += 1
                 try:
@@ -408,12 +408,14 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
                 counts[r] = counts.get(r, 0) + 1
                 if emit is not None:
                     emit.write(json.dumps(rec, separators=(", ", ": ")) + "\n")
-                if not seq % every:
+                if seq == check_at:
                     _check_memory(rp, limit, path, line)
+                    check_at += CHECK_EVERY
             rp.recorded.finish()
             if reader.header.teardown and not rp.torn_down:
-                _check_memory(rp, limit, path, rp.findings.line)
+                _check_memory(rp, limit, path, rp.findings.line or reader.header_line)
                 rp.findings.seq, rp.findings.point = seq + 1, "teardown"
+                implicit_teardown = True
                 try:
                     rp.do_teardown()
                 except KernelBug as bug:
@@ -428,10 +430,9 @@ def replay_file(path: str, options: ReplayOptions | None = None, emit: IO[str] |
     if rp is not None:
         result.findings = rp.findings.items
     if out_of_memory:
-        teardown = rp is not None and rp.findings.point == "teardown"
         line = rp.findings.line if rp is not None and rp.findings.line else None
         rp = None
-        where = "in the teardown audit after this line" if teardown else "here"
+        where = "in the teardown audit after this line" if implicit_teardown else "here"
         result.error = str(TraceError(path, line, f"out of memory {where}; the findings up to here are reported"))
     return result
 

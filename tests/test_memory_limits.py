@@ -119,7 +119,7 @@ def _estimate_and_traced(monkeypatch, path: Path) -> tuple[int, int]:
         traced = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    return sum(size for size, _ in memory_use(rp.host, rp.kvm, rp.findings)), traced
+    return sum(count * cost for count, cost, _ in memory_use(rp.host, rp.kvm, rp.findings)), traced
 
 
 @pytest.mark.parametrize(
@@ -312,3 +312,24 @@ def test_cli_out_of_memory_at_the_teardown_is_one_line_with_the_report(tmp_path:
         "are reported\n"
     )
     assert [f["code"] for f in json.loads(proc.stdout)["findings"]] == ["refcount-leak"]
+
+
+def test_shadow_pages_are_named_with_the_kernels_budget(tmp_path: Path):
+    """Faults on fresh 2 MiB regions of a 1 TiB TDP guest: a shadow page each, under a budget of 2% of the
+    guest's pages (5,368,709) that bounds nothing here; max_memory does."""
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(tdp_faults(3000))
+    result = replay_file(str(path), ReplayOptions(max_memory=8 * MiB))
+    assert re.fullmatch(
+        rf"{re.escape(str(path))}:{CHECK_EVERY + 2}: over the memory limit: the simulated VM holds about [\d.]+ MiB "
+        r"\(max_memory 8 MiB\), most of it shadow pages \(the kernel's budget: 5,368,709\): 1,03\d \([\d.]+ MiB\)",
+        result.error,
+    ), result.error
+
+
+def test_a_header_alone_over_the_limit_names_the_header_line(tmp_path: Path):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b'# a comment\n{"kvmpfn": 1}\n')
+    result = replay_file(str(path), ReplayOptions(max_memory=1))
+    assert result.error.startswith(f"{path}:2: over the memory limit: the simulated VM holds about "), result.error
+    assert result.events == 0

@@ -41,7 +41,8 @@ class MemoryImage(Protocol):
 
 
 def window_pfn(w: HvaWindow, off: int) -> int | None:
-    """The RAM pfn faulted in at page ``off`` of ``w``, or None (a hugetlb window maps whole 2 MiB blocks)."""
+    """The RAM pfn faulted in at page ``off`` of ``w``, or None. A hugetlb window maps whole 2 MiB blocks:
+    ``w.pages.get(off)`` alone is right for a page offset there only when it is the first of its block."""
     if w.backing == "hugetlb":
         first = w.pages.get(off & ~_HPAGE_MASK)
         return None if first is None else first + (off & _HPAGE_MASK)
@@ -178,7 +179,7 @@ class Host:
         if w is None or w.dev_base is not None:
             return None
         off = (hva - w.base) >> PAGE_SHIFT
-        pfn = window_pfn(w, off)
+        pfn = w.pages.get(off)
         if pfn is None:
             pfn = self._fault_in(w, off)
         return pfn
@@ -202,9 +203,13 @@ class Host:
         return window_pfn(w, off)
 
     def _fault_in(self, w: HvaWindow, off: int) -> int:
-        """Anonymous / hugetlb page fault: give the page (or its 2 MiB block) fresh frames."""
+        """The pfn at page ``off`` of ``w``, which ``w.pages.get(off)`` did not give: anonymous or hugetlb page
+        fault, the page (or its 2 MiB block) gets fresh frames, unless its hugetlb block is already there."""
         if w.backing == "hugetlb":
             block = off & ~_HPAGE_MASK
+            first = w.pages.get(block)
+            if first is not None:
+                return first + (off - block)
             first = self.allocator.alloc(KVM_PAGES_PER_HPAGE, KVM_PAGES_PER_HPAGE)
             self._install_block(w, block, first)
             if self.memory_image is not None:
@@ -350,8 +355,12 @@ class Host:
         if w.dev_base is not None:
             f = self.frame(w.dev_base + off)
         else:
-            pfn = window_pfn(w, off)
-            f = self.frame(pfn if pfn is not None else self._fault_in(w, off))
+            pfn = w.pages.get(off)
+            if pfn is None:
+                pfn = self._fault_in(w, off)
+            f = self.frames.get(pfn)
+            if f is None:  # a hugetlb frame without state yet
+                f = self.frame(pfn)
         if f.data is None:
             f.data = bytearray(PAGE_SIZE)
             self.data_pages += 1
