@@ -22,10 +22,13 @@ findings                   at most a few per event, one per code and subject    
 Every ``CHECK_EVERY`` events, and before the teardown, the replay adds these up (a few ``len`` calls) and
 stops with a one-line input error naming the line and the largest part once the sum passes ``max_memory``.
 The sum is an estimate of the simulator's own structures (the figures are measured with tracemalloc on
-CPython 3.11, within about 20% on the bundled workloads), so the same trace and options stop at the same line
-on every machine; the process needs about 30 MB more for the interpreter. Between two checks the VM can grow
+CPython 3.11, within 20% on every ``kvmpfn synth`` workload), so a trace stops at the same line on every
+machine for the same ``max_memory`` (the default depends on the machine); the process needs about 30 MB more
+for the interpreter. Between two checks the VM can grow
 by at most ``CHECK_EVERY`` events' worth (a fault: about 40 KB). Transient memory (a full audit's working
-set) and a memory image's read cache (``PAGE_CACHE`` pages) are not counted.
+set) and a memory image's read cache (``PAGE_CACHE`` pages) are not counted, nor what grows by a few dozen
+bytes per event at most alongside a counted structure: dirty bitmaps (a gfn per store, which also makes a page
+with contents), the ledger's dirtied frames, the recorded checks' pending requests (one per ``pid``).
 """
 
 from __future__ import annotations
