@@ -146,9 +146,9 @@ def test_the_estimate_is_within_a_fifth_of_what_the_vm_holds(monkeypatch, tmp_pa
 )
 def test_the_estimate_of_the_synth_workloads(monkeypatch, tmp_path: Path, workload, mmu):
     path = tmp_path / "t.jsonl"
-    write_synth(str(path), SynthSpec(workload, 5_000, seed=1, mmu=mmu))
+    write_synth(str(path), SynthSpec(workload, 3_000, seed=1, mmu=mmu))
     estimate, traced = _estimate_and_traced(monkeypatch, path)
-    assert traced > 256 << 10
+    assert traced > 256 << 10  # the VM grew: the case measures something
     assert 0.8 < estimate / traced < 1.25, (format_size(estimate), format_size(traced), estimate / traced)
 
 
