@@ -36,6 +36,7 @@ from kvmpfn.kvm.pte_write import kvm_mmu_pte_write
 from kvmpfn.kvm.spte import is_last_spte, is_shadow_present_pte
 from kvmpfn.kvm.vm import Kvm
 from kvmpfn.kvm.walker import gva_in_range, load_pdptrs
+from kvmpfn.limits import CHECK_EVERY, over_limit, resolve_max_memory
 from kvmpfn.trace import events as ev
 from kvmpfn.trace.reader import TraceError, open_trace
 from kvmpfn.x86 import KVM_MAX_VCPUS, PAGE_SHIFT
@@ -59,6 +60,8 @@ class ReplayOptions:
     kernel_audit: bool = False  # also audit at the kernel's own four kvm_mmu_audit() points
     paranoid: bool = False  # full audit and a check of the simulator's own structures after every event
     tdp: str | None = None  # "npt" or "ept": overrides the header's ``tdp`` (``--tdp``)
+    #: bytes the simulated VM may hold (kvmpfn.limits): None is half the machine's memory, 0 no limit
+    max_memory: int | None = None
 
 
 @dataclass
@@ -430,15 +433,18 @@ def replay_file(
     progress: Callable[[int], None] | None = None,
     observer=None,
 ) -> ReplayResult:
-    """Replay the trace at ``path``. An input error stops the replay and is returned in ``result.error`` with
-    everything found up to that line; a simulated kernel BUG becomes a ``kernel-bug`` finding and stops it;
-    Ctrl-C stops it with ``result.interrupted``. ``progress(events)`` is called every PROGRESS_EVERY events.
+    """Replay the trace at ``path``. An input error, the memory limit or running out of memory stops the replay
+    and is returned in ``result.error`` with everything found up to that line; a simulated kernel BUG becomes a
+    ``kernel-bug`` finding and stops it; Ctrl-C stops it with ``result.interrupted``. ``progress(events)`` is
+    called every PROGRESS_EVERY events.
 
     ``observer`` (:mod:`kvmpfn.inspect`): ``attach(rp)`` once the Replayer exists (``observer.records``: it
     wants whole outcome records), ``event(seq, line, e, rec)`` after each event (true: stop the replay there,
     with no teardown), ``finish(rp)`` at the end. Without one the loop pays a single test per event."""
     options = options or ReplayOptions()
     result = ReplayResult(trace=path)
+    limit = resolve_max_memory(options.max_memory) or 1 << 63  # 0: no limit
+    out_of_memory = implicit_teardown = False
     rp = None
     try:
         with open_trace(path) as reader:
@@ -455,6 +461,7 @@ def replay_file(
             seq = -1
             counts = result.results
             tick = PROGRESS_EVERY
+            check_at = 0  # the seq after which the memory is checked next
             for line, e in reader:
                 seq += 1
                 if progress is not None:
@@ -486,10 +493,15 @@ def replay_file(
                     emit.write(json.dumps(rec, separators=(", ", ": ")) + "\n")
                 if observer is not None and observer.event(seq, line, e, rec):
                     break
+                if seq == check_at:
+                    _check_memory(rp, limit, path, line)
+                    check_at += CHECK_EVERY
             else:
                 rp.recorded.finish()
                 if reader.header.teardown and not rp.torn_down:
+                    _check_memory(rp, limit, path, rp.findings.line or reader.header_line)
                     rp.findings.seq, rp.findings.point = seq + 1, "teardown"
+                    implicit_teardown = True
                     try:
                         rp.do_teardown()
                     except KernelBug as bug:
@@ -501,8 +513,22 @@ def replay_file(
         result.interrupted = True
         if rp is not None:
             result.stats = rp.stats()
+    except MemoryError:
+        out_of_memory = True  # leaving this block frees the traceback; dropping rp then frees the VM
     if rp is not None:
         result.findings = rp.findings.items
-        if observer is not None:
+        if observer is not None and not out_of_memory:
             observer.finish(rp)
+    if out_of_memory:
+        line = rp.findings.line if rp is not None and rp.findings.line else None
+        rp = None
+        where = "in the teardown audit after this line" if implicit_teardown else "here"
+        result.error = str(TraceError(path, line, f"out of memory {where}; the findings up to here are reported"))
     return result
+
+
+def _check_memory(rp: Replayer, limit: int, path: str, line: int) -> None:
+    """Stop the replay (a :class:`TraceError` at ``line``) once the simulated VM outgrows ``limit`` bytes."""
+    reason = over_limit(rp.host, rp.kvm, rp.findings, limit)
+    if reason is not None:
+        raise TraceError(path, line, reason)

@@ -106,7 +106,7 @@ def test_hugetlb_first_touch_allocates_512_aligned_contiguous_frames():
     head = pfn - 37
     assert head % 512 == 0 and head == 0x100200
     assert [host.peek_pfn(0x200 + i) for i in range(512)] == list(range(head, head + 512))
-    assert all(host.frames[head + i].host_mapped for i in range(512))
+    assert all(host.frame(head + i).host_mapped for i in range(512))
     # the second 2 MiB region is untouched, and gets its own aligned block
     assert host.peek_pfn(0x400) is None
     assert touch(host, 0x5FF) == 0x100400 + 511
@@ -454,3 +454,118 @@ def test_peek_pfn_has_no_side_effects():
     assert host.peek_pfn(0xFE002) == host.follow_pfnmap(host.gfn_to_hva(0xFE002))
     assert host.peek_pfn(0x1000) is None
     assert frames_snapshot(host) == before and host.allocator.next_pfn == cursor
+
+
+# -- what a trace can make the host hold ------------------------------------------------------------
+def state_of(host: Host, pfn: int) -> tuple:
+    f = host.frame(pfn)
+    return f.count, f.dirty, f.accessed, f.host_mapped, f.reserved, f.struct_page, bytes(f.data or bytes(4096))
+
+
+def test_hugetlb_blocks_take_no_frame_until_one_is_used():
+    host = make_host((0, 0, 1 << 20, "hugetlb"))
+    heads = [touch(host, block << 9) for block in range(1000)]
+    assert len(host.frames) == 1  # bad_page: 512,000 frames mapped, none holding state
+    assert len(host.huge_blocks) == 1000 and host.data_pages == 0
+    head = heads[7]
+    assert [state_of(host, head + i)[3] for i in (0, 1, 511)] == [True] * 3
+    assert len(host.frames) == 4  # frame() made the three asked about
+    assert host.write_guest((7 << 21) + 8, 0xAB, 1)
+    assert host.data_pages == 1 and host.read_guest((7 << 21) + 8, 1) == 0xAB
+    assert host.read_guest((7 << 21) + 4096, 8) == 0 and host.data_pages == 1  # a neighbour still reads zero
+
+
+@pytest.mark.parametrize("referenced", [1, 600])
+def test_hugetlb_unmap_frees_the_unused_frames_and_keeps_the_referenced(referenced):
+    # the unmap looks at the window's frames or at the frames with state, whichever are fewer
+    host = make_host((0, 0, 4096, "hugetlb"), (1, 0x10000, 1024, "ram"))
+    for gfn in range(0x10000, 0x10000 + referenced):
+        touch(host, gfn)  # ram frames with state: many of them select the other strategy
+    heads = [touch(host, block << 9) for block in range(8)]
+    held = heads[3] + 5
+    host.frame(held).count = 1  # a KVM reference
+    host.write_guest((2 << 21) + 4096, 0x55, 1)
+    written = heads[2] + 1
+    host.set_memslot(0, 0, 0, "ram")
+    assert not host.huge_blocks
+    assert written not in host.frames and host.data_pages == 0
+    f = host.frames[held]
+    assert f.count == 1 and not f.host_mapped
+    assert not host.frame(heads[5] + 9).host_mapped  # free RAM now
+    assert all(host.frames[host.peek_pfn(gfn)].host_mapped for gfn in range(0x10000, 0x10000 + referenced))
+
+
+def test_hugetlb_remap_carries_contents_only():
+    host = make_host((0, 0x200, 512, "hugetlb"))
+    head = touch(host, 0x200)
+    host.write_guest((0x203 << 12) + 16, 0xBEEF, 2)
+    host.write_guest(0x204 << 12, 0, 8)  # written, but still zeros
+    host.frame(head + 9).count = 1
+    old, new = host.host_remap(0x203)
+    assert old == head + 3 and new % 512 == 3
+    new_head = new - 3
+    assert host.read_guest((0x203 << 12) + 16, 2) == 0xBEEF
+    assert set(host.frames) == {BAD_PFN, head + 9, new}  # one frame with contents moved, one held
+    assert host.data_pages == 1
+    assert state_of(host, new_head + 4) == (0, False, False, True, False, True, bytes(4096))
+    assert not host.frame(head + 4).host_mapped
+
+
+def test_image_zero_pages_take_no_memory():
+    zero = bytes(4096)
+    image = Image({gfn: zero for gfn in range(0x200, 0x400)} | {0x2FF: b"\x01" * 4096, 5: zero})
+    host = make_host((0, 0, 16, "ram"), (1, 0x200, 512, "hugetlb"), memory_image=image)
+    head = touch(host, 0x200)
+    assert set(host.frames) == {BAD_PFN, head + 0xFF} and host.data_pages == 1
+    assert host.read_guest(0x2FF << 12, 1) == 1 and host.read_guest(0x2FE << 12, 8) == 0
+    pfn = touch(host, 5)
+    assert host.frames[pfn].data is None and host.data_pages == 1
+
+
+def test_read_cache_is_bounded():
+    from kvmpfn.host.memory import PAGE_CACHE
+
+    image = Image({gfn: b"\x02" * 4096 for gfn in range(4 * PAGE_CACHE)})
+    host = make_host((0, 0, 4 * PAGE_CACHE, "ram"), memory_image=image)
+    assert sum(host.read_guest(gfn << 12, 1) for gfn in range(4 * PAGE_CACHE)) == 8 * PAGE_CACHE
+    assert len(host._page_data) <= PAGE_CACHE
+    assert len(host.frames) == 1  # reads never allocate
+
+
+def test_random_operations_keep_frames_and_counts_consistent():
+    """Frames with state, 2 MiB blocks and the count of pages with contents agree after any sequence of
+    touches, writes, references, remaps and memslot changes."""
+    rng = random.Random(21)
+    host = make_host((0, 0, 2048, "hugetlb"), (1, 0x1000, 256, "ram"), (2, 0x2000, 64, "reserved"))
+    gfns = [*range(0, 2048, 97), *range(0x1000, 0x1100, 13), *range(0x2000, 0x2040, 7)]
+    for _ in range(3000):
+        gfn = rng.choice(gfns)
+        op = rng.randrange(8)
+        if host.gfn_to_memslot(gfn) is None:
+            if op == 0 and host.memslot(0) is None:
+                host.set_memslot(0, 0, 2048, rng.choice(["hugetlb", "ram"]))
+            continue
+        if op <= 1:
+            touch(host, gfn)
+        elif op == 2:
+            host.write_guest(gfn << 12 | rng.randrange(0, 4096, 8), rng.randrange(3), 8)
+        elif op == 3:
+            pfn = touch(host, gfn)
+            host.frame(pfn).count += 1
+        elif op == 4:
+            pfn = host.peek_pfn(gfn)
+            if pfn is not None and host.frame(pfn).count > 0:
+                host.frame(pfn).count -= 1
+        elif op == 5:
+            host.host_remap(gfn)
+        elif op == 6 and host.memslot(0) is not None and rng.random() < 0.05:
+            host.set_memslot(0, 0, 0, "ram")
+        elif op == 7 and host.memslot(0) is not None and rng.random() < 0.05:  # move, or change the backing
+            host.set_memslot(0, rng.choice([0, 0x100]), 2048, rng.choice(["hugetlb", "ram"]))
+        for g in (gfn, rng.choice(gfns)):
+            pfn = host.peek_pfn(g)
+            if pfn is not None:
+                assert host.frame(pfn).host_mapped
+        assert host.data_pages == sum(f.data is not None for f in host.frames.values())
+        mapped = {first >> 9 for ms in host.memslots if ms.backing == "hugetlb" for first in ms.window.pages.values()}
+        assert host.huge_blocks == mapped

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import zstandard
 from cli_helper import check_input_error, run_kvmpfn
+from growth_helper import hugetlb_regions, leak_then_growth
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = b'{"kvmpfn": 1}\n'
@@ -225,6 +226,13 @@ HOSTILE = [
     ),
     Hostile("memory image that is a device", header(memory="/dev/zero"), 1, "memory", "not a regular file"),
     Hostile("memory image path with a NUL", header(memory="a\0b"), 1, "memory", "null byte"),
+    # memory (issue 21): the default max_memory is half of the 1 GiB address space cli_helper allows
+    Hostile(
+        "a VM that outgrows max_memory: 140,000 stores to fresh pages",
+        lambda: leak_then_growth(140_000),
+        ANY_LINE,
+        words="(max_memory 512 MiB), most of it guest pages with contents",
+    ),
 ]
 
 
@@ -376,6 +384,12 @@ LEGAL = [
         zstd(HEADER) + zstd(b'{"op": "audit"}\n'),
         {0: {"result": "ok", "line": 2}},
         filename="t.jsonl.zst",
+    ),
+    Legal(
+        "stores to 17,000 fresh 2 MiB regions of a hugetlb slot (1 MB; issue 21: it took 2 GiB)",
+        hugetlb_regions(17_000),
+        {0: {"result": "ok"}, 16_999: {"result": "ok", "line": 17_001}},
+        events=17_000,
     ),
     Legal(
         "a line of exactly 1 MiB",

@@ -20,7 +20,7 @@ import click
 from kvmpfn.replay import ReplayOptions
 from kvmpfn.vocab import KERNELS, MMUS, TDPS
 
-REPLAY_FIELDS = ("mmu", "kernel", "tdp", "audit_every", "kernel_audit", "bugs", "paranoid")
+REPLAY_FIELDS = ("mmu", "kernel", "tdp", "audit_every", "kernel_audit", "bugs", "paranoid", "max_memory")
 
 
 def fail(message: str, status: int = 2) -> NoReturn:
@@ -49,6 +49,18 @@ def _check_bugs(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
     return value
 
 
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    from kvmpfn.errors import InputError
+    from kvmpfn.limits import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except InputError as err:
+        raise click.BadParameter(err.message) from None
+
+
 _REPLAY_OPTIONS = (
     click.option("--mmu", type=click.Choice(MMUS), help="Override the header's MMU."),
     click.option("--kernel", type=click.Choice(KERNELS), help="Override the header's kernel variant."),
@@ -72,6 +84,13 @@ _REPLAY_OPTIONS = (
     ),
     click.option(
         "--paranoid", is_flag=True, help="Full audit and a check of kvmpfn's own MMU structures after every event."
+    ),
+    click.option(
+        "--max-memory",
+        metavar="SIZE",
+        callback=_size,
+        help="Stop a replay whose simulated VM outgrows SIZE (512M, 2G; 0: no limit) with a one-line error, "
+        "keeping its findings [default: half of the memory available: RAM, cgroup limit, ulimit -v].",
     ),
 )
 
@@ -121,6 +140,8 @@ def options_text(options: ReplayOptions) -> str:
     words += ["--kernel-audit"] * options.kernel_audit + ["--paranoid"] * options.paranoid
     for bug in sorted(options.bugs):
         words += ["--bug", bug]
+    if options.max_memory is not None:
+        words += ["--max-memory", str(options.max_memory)]
     return shlex.join(words)
 
 

@@ -2,7 +2,17 @@
 
 mm/memory.c ``get_user_pages`` and ``follow_pfn`` (VM_PFNMAP), mm/hugetlb.c, mm/mmu_notifier.c's
 ``invalidate_range_start`` point, and the guest-physical accessors of kvm_main.c (``kvm_read_guest``,
-``kvm_write_guest``). Every operation is O(1) or O(log slots), apart from hugetlb's 512-frame blocks.
+``kvm_write_guest``). Every operation is O(1) or O(log slots), apart from a hugetlb remap (at most 512
+frames) and an unmap (the window's frames).
+
+What a trace can make the host hold (the costs ``kvmpfn.limits`` counts against ``max_memory``):
+
+- a ``Frame`` per 4 KiB page touched in a ``ram``/``reserved`` window, and per frame KVM referenced or whose
+  contents were written anywhere; 4 KiB more for each page whose contents are not zero;
+- one entry per 2 MiB block faulted into a ``hugetlb`` window: its 512 frames exist (``frame`` gives them,
+  host-mapped) but take no memory until referenced or written;
+- pages of the memory image: at most the image's own non-zero pages, plus a read cache of ``PAGE_CACHE``
+  pages.
 """
 
 from __future__ import annotations
@@ -17,6 +27,9 @@ from kvmpfn.x86 import KVM_PAGES_PER_HPAGE, PAGE_SHIFT, PAGE_SIZE
 
 _OFFSET_MASK = PAGE_SIZE - 1
 _HPAGE_MASK = KVM_PAGES_PER_HPAGE - 1
+_ZERO_PAGE = bytes(PAGE_SIZE)
+#: pages of contents kept for reads (``Host._page_data``), most of them the frames' own buffers
+PAGE_CACHE = 1024
 
 InvalidateHook = Callable[[int, int], None]
 
@@ -27,8 +40,20 @@ class MemoryImage(Protocol):
     def read_page(self, gfn: int) -> bytes | None: ...
 
 
+def window_pfn(w: HvaWindow, off: int) -> int | None:
+    """The RAM pfn faulted in at page ``off`` of ``w``, or None. A hugetlb window maps whole 2 MiB blocks:
+    ``w.pages.get(off)`` alone is right for a page offset there only when it is the first of its block."""
+    if w.backing == "hugetlb":
+        first = w.pages.get(off & ~_HPAGE_MASK)
+        return None if first is None else first + (off & _HPAGE_MASK)
+    return w.pages.get(off)
+
+
 class Host:
     """Host frames by pfn, the memslots and vmas behind guest memory, and guest memory contents.
+
+    ``frames`` holds the frames that have state: a hugetlb frame enters it only when KVM references it or its
+    contents are written; until then ``frame`` gives a fresh host-mapped frame for it.
 
     :param first_pfn: the first frame the allocator hands out (trace header ``host.first_pfn``).
     :param memory_image: initial contents of untouched guest pages, looked up by gfn.
@@ -37,6 +62,10 @@ class Host:
     def __init__(self, first_pfn: int = DEFAULT_FIRST_PFN, memory_image: MemoryImage | None = None) -> None:
         self.allocator = FrameAllocator(first_pfn)
         self.frames: dict[int, Frame] = {}
+        #: ``pfn >> 9`` of every 2 MiB block a hugetlb window maps (its frames need not be in ``frames``)
+        self.huge_blocks: set[int] = set()
+        #: frames in ``frames`` whose ``data`` is not None (4 KiB each)
+        self.data_pages = 0
         self.memory_image = memory_image
         self._slots = MemslotTable()
         self._invalidate_hooks: list[InvalidateHook] = []
@@ -59,7 +88,7 @@ class Host:
         """``pfn_to_page``: the frame for ``pfn``, created on demand (free RAM, or a device frame)."""
         f = self.frames.get(pfn)
         if f is None:
-            f = self.frames[pfn] = Frame(pfn, struct_page=pfn_valid(pfn))
+            f = self.frames[pfn] = Frame(pfn, pfn_valid(pfn), host_mapped=pfn >> 9 in self.huge_blocks)
         return f
 
     @staticmethod
@@ -75,8 +104,18 @@ class Host:
         f = self.frames.get(pfn)
         if f is None or f.count != 0 or f.host_mapped or not f.struct_page or pfn == BAD_PFN:
             return False
+        if f.data is not None:
+            self.data_pages -= 1
         del self.frames[pfn]
         return True
+
+    def _set_data(self, f: Frame, data: bytes | bytearray | None) -> None:
+        """Give the fresh frame ``f`` a copy of ``data`` (a page, or a prefix of one); zeros stay None."""
+        if data is None or data == _ZERO_PAGE:
+            return
+        if f.data is None:
+            self.data_pages += 1
+        f.data = bytearray(data[:PAGE_SIZE].ljust(PAGE_SIZE, b"\0"))
 
     # -- memslots ----------------------------------------------------------------------------------------
     def set_memslot(self, slot: int, gfn: int, npages: int, backing: str) -> None:
@@ -161,15 +200,23 @@ class Host:
         off = gfn - ms.window_gfn
         if w.dev_base is not None:
             return w.dev_base + off
-        return w.pages.get(off)
+        return window_pfn(w, off)
 
     def _fault_in(self, w: HvaWindow, off: int) -> int:
-        """Anonymous / hugetlb page fault: give the page (or its 2 MiB block) fresh frames."""
+        """The pfn at page ``off`` of ``w``, which ``w.pages.get(off)`` did not give: anonymous or hugetlb page
+        fault, the page (or its 2 MiB block) gets fresh frames, unless its hugetlb block is already there."""
         if w.backing == "hugetlb":
             block = off & ~_HPAGE_MASK
+            first = w.pages.get(block)
+            if first is not None:
+                return first + (off - block)
             first = self.allocator.alloc(KVM_PAGES_PER_HPAGE, KVM_PAGES_PER_HPAGE)
-            for i in range(KVM_PAGES_PER_HPAGE):
-                self._install(w, block + i, first + i, self._image_page(w, block + i))
+            self._install_block(w, block, first)
+            if self.memory_image is not None:
+                for i in range(KVM_PAGES_PER_HPAGE):
+                    data = self._image_page(w, block + i)
+                    if data is not None and data != _ZERO_PAGE:
+                        self._set_data(self.frame(first + i), data)
             return first + (off - block)
         pfn = self.allocator.alloc()
         self._install(w, off, pfn, self._image_page(w, off))
@@ -177,12 +224,20 @@ class Host:
 
     def _install(self, w: HvaWindow, off: int, pfn: int, data: bytes | bytearray | None) -> None:
         f = Frame(pfn, reserved=w.backing == "reserved", host_mapped=True)
-        if data is not None:
-            f.data = bytearray(data[:PAGE_SIZE].ljust(PAGE_SIZE, b"\0"))
+        self._set_data(f, data)
         self.frames[pfn] = f
         w.pages[off] = pfn
         if w.slot is not None:
             self._page_data.pop(w.slot.window_gfn + off, None)
+
+    def _install_block(self, w: HvaWindow, block: int, first: int) -> None:
+        """Map the 2 MiB block at window offset ``block`` to frames ``first`` .. ``first + 511``."""
+        w.pages[block] = first
+        self.huge_blocks.add(first >> 9)
+        if w.slot is not None and self._page_data:
+            gfn = w.slot.window_gfn + block
+            for i in range(KVM_PAGES_PER_HPAGE):
+                self._page_data.pop(gfn + i, None)
 
     def _image_page(self, w: HvaWindow, off: int) -> bytes | None:
         ms = w.slot
@@ -196,7 +251,15 @@ class Host:
     def _unmap_window(self, w: HvaWindow) -> None:
         """munmap: drop the host's mapping reference of every frame in the window."""
         self._page_data.clear()
-        for pfn in w.pages.values():
+        pfns = w.pages.values()
+        if w.backing == "hugetlb":
+            blocks = {first >> 9 for first in pfns}
+            self.huge_blocks -= blocks
+            if len(blocks) * KVM_PAGES_PER_HPAGE < len(self.frames):
+                pfns = [first + i for first in pfns for i in range(KVM_PAGES_PER_HPAGE) if first + i in self.frames]
+            else:  # fewer frames with state than frames mapped: look at those
+                pfns = [pfn for pfn in self.frames if pfn >> 9 in blocks]
+        for pfn in pfns:
             self.frames[pfn].host_mapped = False
             self.free_if_unused(pfn)
         w.pages.clear()
@@ -223,20 +286,34 @@ class Host:
         off = gfn - ms.window_gfn
         if w.dev_base is not None:
             return w.dev_base + off, w.dev_base + off
-        old_pfn = w.pages.get(off)
+        old_pfn = window_pfn(w, off)
         if old_pfn is None:
             return None, None
-        n = KVM_PAGES_PER_HPAGE if w.backing == "hugetlb" else 1
-        block = off & ~(n - 1)
+        if w.backing != "hugetlb":
+            hva = w.base + (off << PAGE_SHIFT)
+            for hook in list(self._invalidate_hooks):
+                hook(hva, hva + PAGE_SIZE)
+            new_pfn = self.allocator.alloc()
+            old = self.frames[old_pfn]
+            self._install(w, off, new_pfn, old.data)
+            old.host_mapped = False
+            self.free_if_unused(old_pfn)
+            return old_pfn, new_pfn
+        block = off & ~_HPAGE_MASK
+        old_first = w.pages[block]
         hva_start = w.base + (block << PAGE_SHIFT)
         for hook in list(self._invalidate_hooks):
-            hook(hva_start, hva_start + (n << PAGE_SHIFT))
-        first = self.allocator.alloc(n, n)
-        for i in range(n):
-            old = self.frames[w.pages[block + i]]
-            self._install(w, block + i, first + i, old.data)
-            old.host_mapped = False
-            self.free_if_unused(old.pfn)
+            hook(hva_start, hva_start + (KVM_PAGES_PER_HPAGE << PAGE_SHIFT))
+        first = self.allocator.alloc(KVM_PAGES_PER_HPAGE, KVM_PAGES_PER_HPAGE)
+        self.huge_blocks.discard(old_first >> 9)
+        self._install_block(w, block, first)
+        for i in range(KVM_PAGES_PER_HPAGE):
+            old = self.frames.get(old_first + i)
+            if old is not None:  # a frame with state; the others were never used
+                if old.data is not None and old.data != _ZERO_PAGE:
+                    self._set_data(self.frame(first + i), old.data)
+                old.host_mapped = False
+                self.free_if_unused(old.pfn)
         return old_pfn, first + (off - block)
 
     # -- guest-physical memory contents ------------------------------------------------------------------
@@ -246,6 +323,8 @@ class Host:
         if data is None:
             data = self._page_contents(gfn)
             if data is not None:
+                if len(self._page_data) >= PAGE_CACHE:
+                    self._page_data.clear()
                 self._page_data[gfn] = data
         return data
 
@@ -258,9 +337,10 @@ class Host:
         if w.dev_base is not None:
             f = self.frames.get(w.dev_base + off)
             return None if f is None else f.data
-        pfn = w.pages.get(off)
+        pfn = window_pfn(w, off)
         if pfn is not None:
-            return self.frames[pfn].data
+            f = self.frames.get(pfn)
+            return None if f is None else f.data
         if self.memory_image is not None:
             return self.memory_image.read_page(gfn)
         return None
@@ -276,9 +356,14 @@ class Host:
             f = self.frame(w.dev_base + off)
         else:
             pfn = w.pages.get(off)
-            f = self.frames[pfn if pfn is not None else self._fault_in(w, off)]
+            if pfn is None:
+                pfn = self._fault_in(w, off)
+            f = self.frames.get(pfn)
+            if f is None:  # a hugetlb frame without state yet
+                f = self.frame(pfn)
         if f.data is None:
             f.data = bytearray(PAGE_SIZE)
+            self.data_pages += 1
         return f.data
 
     def read_guest(self, gpa: int, size: int) -> int:

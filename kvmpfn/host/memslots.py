@@ -30,8 +30,9 @@ def _round_hpages(npages: int) -> int:
 class HvaWindow:
     """The host vma behind one memslot creation (anonymous, hugetlbfs, reserved or VM_PFNMAP device).
 
-    ``pages`` maps a page offset in the window to the RAM pfn faulted in there; a device window instead maps
-    offset ``i`` to ``dev_base + i`` (``vm_pgoff`` arithmetic of ``follow_pfn``).
+    ``pages`` maps a page offset in the window to the RAM pfn faulted in there (hugetlb: the offset of each
+    2 MiB block faulted in to its first pfn); a device window instead maps offset ``i`` to ``dev_base + i``
+    (``vm_pgoff`` arithmetic of ``follow_pfn``).
     """
 
     __slots__ = ("base", "npages", "backing", "pages", "dev_base", "slot")
