@@ -17,6 +17,7 @@ from rich.console import Console
 
 from kvmpfn import __version__
 from kvmpfn import replay as replay_mod
+from kvmpfn import __version__
 from kvmpfn.cli import main
 from kvmpfn.replay import ReplayResult
 from kvmpfn.report import FAIL, NOT_RUN, PASS, AuditReport, TraceOutcome, console, junit, sarif
@@ -97,7 +98,8 @@ def test_json_report_shape(documents):
     code, text = documents("json")
     assert code == 1
     doc = json.loads(text)
-    assert list(doc) == ["version", "traces", "summary"] and doc["version"] == 1
+    assert list(doc) == ["version", "kvmpfn", "options", "traces", "summary"] and doc["version"] == 1
+    assert doc["kvmpfn"] == __version__ and doc["options"]["bugs"] == [] and doc["options"]["mmu"] is None
     clean, leak, missing, bad = doc["traces"]
     assert [t["trace"] for t in doc["traces"]] == [
         "corpus/clean.jsonl",
