@@ -17,7 +17,6 @@ from rich.console import Console
 
 from kvmpfn import __version__
 from kvmpfn import replay as replay_mod
-from kvmpfn import __version__
 from kvmpfn.cli import main
 from kvmpfn.replay import ReplayResult
 from kvmpfn.report import FAIL, NOT_RUN, PASS, AuditReport, TraceOutcome, console, junit, sarif
