@@ -128,7 +128,8 @@ def _init_local_worker(parent: int) -> None:
 
 
 def _watch_pid(pid: int) -> None:
-    """In a dask worker or nanny of a LocalCluster we started: exit when our process ``pid`` is gone."""
+    """In a dask worker of a LocalCluster we started: exit when our process ``pid`` is gone; stdio on
+    /dev/null."""
 
     def watch() -> None:
         while True:
@@ -143,6 +144,19 @@ def _watch_pid(pid: int) -> None:
     if not any(t.name == "kvmpfn-parent-watchdog" for t in threading.enumerate()):
         _quiet_stdio()
         threading.Thread(target=watch, name="kvmpfn-parent-watchdog", daemon=True).start()
+
+
+def _guard_plugin(base: type, pid: int) -> Any:
+    """A dask WorkerPlugin that runs :func:`_watch_pid` in every worker, restarted ones included (the nannies
+    of a LocalCluster live in this process; the workers are its children)."""
+
+    class Guard(base):  # type: ignore[misc, valid-type]
+        name = "kvmpfn-guard"
+
+        def setup(self, worker: Any) -> None:
+            _watch_pid(pid)
+
+    return Guard()
 
 
 def _alarm(seconds: float | None) -> None:
@@ -317,7 +331,7 @@ class _DaskPool:
     def __init__(self, config: RunnerConfig) -> None:
         try:
             import dask
-            from distributed import Client, LocalCluster
+            from distributed import Client, LocalCluster, WorkerPlugin
         except ImportError:
             raise InputError(None, "--executor dask needs dask.distributed: pip install 'kvmpfn[dask]'") from None
         import logging
@@ -338,9 +352,7 @@ class _DaskPool:
                         silence_logs=logging.CRITICAL,
                     )
                 self.client = Client(self.cluster, set_as_default=False)
-                me = os.getpid()
-                self.client.run(_watch_pid, me, nanny=True)
-                self.client.run(_watch_pid, me)
+                self.client.register_plugin(_guard_plugin(WorkerPlugin, os.getpid()))
         except OSError as err:
             where = config.scheduler or "a LocalCluster"
             raise InputError(None, f"cannot connect to the dask scheduler {where}: {err}") from None
