@@ -14,13 +14,15 @@ which is what :func:`merge` needs to rebuild the unsharded report.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from typing import Any
 
 from kvmpfn import __version__
 from kvmpfn.errors import InputError
 from kvmpfn.report import NOT_RUN, AuditReport, TraceOutcome
 
-MAX_REPORT = 1 << 30  # bytes: a report larger than this is not read
+MAX_REPORT = 256 << 20  # bytes: a report larger than this is not read
 
 
 def trace_document(outcome: TraceOutcome) -> dict[str, Any]:
@@ -63,14 +65,17 @@ class MergeError(InputError):
 def load(path: str) -> dict[str, Any]:
     """A JSON report written by ``kvmpfn audit --format json``."""
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_REPORT + 1)
-        doc = json.loads(data)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_REPORT:
+                raise MergeError(f"{path}: not a regular file of at most {MAX_REPORT >> 20} MiB")
+            doc = json.loads(fh.read())
     except OSError as err:
         raise MergeError(f"{path}: cannot read the report: {err.strerror}") from None
     except (ValueError, RecursionError) as err:
         raise MergeError(f"{path}: not a JSON report: {str(err) or type(err).__name__}") from None
-    if len(data) > MAX_REPORT or not isinstance(doc, dict) or doc.get("version") != 1 or "traces" not in doc:
+    if not isinstance(doc, dict) or doc.get("version") != 1 or "traces" not in doc:
         raise MergeError(f"{path}: not a kvmpfn audit JSON report")
     return doc
 
@@ -94,7 +99,8 @@ def merge(reports: dict[str, dict[str, Any]]) -> AuditReport:
     """The report of the unsharded run, from its n shard reports (by path): same kvmpfn version, options and
     selection, shards 1..n each once, every trace of the selection in exactly one shard."""
     first_path, first = next(iter(reports.items()))
-    shards: dict[int, str] = {}
+    count = str(first.get("summary", {}).get("shard", "")).partition("/")[2]
+    shards: dict[str, str] = {}
     for path, doc in reports.items():
         shard = doc.get("summary", {}).get("shard")
         if "selection" not in doc or not isinstance(shard, str):
@@ -102,18 +108,17 @@ def merge(reports: dict[str, dict[str, Any]]) -> AuditReport:
         for name in ("kvmpfn", "options", "selection"):
             if doc.get(name) != first.get(name):
                 raise MergeError(f'{path}: its "{name}" differs from that of {first_path}; not shards of one run')
+        index, _, n = shard.partition("/")
+        if n != count:
+            raise MergeError(f"{path}: shard {shard}, but {first_path} is one of {count} shards")
         if doc["summary"].get("not_run"):
             raise MergeError(f"{path}: --fail-fast stopped this shard; its traces do not add up")
-        index, _, count = shard.partition("/")
         if index in shards:
             raise MergeError(f"{path}: shard {shard} again (also {shards[index]})")
         shards[index] = path
-    count = first["summary"]["shard"].partition("/")[2]
-    if any(doc["summary"]["shard"].partition("/")[2] != count for doc in reports.values()):
-        raise MergeError("the reports were split into different numbers of shards")
-    missing = sorted(set(str(i) for i in range(1, int(count) + 1)) - set(shards), key=int)
+    missing = [f"{i}/{count}" for i in range(1, int(count) + 1) if str(i) not in shards]
     if missing:
-        raise MergeError(f"shard {', '.join(f'{m}/{count}' for m in missing)} missing")
+        raise MergeError(f"shard {', '.join(missing)} missing")
     by_trace: dict[str, TraceOutcome] = {}
     for path, doc in reports.items():
         for item in doc["traces"]:
