@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -169,9 +170,11 @@ def _on_alarm(signum: int, frame: Any) -> None:
 
 
 def _execute(task: Task, payload: dict | None, timeout: float | None) -> Any:
-    """Run one task in a worker: materialise shipped bytes, arm the alarm, turn a defect into a Failure."""
-    with tempfile.TemporaryDirectory(prefix="kvmpfn-task-") if payload else contextlib.nullcontext() as tmp:
-        open_path = _materialise(tmp, task.path, payload) if payload else task.path
+    """Run one task in a worker: materialise shipped bytes (``payload["trace"]``) or open the absolute path
+    (``payload["path"]``, a shared file system), arm the alarm, turn a defect into a Failure."""
+    shipped = payload is not None and "trace" in payload
+    with tempfile.TemporaryDirectory(prefix="kvmpfn-task-") if shipped else contextlib.nullcontext() as tmp:
+        open_path = _materialise(tmp, task.path, payload) if shipped else (payload or {}).get("path", task.path)
         previous = None
         if timeout and threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGALRM, _on_alarm)
@@ -338,6 +341,8 @@ class _DaskPool:
 
         self.cluster = None
         self.shared_fs = config.shared_fs
+        # dask's advice ("large graph", "port in use") is not for kvmpfn's users
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"distributed(\..*)?$")
         try:
             if config.scheduler:
                 self.client = Client(config.scheduler, timeout=15, set_as_default=False)
@@ -348,7 +353,9 @@ class _DaskPool:
                         threads_per_worker=1,
                         processes=True,
                         host="127.0.0.1",
-                        dashboard_address=None,
+                        dashboard_address="127.0.0.1:0",
+                        worker_dashboard_address="127.0.0.1:0",
+                        scheduler_kwargs={"dashboard": False},
                         silence_logs=logging.CRITICAL,
                     )
                 self.client = Client(self.cluster, set_as_default=False)
@@ -360,7 +367,7 @@ class _DaskPool:
         self.window = 2 * max(1, len(self.client.scheduler_info().get("workers", {})) or config.jobs)
 
     def submit(self, task: Task, timeout: float | None) -> Future:
-        payload = None if self.shared_fs else _payload(task.path)
+        payload = {"path": os.path.abspath(task.path)} if self.shared_fs else _payload(task.path)
         return self.executor.submit(_execute, task, payload, timeout)
 
     def reset(self) -> None:

@@ -20,7 +20,9 @@ from kvmpfn.synth import SynthSpec, write_synth
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start(cwd: Path, *args: str, memory: int = 1 << 30, nofile: int | None = None) -> subprocess.Popen:
+def start(
+    cwd: Path, *args: str, memory: int = 1 << 30, nofile: int | None = None, pythonpath: str = ""
+) -> subprocess.Popen:
     """``python -m kvmpfn ARGS`` in ``cwd``, its own process group, address space at most ``memory`` bytes."""
 
     def limits() -> None:
@@ -31,7 +33,7 @@ def start(cwd: Path, *args: str, memory: int = 1 << 30, nofile: int | None = Non
     return subprocess.Popen(
         [sys.executable, "-m", "kvmpfn", *args],
         cwd=cwd,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        env=dict(os.environ, PYTHONPATH=pythonpath + str(REPO)),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
