@@ -105,18 +105,20 @@ def wait_for(predicate, timeout: float = 30.0, period: float = 0.01):
 
 
 class Killer(threading.Thread):
-    """An out-of-memory killer for tests: SIGKILLs, up to ``times`` times, a process (below ``root``, or any)
-    that has the trace ``name`` open."""
+    """An out-of-memory killer for tests: SIGKILLs, up to ``times`` times, a process (below ``root``, or any;
+    never ``spare`` or its children) that has the trace ``name`` open."""
 
-    def __init__(self, name: str, times: int, root: int | None = None) -> None:
+    def __init__(self, name: str, times: int, root: int | None = None, spare: int | None = None) -> None:
         super().__init__(daemon=True)
-        self.name_, self.times, self.root = name, times, root
+        self.name_, self.times, self.root, self.spare = name, times, root, spare
         self.killed: list[int] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set() and len(self.killed) < self.times:
             among = descendants(self.root) if self.root is not None else None
+            if among is not None and self.spare is not None:
+                among -= {self.spare} | descendants(self.spare)
             for pid in sorted(holding(self.name_, among) - {os.getpid()}):
                 if pid not in self.killed:
                     os.kill(pid, signal.SIGKILL)
