@@ -30,6 +30,7 @@ import contextlib
 import ctypes
 import multiprocessing
 import os
+import re
 import resource
 import signal
 import stat
@@ -343,6 +344,8 @@ class _DaskPool:
         self.shared_fs = config.shared_fs
         # dask's advice ("large graph", "port in use") is not for kvmpfn's users
         warnings.filterwarnings("ignore", category=UserWarning, module=r"distributed(\..*)?$")
+        if config.scheduler and not re.fullmatch(r"[a-z]+://[^\s/]+:\d+", config.scheduler):
+            raise InputError(None, f"--scheduler {config.scheduler!r}: expected an address like tcp://HOST:PORT")
         try:
             if config.scheduler:
                 self.client = Client(config.scheduler, timeout=15, set_as_default=False)

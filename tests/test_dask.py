@@ -180,3 +180,11 @@ def test_missing_dask_is_one_line_exit_2(tmp_path):
     status, out, err = finish(start(tmp_path, "audit", "c", "--executor", "dask", pythonpath=f"{fake}{os.pathsep}"))
     assert status == 2 and out == ""
     assert err == "kvmpfn: error: --executor dask needs dask.distributed: pip install 'kvmpfn[dask]'\n"
+
+
+def test_a_malformed_scheduler_address_is_one_line_exit_2(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.jsonl").write_text(HEADER)
+    status, out, err = finish(start(tmp_path, "audit", "c", "--scheduler", "bogus"))
+    assert (status, out) == (2, "")
+    assert err == "kvmpfn: error: --scheduler 'bogus': expected an address like tcp://HOST:PORT\n"
