@@ -11,7 +11,8 @@ finish in; a task the runner could not get a result for yields a :class:`Failure
   dask: the scheduler retries a task whose worker died (``distributed.scheduler.allowed-failures``, 1 on the
   ``LocalCluster`` this module starts); then it is a :class:`Failure`. The other tasks still run.
 - ``timeout`` seconds per task: a :class:`Failure` naming the limit (local workers stop by an alarm; a worker
-  that ignores it is killed ``GRACE`` seconds later).
+  that ignores it is killed ``GRACE`` seconds later; on dask the task is given up ``GRACE`` seconds later and
+  its worker finishes the replay unobserved).
 - Ctrl-C: running tasks are cancelled (local workers killed) and ``KeyboardInterrupt`` propagates after the
   results already yielded; a second Ctrl-C while cleaning up exits at once (status 130).
 - Closing the generator early (``--fail-fast``) cancels what is still running.
@@ -454,7 +455,7 @@ def run(
                     else:
                         finish(k, Failure(f"{tasks[k].path}: internal error: {type(exc).__name__}: {exc}"))
             if broken:  # every task of the broken pool is a suspect; the pool starts afresh
-                suspects.extend(sorted(k for k, _s, _a in running.values()))
+                suspects = deque(sorted([*suspects, *(k for k, _s, _a in running.values())]))
                 running.clear()
                 pool.reset()
             if config.timeout:
