@@ -208,19 +208,17 @@ def _read_baseline(path: str) -> bytes | None:
         if st.st_size > MAX_BASELINE:
             raise GateError(f"{path}: the baseline is {st.st_size:,} bytes, more than {MAX_BASELINE >> 20} MiB")
         try:
-            data = fh.read(MAX_BASELINE + 1)
+            return fh.read()
         except OSError as err:
             raise GateError(f"{path}: cannot read the baseline: {err.strerror}") from None
-    if len(data) > MAX_BASELINE:
-        raise GateError(f"{path}: the baseline is more than {MAX_BASELINE >> 20} MiB")
-    return data
 
 
 def _utf8(path: str, text: str) -> str:
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise GateError(f"{path}: the baseline holds a lone surrogate (\\u{ord(text[0]):04x}...) in {text!a}") from None
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        raise GateError(f"{path}: the baseline holds a lone surrogate \\u{code:04x} in {text!a}") from None
     return text
 
 
