@@ -126,8 +126,12 @@ class Killer(threading.Thread):
             time.sleep(0.005)
 
 
-def slow_trace(path: Path, events: int = 150_000, seed: int = 1) -> Path:
-    """A clean synth trace that takes a worker a second or more to replay."""
+#: events of :func:`slow_trace`: most of a second of replay at the fastest rate kvmpfn has (steady, ~100k/s)
+SLOW_EVENTS = 80_000
+
+
+def slow_trace(path: Path, events: int = SLOW_EVENTS, seed: int = 1) -> Path:
+    """A clean synth trace that takes a worker most of a second, or more, to replay."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_synth(str(path), SynthSpec("steady", events, seed=seed, mmu="shadow"))
     return path

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from cli_helper import check_input_error, run_kvmpfn
-from proc_helper import REPO, Killer, alive, descendants, holding, slow_trace, start, wait_for
+from proc_helper import REPO, SLOW_EVENTS, Killer, alive, descendants, holding, slow_trace, start, wait_for
 
 from kvmpfn.mutants import compare
 from kvmpfn.replay import ReplayOptions, replay_file
@@ -61,7 +61,7 @@ def test_a_worker_killed_mid_run_is_retried_and_the_run_completes(tmp_path, slow
     assert status == 0, err
     doc = json.loads(out)
     assert statuses(out) == dict.fromkeys(["c/a.jsonl", "c/b.jsonl", "c/m-slow.jsonl", "c/z.jsonl"], "pass")
-    assert doc["traces"][2]["events"] == 150_000
+    assert doc["traces"][2]["events"] == SLOW_EVENTS
     assert "Traceback" not in err
 
 
