@@ -14,7 +14,7 @@ finish in; a task the runner could not get a result for yields a :class:`Failure
   that ignores it is killed ``GRACE`` seconds later; on dask the task is given up ``GRACE`` seconds later and
   its worker finishes the replay unobserved).
 - Ctrl-C: running tasks are cancelled (local workers killed) and ``KeyboardInterrupt`` propagates after the
-  results already yielded; a second Ctrl-C while cleaning up exits at once (status 130).
+  results already yielded; from then on a second Ctrl-C exits the process at once (status 130).
 - Closing the generator early (``--fail-fast``) cancels what is still running.
 - A path that is not a regular file (a FIFO, a device) is a :class:`Failure` before anything opens it.
 - Local workers die with their parent (``PR_SET_PDEATHSIG`` on Linux and a parent-pid watchdog), ignore
@@ -417,7 +417,6 @@ def run(
     results: dict[int, Any] = {}
     next_out = 0
     cancel = True
-    previous_sigint = None
     done_cb = on_done or (lambda k: None)
 
     def finish(k: int, result: Any) -> None:
@@ -474,12 +473,10 @@ def run(
                 next_out += 1
         cancel = False
     except KeyboardInterrupt:
-        with contextlib.suppress(ValueError):  # a second Ctrl-C while cleaning up: out at once
-            previous_sigint = signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+        with contextlib.suppress(ValueError):  # from now on a second Ctrl-C exits at once
+            signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
         raise
     finally:
         for future in running:
             future.cancel()
         pool.close(cancel=cancel)
-        if previous_sigint is not None:
-            signal.signal(signal.SIGINT, previous_sigint)

@@ -83,7 +83,8 @@ def test_a_trace_that_kills_every_worker_is_its_error_and_the_others_run(tmp_pat
 def test_ctrl_c_cancels_within_a_second_exits_130_with_the_partial_report(tmp_path, slow):
     corpus(tmp_path / "c", slow, ["a0.jsonl", "a1.jsonl"], [f"s{k}.jsonl" for k in range(4)])
     proc = start(tmp_path, "audit", "c", "--jobs", "2")
-    workers = wait_for(lambda: holding("s0.jsonl", descendants(proc.pid)) and descendants(proc.pid))
+    # s1 starts only once a0 and a1 are done (two workers, one task each)
+    workers = wait_for(lambda: holding("s1.jsonl", descendants(proc.pid)) and descendants(proc.pid))
     os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
     sent = time.monotonic()
     status, out, err = finish(proc, timeout=10)
@@ -115,9 +116,7 @@ def test_workers_die_with_their_parent_and_do_not_hold_its_stdout(tmp_path, slow
         assert os.readlink(f"/proc/{pid}/fd/2") == "/dev/null"
     os.kill(proc.pid, signal.SIGKILL)  # what subprocess.run(timeout=...) does: the main process only
     start_ = time.monotonic()
-    proc.stdout.read()  # EOF: nobody holds the pipe any more
-    proc.stderr.read()
-    proc.wait(5)
+    proc.communicate(timeout=5)  # EOF on both pipes: nobody holds them any more
     assert time.monotonic() - start_ < 5
     wait_for(lambda: not alive(workers), timeout=3)
 
