@@ -176,6 +176,13 @@ def bench_gate(traces: int, events: int) -> dict:
             f"--jobs 1: {row['jobs_1_s']:.1f} s, --jobs 2: {row['jobs_2_s']:.1f} s (speedup {row['speedup']}x on "
             f"{row['cpus']} CPUs, load average {row['loadavg_1min_before']} before; exit {row['exit_status']})"
         )
+        if "dask_vs_jobs_2" in row:
+            say(
+                f"dask, 2 workers: {row['dask_running_cluster_s']:.1f} s on a running cluster "
+                f"({row['dask_vs_jobs_2']}x --jobs 2), {row['dask_local_cluster_s']:.1f} s with its own LocalCluster; "
+                f"per-task overhead {row['per_task_overhead_local_s'] * 1000:.1f} ms local, "
+                f"{row['per_task_overhead_dask_s'] * 1000:.1f} ms dask"
+            )
     return row
 
 

@@ -16,39 +16,51 @@ Baseline. ``kvmpfn-baseline.json`` in the corpus root, or ``--baseline FILE`` fo
 without an entry is expected to be clean. A trace passes when its findings by code equal its entry; an input
 error makes it an ``error`` whatever it found.
 
-Shards. ``--shard i/n``: the k-th trace of the selection (k from 0) belongs to shard ``(k mod n) + 1``. Every
-machine of a CI matrix sees the same selection, so the n shards together cover it exactly once, and each shard
-gets an even share (at most one trace more than another).
+Shards. ``--shard i/n``: the selection is split by trace size, deterministically: traces are taken largest
+first (ties by path) and each goes to the shard with the fewest bytes so far (ties: the lower shard); a shard
+then runs its traces in selection order. Every machine of a CI matrix sees the same selection and the same
+sizes, so the n shards together cover it exactly once. A shard's JSON report records the whole selection, so
+``kvmpfn merge`` can join the shards into the report of the unsharded run.
 
-Jobs. Traces replay in worker processes (``ProcessPoolExecutor``, fork where the platform has it); outcomes
-are put back in selection order, so ``--jobs N`` gives the same documents as ``--jobs 1``. ``--fail-fast``
-stops at the first failing trace in selection order: later traces are reported as not run (even those a
-worker had already finished); traces still running in other workers finish and are discarded.
+Jobs. Traces replay through :mod:`kvmpfn.runner` (local worker processes or a dask cluster); outcomes are
+put back in selection order, so any ``--jobs`` or executor gives the same documents as ``--jobs 1``.
+``--fail-fast`` stops at the first failing trace in selection order: later traces are reported as not run
+(even those a worker had already finished); traces still running are cancelled. Ctrl-C stops the run:
+:class:`Interrupted` carries the report of the traces that finished.
+
+Concurrent updates. ``--update-baseline`` (and ``kvmpfn merge --update-baseline``) takes an exclusive lock
+(``flock``) on ``.NAME.lock`` beside the baseline, re-reads the baseline under the lock, applies this run's
+entries and replaces the file atomically, so shards updating one baseline at once lose nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
-import multiprocessing
 import os
 import re
-import tempfile
+import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import PurePath
 
 from kvmpfn import replay as replay_mod
+from kvmpfn import runner
 from kvmpfn.errors import InputError
+from kvmpfn.outputs import AtomicFile
 from kvmpfn.replay import ReplayOptions
 from kvmpfn.report import ERROR, FAIL, NOT_RUN, PASS, AuditReport, TraceOutcome
+from kvmpfn.runner import Failure, RunnerConfig, Task, default_jobs  # noqa: F401 - default_jobs re-exported
 
 BASELINE_NAME = "kvmpfn-baseline.json"
 TRACE_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 
 Baseline = dict[str, dict[str, int]]
+#: the largest baseline file read (a baseline holds counts per trace: megabytes are already absurd)
+MAX_BASELINE = 64 << 20
 
 
 class GateError(InputError):
@@ -56,6 +68,14 @@ class GateError(InputError):
 
     def __init__(self, message: str) -> None:
         super().__init__(None, message)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: ``report`` holds the traces that finished (the others are not run)."""
+
+    def __init__(self, report: AuditReport) -> None:
+        super().__init__()
+        self.report = report
 
 
 @dataclass(frozen=True)
@@ -140,9 +160,29 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def shard_of(sizes: Sequence[tuple[str, int]], count: int) -> list[int]:
+    """The shard (1-based) of each ``(path, bytes)``: largest first, ties by path, each into the shard with the
+    fewest bytes so far (ties: the lower shard)."""
+    loads = [0] * count
+    shards = [0] * len(sizes)
+    for k in sorted(range(len(sizes)), key=lambda k: (-sizes[k][1], sizes[k][0])):
+        lightest = min(range(count), key=lambda s: (loads[s], s))
+        loads[lightest] += sizes[k][1]
+        shards[k] = lightest + 1
+    return shards
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
 def select_shard(refs: Sequence[TraceRef], index: int, count: int) -> list[TraceRef]:
-    """Shard ``index`` of ``count`` (1-based): the k-th trace goes to shard ``(k mod count) + 1``."""
-    return [ref for k, ref in enumerate(refs) if k % count == index - 1]
+    """Shard ``index`` of ``count`` (1-based), balanced by file size (:func:`shard_of`), in selection order."""
+    shards = shard_of([(ref.path, _size(ref.path)) for ref in refs], count)
+    return [ref for ref, shard in zip(refs, shards, strict=True) if shard == index]
 
 
 # -- baselines ---------------------------------------------------------------------------------------------
@@ -152,20 +192,50 @@ def _count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _read_baseline(path: str) -> bytes | None:
+    """The baseline's bytes, or None if there is no file; refuses a non-regular file before reading it (a FIFO
+    would block, ``/dev/zero`` never ends) and a file above MAX_BASELINE."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise GateError(f"{path}: cannot read the baseline: {err.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise GateError(f"{path}: the baseline is not a regular file")
+        if st.st_size > MAX_BASELINE:
+            raise GateError(f"{path}: the baseline is {st.st_size:,} bytes, more than {MAX_BASELINE >> 20} MiB")
+        try:
+            return fh.read()
+        except OSError as err:
+            raise GateError(f"{path}: cannot read the baseline: {err.strerror}") from None
+
+
+def _utf8(path: str, text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        raise GateError(f"{path}: the baseline holds a lone surrogate \\u{code:04x} in {text!a}") from None
+    return text
+
+
 def load_baseline(path: str, required: bool = False) -> Baseline:
     """Read a baseline file: trace key → code → count (zero counts dropped). A missing file is an empty
     baseline unless ``required``; anything malformed is a :class:`GateError`."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except FileNotFoundError:
+    data = _read_baseline(path)
+    if data is None:
         if required:
-            raise GateError(f"{path}: no such baseline file") from None
+            raise GateError(f"{path}: no such baseline file")
         return {}
-    except (OSError, UnicodeDecodeError) as err:
-        raise GateError(f"{path}: cannot read the baseline: {getattr(err, 'strerror', None) or err}") from None
     try:
-        doc = json.loads(text)
+        doc = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise GateError(f"{path}: the baseline is not UTF-8: {err}") from None
+    except RecursionError:
+        raise GateError(f"{path}: the baseline is not a baseline: JSON nested too deeply") from None
     except ValueError as err:
         raise GateError(f"{path}: the baseline is not JSON: {err}") from None
     if not isinstance(doc, dict) or set(doc) != {"version", "traces"}:
@@ -177,8 +247,8 @@ def load_baseline(path: str, required: bool = False) -> Baseline:
     out: Baseline = {}
     for key, entry in doc["traces"].items():
         if not isinstance(entry, dict) or not all(_count(n) for n in entry.values()):
-            raise GateError(f'{path}: traces["{key}"] must map finding codes to counts (integers >= 0)')
-        out[key] = {code: n for code, n in sorted(entry.items()) if n}
+            raise GateError(f"{path}: traces[{json.dumps(key)}] must map finding codes to counts (integers >= 0)")
+        out[_utf8(path, key)] = {_utf8(path, code): n for code, n in sorted(entry.items()) if n}
     return out
 
 
@@ -190,14 +260,24 @@ def baseline_text(entries: Baseline) -> str:
 
 def write_baseline(path: str, entries: Baseline) -> None:
     """Replace ``path`` atomically with :func:`baseline_text`."""
-    directory = os.path.dirname(path) or "."
+    with AtomicFile(path) as fh:
+        fh.write(baseline_text(entries).encode("utf-8"))
+
+
+@contextmanager
+def locked(path: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``.NAME.lock`` beside the baseline ``path`` (its target, if a symlink)."""
+    target = os.path.realpath(path)
+    lock = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.lock")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".kvmpfn-baseline.", dir=directory)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(baseline_text(entries))
-        os.replace(tmp, path)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
-        raise GateError(f"{path}: cannot write the baseline: {err.strerror}") from None
+        raise GateError(f"{lock}: cannot lock the baseline: {err.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def load_baselines(refs: Sequence[TraceRef], explicit: bool) -> dict[str, Baseline]:
@@ -222,51 +302,55 @@ def stale_keys(refs: Sequence[TraceRef], baselines: dict[str, Baseline]) -> list
 
 def update_baselines(refs: Sequence[TraceRef], report: AuditReport, baselines: dict[str, Baseline]) -> list[str]:
     """``--update-baseline``: every trace that replayed without an input error gets its findings as its entry
-    (none if clean) and passes; entries of traces not run are kept while their file exists. Writes each
-    baseline file and returns their paths."""
-    ran: set[tuple[str, str]] = set()
+    (none if clean) and passes; entries of traces not run are kept while their file exists. Each baseline file
+    is re-read and rewritten under its lock (:func:`locked`), so concurrent updates of other traces are kept.
+    Returns the paths written."""
+    ran: dict[str, dict[str, dict[str, int]]] = {}
     for ref, outcome in zip(refs, report.outcomes, strict=True):
         if outcome.status in (NOT_RUN, ERROR):
             continue
-        entries = baselines[ref.baseline]
         outcome.previous, outcome.expected = outcome.expected, outcome.counts
         outcome.status = PASS
-        ran.add((ref.baseline, ref.key))
-        if outcome.expected:
-            entries[ref.key] = outcome.expected
-        else:
-            entries.pop(ref.key, None)
-    stale = set(stale_keys(refs, baselines)) - ran
+        ran.setdefault(ref.baseline, {})[ref.key] = outcome.expected
     written = []
-    for path, entries in baselines.items():
-        write_baseline(path, {key: entry for key, entry in entries.items() if (path, key) not in stale})
+    for path in baselines:
+        with locked(path):
+            entries = load_baseline(path)
+            for key, entry in ran.get(path, {}).items():
+                entries[key] = entry
+            stale = {key for _p, key in stale_keys(refs, {path: entries})} - set(ran.get(path, {}))
+            write_baseline(path, {key: entry for key, entry in entries.items() if entry and key not in stale})
+            baselines[path] = entries
         written.append(path)
     return written
+
+
+def update_from_merge(report: AuditReport, selection: dict) -> None:
+    """``kvmpfn merge --update-baseline``: the baselines of the merged run's selection, rediscovered here."""
+    refs = discover(selection["paths"], selection["baseline"])
+    if [ref.path for ref in refs] != [o.trace for o in report.outcomes]:
+        raise GateError("the corpus here is not the one the shards replayed (run merge where audit ran)")
+    for ref, outcome in zip(refs, report.outcomes, strict=True):
+        outcome.key = ref.key
+    report.baselines_written = update_baselines(refs, report, load_baselines(refs, explicit=False))
 
 
 # -- running -----------------------------------------------------------------------------------------------
 
 
-def default_jobs() -> int:
-    """The CPUs this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
-def replay_one(path: str, options: ReplayOptions) -> tuple[int, list[dict], str | None, float]:
-    """Replay one trace (in a worker process): events, findings, input error, seconds."""
+def replay_one(path: str, shown: str, options: ReplayOptions) -> tuple[int, list[dict], str | None, float]:
+    """Replay one trace (a :mod:`kvmpfn.runner` task): events, findings, input error, seconds."""
     start = time.perf_counter()
-    try:
-        result = replay_mod.replay_file(path, options)
-    except Exception as exc:  # a defect in kvmpfn: one failed trace, not a dead gate
-        if os.environ.get("KVMPFN_DEBUG"):
-            raise
-        return 0, [], f"{path}: internal error: {type(exc).__name__}: {exc}", time.perf_counter() - start
-    return result.events, result.findings, result.error, time.perf_counter() - start
+    result = replay_mod.replay_file(path, options)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    error = result.error.replace(path, shown, 1) if result.error and path != shown else result.error
+    return result.events, result.findings, error, time.perf_counter() - start
 
 
-def _judge(outcome: TraceOutcome, result: tuple[int, list[dict], str | None, float]) -> None:
+def _judge(outcome: TraceOutcome, result: tuple[int, list[dict], str | None, float | None] | Failure) -> None:
+    if isinstance(result, Failure):
+        result = (0, [], result.message, None)
     outcome.events, outcome.findings, outcome.error, outcome.seconds = result
     if outcome.error is not None:
         outcome.status = ERROR
@@ -280,50 +364,36 @@ def run(
     refs: Sequence[TraceRef],
     expected: Sequence[dict[str, int]],
     options: ReplayOptions,
+    config: RunnerConfig,
     *,
-    jobs: int = 1,
     stop_on: frozenset[str] = frozenset(),
     on_done: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> list[TraceOutcome]:
     """Replay ``refs`` and judge each against its ``expected`` counts; outcomes in selection order. After the
-    first outcome (in order) whose status is in ``stop_on``, the rest are left ``not run``."""
+    first outcome (in order) whose status is in ``stop_on``, the rest are left ``not run``. Ctrl-C raises
+    :class:`Interrupted` with the outcomes so far."""
     outcomes = [TraceOutcome(trace=r.path, key=r.key, expected=dict(e)) for r, e in zip(refs, expected, strict=True)]
     done = on_done or (lambda trace: None)
-    workers = min(jobs, len(refs))
-    if workers <= 1:
-        for ref, outcome in zip(refs, outcomes, strict=True):
-            _judge(outcome, replay_one(ref.path, options))
-            done(ref.path)
-            if outcome.status in stop_on:
-                break
-        return outcomes
-
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork") if "fork" in methods else None
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    tasks = [Task(replay_one, ref.path, options) for ref in refs]
+    results = runner.run(tasks, config, on_done=lambda k: done(refs[k].path), warn=warn)
     try:
-        pending: dict[Future, int] = {pool.submit(replay_one, r.path, options): k for k, r in enumerate(refs)}
-        results: dict[int, tuple] = {}
-        next_k = 0
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                k = pending.pop(future)
-                try:
-                    results[k] = future.result()
-                except Exception as exc:  # the worker died (killed, out of memory)
-                    results[k] = (0, [], f"{refs[k].path}: internal error: worker failed: {exc!r}", None)
-                done(refs[k].path)
-            while next_k in results:
-                _judge(outcomes[next_k], results.pop(next_k))
-                next_k += 1
-                if outcomes[next_k - 1].status in stop_on:
-                    for future in pending:
-                        future.cancel()
-                    return outcomes
-        return outcomes
+        for k, result in results:
+            _judge(outcomes[k], result)
+            if outcomes[k].status in stop_on:
+                break
+    except KeyboardInterrupt:
+        raise Interrupted(AuditReport(outcomes=outcomes)) from None
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        results.close()
+    return outcomes
+
+
+def options_document(options: ReplayOptions) -> dict:
+    """The replay options as a report records them (``kvmpfn merge`` refuses reports that differ)."""
+    doc = dataclasses.asdict(options)
+    doc["bugs"] = sorted(options.bugs)
+    return doc
 
 
 def audit(
@@ -331,7 +401,7 @@ def audit(
     options: ReplayOptions,
     *,
     baseline: str | None = None,
-    jobs: int | None = None,
+    config: RunnerConfig | None = None,
     shard: tuple[int, int] | None = None,
     fail_fast: bool = False,
     update: bool = False,
@@ -340,8 +410,10 @@ def audit(
 ) -> AuditReport:
     """The whole gate: discover, load the baselines, select the shard, run and judge, update the baselines
     if asked. ``progress(n)`` is entered around the run of n traces and yields ``advance(trace)``, called as
-    each trace finishes; ``warn`` receives warnings (baseline entries that name no trace)."""
+    each trace finishes; ``warn`` receives warnings (baseline entries that name no trace, jobs clamped).
+    Ctrl-C raises :class:`Interrupted` with the report of what finished."""
     start = time.perf_counter()
+    config = config or RunnerConfig(jobs=default_jobs())
     refs = discover(paths, baseline)
     if not refs:
         raise GateError(f"no traces (*{', *'.join(TRACE_SUFFIXES)}) in {', '.join(paths)}")
@@ -349,13 +421,20 @@ def audit(
     if warn is not None:
         for path, key in stale_keys(refs, baselines):
             warn(f'{path}: entry "{key}" names no trace')
+    selection = None
     if shard is not None:
+        selection = {"paths": list(paths), "baseline": baseline, "traces": [r.path for r in refs]}
         refs = select_shard(refs, *shard)
     expected = [baselines[r.baseline].get(r.key, {}) for r in refs]
     stop_on = frozenset({ERROR} if update else {ERROR, FAIL}) if fail_fast else frozenset()
-    with (progress or _no_progress)(len(refs)) as advance:
-        outcomes = run(refs, expected, options, jobs=jobs or default_jobs(), stop_on=stop_on, on_done=advance)
-    report = AuditReport(outcomes=outcomes, shard=shard)
+    meta = {"options": options_document(options), "shard": shard, "selection": selection}
+    try:
+        with (progress or _no_progress)(len(refs)) as advance:
+            outcomes = run(refs, expected, options, config, stop_on=stop_on, on_done=advance, warn=warn)
+    except Interrupted as stop:
+        stop.report.options, stop.report.shard, stop.report.selection = meta["options"], shard, selection
+        raise
+    report = AuditReport(outcomes=outcomes, **meta)
     if update:
         report.baselines_written = update_baselines(refs, report, baselines)
     report.seconds = time.perf_counter() - start

@@ -1,96 +1,105 @@
 """``kvmpfn mutants`` (would this corpus catch the bugs KVM really had?) and ``kvmpfn compare`` (does a change
 of kernel, MMU or bug switch alter what the MMU does?). Both replay every trace under two or more option sets
-and diff outcome records and findings; traces run in parallel processes, results come back in corpus order.
+and diff outcome records and findings. Tasks run through :mod:`kvmpfn.runner` (local processes or dask),
+results in corpus order. A run keeps a digest of its outcome records, not the records: memory does not grow
+with trace length.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
+import functools
+import hashlib
 import json
-import os
-import shlex
 from collections import Counter
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from kvmpfn import runner
 from kvmpfn.kvm.bugs import BUGS
 from kvmpfn.replay import ReplayOptions, replay_file
+from kvmpfn.runner import Failure, RunnerConfig, Task
+
+#: outcome records per digest: a run keeps 16 bytes per CHUNK records, and a difference is looked for again
+#: in the first chunk that differs
+CHUNK = 1024
+
+
+class RecordDigest:
+    """The ``emit`` stream of a replay that keeps, instead of the records, a digest of every CHUNK records
+    (and the records numbered ``window[0]`` to ``window[1] - 1``, if asked)."""
+
+    def __init__(self, window: tuple[int, int] | None = None) -> None:
+        self.count = 0
+        self.chunks: list[bytes] = []
+        self.window = window
+        self.kept: list[str] = []
+        self._hash = hashlib.blake2b(digest_size=16)
+
+    def write(self, line: str) -> int:  # replay_file writes one record per call
+        if self.window is not None and self.window[0] <= self.count < self.window[1]:
+            self.kept.append(line.rstrip("\n"))
+        self._hash.update(line.encode("utf-8", "surrogatepass"))
+        self.count += 1
+        if self.count % CHUNK == 0:
+            self.chunks.append(self._hash.digest())
+            self._hash = hashlib.blake2b(digest_size=16)
+        return len(line)
+
+    def finish(self) -> list[bytes]:
+        if self.count % CHUNK:
+            self.chunks.append(self._hash.digest())
+        return self.chunks
 
 
 @dataclass
 class Run:
-    """One replay of one trace: outcome records (as emitted lines), findings by code, input error."""
+    """One replay of one trace: digests of its outcome records, how many, findings by code, error; ``window``:
+    the records that a window run kept."""
 
-    records: list[str]
+    chunks: list[bytes]
+    records: int
     by_code: dict[str, int]
     error: str | None
+    window: list[str] = field(default_factory=list)
+
+    def same_records(self, other: Run) -> bool:
+        return self.records == other.records and self.chunks == other.chunks
+
+    def first_chunk_differing(self, other: Run) -> int:
+        for c, (a, b) in enumerate(zip(self.chunks, other.chunks, strict=False)):
+            if a != b:
+                return c
+        return min(len(self.chunks), len(other.chunks))
 
 
-def run_trace(path: str, options: ReplayOptions) -> Run:
-    """Replay ``path`` under ``options`` and keep what the comparisons need."""
-    emit = io.StringIO()
-    try:
-        result = replay_file(path, options, emit)
-        error = result.error
-        by_code = dict(sorted(Counter(f["code"] for f in result.findings).items()))
-    except Exception as exc:  # a defect in kvmpfn under a mutant is a difference, not a dead run
-        if os.environ.get("KVMPFN_DEBUG"):
-            raise
-        error, by_code = f"internal error: {type(exc).__name__}: {exc}", {}
-    return Run(emit.getvalue().splitlines(), by_code, error)
+def run_trace(path: str, shown: str, options: ReplayOptions, window: tuple[int, int] | None = None) -> Run:
+    """Replay ``path`` under ``options`` (a :mod:`kvmpfn.runner` task) and keep what the comparisons need."""
+    emit = RecordDigest(window)
+    result = replay_file(path, options, emit)  # type: ignore[arg-type]
+    if result.interrupted:
+        raise KeyboardInterrupt
+    error = result.error.replace(path, shown, 1) if result.error and path != shown else result.error
+    by_code = dict(sorted(Counter(f["code"] for f in result.findings).items()))
+    return Run(emit.finish(), emit.count, by_code, error, emit.kept)
 
 
-def _run_all(tasks: list[tuple[str, ReplayOptions]], jobs: int) -> list[Run]:
-    if jobs <= 1 or len(tasks) <= 1:
-        return [run_trace(path, opts) for path, opts in tasks]
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(run_trace, [t[0] for t in tasks], [t[1] for t in tasks], chunksize=1))
+def _run_all(tasks: list[Task], config: RunnerConfig, warn: Callable[[str], None] | None) -> list[Run]:
+    runs = []
+    for _k, result in runner.run(tasks, config, warn=warn):
+        runs.append(Run([], 0, {}, result.message) if isinstance(result, Failure) else result)
+    return runs
 
 
-def parse_options(text: str) -> ReplayOptions:
-    """An option set as ``kvmpfn replay`` takes it: ``"--kernel pfn-io --mmu tdp --bug NAME"``."""
-    words = shlex.split(text)
-    opts = ReplayOptions()
-    bugs: list[str] = []
-    i = 0
-    while i < len(words):
-        word = words[i]
-        if word == "--kernel-audit":
-            opts.kernel_audit = True
-            i += 1
-            continue
-        name, _, value = word.partition("=")
-        if not value:
-            if i + 1 >= len(words):
-                raise ValueError(f"{name} needs a value")
-            value = words[i + 1]
-            i += 1
-        i += 1
-        if name == "--kernel" and value in ("page", "pfn", "pfn-io", "notifier"):
-            opts.kernel = value
-        elif name == "--mmu" and value in ("shadow", "tdp"):
-            opts.mmu = value
-        elif name == "--bug" and value in BUGS:
-            bugs.append(value)
-        elif name == "--audit-every" and value.isdigit():
-            opts.audit_every = int(value)
-        else:
-            raise ValueError(f"unsupported option {name} {value}")
-    opts.bugs = frozenset(bugs)
-    return opts
-
-
-def first_divergence(a: Run, b: Run) -> dict | None:
-    """The first event whose outcome record differs, as ``{"line", "op", "a", "b"}``."""
-    for ra, rb in zip(a.records, b.records, strict=False):
+def first_divergence(a: list[str], b: list[str]) -> dict | None:
+    """The first event whose outcome record differs between two runs' records (the same window of each), as
+    ``{"seq", "line", "op", "a", "b"}`` (``a`` and ``b`` None where one run has no record there)."""
+    for ra, rb in zip(a, b, strict=False):
         if ra != rb:
             da, db = json.loads(ra), json.loads(rb)
             return {"seq": da["seq"], "line": da["line"], "op": da["op"], "a": da, "b": db}
-    if len(a.records) != len(b.records):
-        longer = a.records if len(a.records) > len(b.records) else b.records
-        extra = json.loads(longer[min(len(a.records), len(b.records))])
+    if len(a) != len(b):
+        extra = json.loads((a if len(a) > len(b) else b)[min(len(a), len(b))])
         return {"seq": extra["seq"], "line": extra["line"], "op": extra["op"], "a": None, "b": None}
     return None
 
@@ -127,13 +136,16 @@ def finding_delta(base: Run, mut: Run) -> dict[str, int]:
     return delta
 
 
-def mutants(paths: Sequence[str], bugs: Sequence[str], base: ReplayOptions, jobs: int) -> list[MutantResult]:
+def mutants(
+    paths: Sequence[str],
+    bugs: Sequence[str],
+    base: ReplayOptions,
+    config: RunnerConfig,
+    warn: Callable[[str], None] | None = None,
+) -> list[MutantResult]:
     """Replay every trace unmutated and under each bug; judge each bug."""
-    tasks = [(p, base) for p in paths]
-    for name in bugs:
-        variant = dataclasses.replace(base, bugs=base.bugs | {name})
-        tasks.extend((p, variant) for p in paths)
-    runs = _run_all(tasks, jobs)
+    variants = [base] + [dataclasses.replace(base, bugs=base.bugs | {name}) for name in bugs]
+    runs = _run_all([Task(run_trace, p, opts) for opts in variants for p in paths], config, warn)
     n = len(paths)
     clean = runs[:n]
     results = []
@@ -144,26 +156,42 @@ def mutants(paths: Sequence[str], bugs: Sequence[str], base: ReplayOptions, jobs
             delta = finding_delta(clean[i], mut)
             if delta:
                 res.killed_by.append({"trace": path, "codes": delta})
-            elif mut.records != clean[i].records:
+            elif not mut.same_records(clean[i]):
                 res.changed.append(path)
         res.verdict = "killed" if res.killed_by else "blind spot" if res.changed else "survived"
         results.append(res)
     return results
 
 
-def compare(paths: Sequence[str], a: ReplayOptions, b: ReplayOptions, jobs: int) -> list[dict]:
-    """Every trace whose outcome records or findings differ between option sets ``a`` and ``b``."""
-    runs = _run_all([(p, a) for p in paths] + [(p, b) for p in paths], jobs)
+def compare(
+    paths: Sequence[str],
+    a: ReplayOptions,
+    b: ReplayOptions,
+    config: RunnerConfig,
+    warn: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Every trace whose outcome records or findings differ between option sets ``a`` and ``b``. Runs keep
+    digests, not records: a trace whose records differ is replayed again under both, keeping the first chunk
+    of records that differs, to name the first diverging event."""
+    runs = _run_all([Task(run_trace, p, a) for p in paths] + [Task(run_trace, p, b) for p in paths], config, warn)
     n = len(paths)
+    differ = [i for i in range(n) if not runs[i].same_records(runs[n + i])]
+    windows = {}
+    for i in differ:
+        c = runs[i].first_chunk_differing(runs[n + i])
+        windows[i] = (c * CHUNK, (c + 1) * CHUNK)
+    again = [Task(functools.partial(run_trace, window=windows[i]), paths[i], opts) for opts in (a, b) for i in differ]
+    rerun = _run_all(again, config, warn)
+    divergence = {i: first_divergence(rerun[j].window, rerun[len(differ) + j].window) for j, i in enumerate(differ)}
     diffs = []
     for i, path in enumerate(paths):
         ra, rb = runs[i], runs[n + i]
-        if ra.records == rb.records and ra.by_code == rb.by_code and ra.error == rb.error:
+        if i not in divergence and ra.by_code == rb.by_code and ra.error == rb.error:
             continue
         diffs.append(
             {
                 "trace": path,
-                "first_divergence": first_divergence(ra, rb),
+                "first_divergence": divergence.get(i),
                 "findings_a": ra.by_code,
                 "findings_b": rb.by_code,
                 "error_a": ra.error,

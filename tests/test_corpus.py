@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 
 from kvmpfn.kvm.bugs import BUGS
-from kvmpfn.mutants import compare, parse_options, run_trace
+from kvmpfn.mutants import compare, run_trace
 from kvmpfn.replay import ReplayOptions
+from kvmpfn.runner import RunnerConfig
+
+TWO = RunnerConfig(jobs=2)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = ROOT / "traces"
@@ -83,9 +86,9 @@ def test_every_bug_has_its_killing_trace():
 def test_mutant_produces_its_exact_finding_on_its_trace(bug: str):
     rel, delta = KILLS[bug]
     path = str(TRACES / rel)
-    clean = run_trace(path, ReplayOptions())
+    clean = run_trace(path, path, ReplayOptions())
     assert clean.by_code == {} or rel.startswith("findings/") and clean.error is None
-    mutant = run_trace(path, ReplayOptions(bugs=frozenset({bug})))
+    mutant = run_trace(path, path, ReplayOptions(bugs=frozenset({bug})))
     got = {c: mutant.by_code.get(c, 0) - clean.by_code.get(c, 0) for c in set(mutant.by_code) | set(clean.by_code)}
     got = {c: d for c, d in got.items() if d}
     if mutant.error and not clean.error:
@@ -107,11 +110,11 @@ def test_the_corpus_kills_every_bug():
 
 def test_page_and_pfn_behave_identically():
     """The seed changed no behaviour: every outcome record and finding agrees."""
-    assert compare(corpus(), parse_options("--kernel page"), parse_options("--kernel pfn"), jobs=2) == []
+    assert compare(corpus(), ReplayOptions(kernel="page"), ReplayOptions(kernel="pfn"), TWO) == []
 
 
 def test_pfn_io_maps_pageless_memory_that_pfn_cannot():
-    diffs = compare(corpus(), parse_options("--kernel pfn"), parse_options("--kernel pfn-io"), jobs=2)
+    diffs = compare(corpus(), ReplayOptions(kernel="pfn"), ReplayOptions(kernel="pfn-io"), TWO)
     by_trace = {d["trace"]: d for d in diffs}
     assert set(by_trace) == {
         "traces/findings/pageless-refcount.jsonl",
@@ -127,7 +130,7 @@ def test_pfn_io_maps_pageless_memory_that_pfn_cannot():
 
 
 def test_notifier_zaps_on_host_remap_and_slot_deletion():
-    diffs = compare(corpus(), parse_options("--kernel pfn-io"), parse_options("--kernel notifier"), jobs=2)
+    diffs = compare(corpus(), ReplayOptions(kernel="pfn-io"), ReplayOptions(kernel="notifier"), TWO)
     by_trace = {d["trace"]: d for d in diffs}
     for rel in ("variants/host-remap-pfn.jsonl", "variants/memslot-delete-pfn-io.jsonl"):
         d = by_trace[f"traces/{rel}"]

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from kvmpfn import replay as replay_mod
 from kvmpfn.cli import main
-from kvmpfn.gate import parse_shard, select_shard
+from kvmpfn.gate import parse_shard, shard_of
 from kvmpfn.replay import ReplayOptions, ReplayResult
 
 REPO = Path(__file__).resolve().parent.parent
@@ -456,14 +456,22 @@ def test_shards_cover_the_corpus_exactly_once(tmp_path):
         shards.append([t["trace"] for t in doc["traces"]])
     assert sorted(sum(shards, [])) == sorted(full)
     assert len(sum(shards, [])) == len(full)
+    sizes = [(path, (tmp_path / path).stat().st_size) for path in full]
+    owner = shard_of(sizes, 3)
     for i, shard in enumerate(shards):
-        assert shard == full[i::3]  # trace k goes to shard (k mod n) + 1
+        assert shard == [path for path, s in zip(full, owner, strict=True) if s == i + 1]  # in selection order
 
 
-def test_shard_rule():
+def test_shard_rule_balances_bytes_largest_first_ties_by_path():
     assert parse_shard("2/4") == (2, 4)
-    items = list(range(10))
-    assert [select_shard(items, i, 4) for i in (1, 2, 3, 4)] == [[0, 4, 8], [1, 5, 9], [2, 6], [3, 7]]
+    sizes = [("a", 10), ("b", 70), ("c", 30), ("d", 30), ("e", 20), ("f", 5)]
+    # b→1 (70), c→2 (30), d→3 (30), e→2 (50), a→3 (40), f→3 (45)
+    assert shard_of(sizes, 3) == [3, 1, 2, 3, 2, 3]
+    assert shard_of(sizes, 1) == [1] * 6
+    loads = [0, 0, 0]
+    for (_path, size), shard in zip(sizes, shard_of(sizes, 3), strict=True):
+        loads[shard - 1] += size
+    assert max(loads) - min(loads) <= max(size for _p, size in sizes)
     for bad in ("0/4", "5/4", "1/0", "1", "a/b", "-1/2"):
         with pytest.raises(ValueError):
             parse_shard(bad)

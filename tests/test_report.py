@@ -96,7 +96,8 @@ def test_json_report_shape(documents):
     code, text = documents("json")
     assert code == 1
     doc = json.loads(text)
-    assert list(doc) == ["version", "traces", "summary"] and doc["version"] == 1
+    assert list(doc) == ["version", "kvmpfn", "options", "traces", "summary"] and doc["version"] == 1
+    assert doc["kvmpfn"] == __version__ and doc["options"]["bugs"] == [] and doc["options"]["mmu"] is None
     clean, leak, missing, bad = doc["traces"]
     assert [t["trace"] for t in doc["traces"]] == [
         "corpus/clean.jsonl",

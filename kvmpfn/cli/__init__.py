@@ -139,9 +139,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from kvmpfn.cli import audit, inspect, mutants, realinput, reference, replay, synth
+    from kvmpfn.cli import audit, inspect, merge, mutants, realinput, reference, replay, synth
 
-    for module in (replay, audit, inspect, mutants, reference, realinput, synth):
+    for module in (replay, audit, merge, inspect, mutants, reference, realinput, synth):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -7,7 +7,15 @@ import sys
 
 import click
 
-from kvmpfn.cli.options import jobs_option, options_text, parse_replay_options, report_options, suggest
+from kvmpfn.cli.options import (
+    jobs_option,
+    options_text,
+    parse_replay_options,
+    report_options,
+    runner_options,
+    suggest,
+    warn,
+)
 
 
 def _corpus(paths: tuple[str, ...]) -> list[str]:
@@ -21,12 +29,14 @@ def _corpus(paths: tuple[str, ...]) -> list[str]:
 @click.option("--bug", "only", multiple=True, metavar="NAME", help="Only these mutants (repeatable).")
 @click.option("--base", default="", metavar="OPTIONS", help='Replay options for every run, e.g. "--kernel pfn-io".')
 @jobs_option
+@runner_options
 @click.option("--require-all", is_flag=True, help="Exit 1 unless every mutant is killed.")
 @report_options("text", "json")
-def mutants(paths: tuple[str, ...], only, base: str, jobs, require_all: bool, fmt: str, output, quiet, verbose) -> None:
+def mutants(
+    paths: tuple[str, ...], only, base: str, config, require_all: bool, fmt: str, output, quiet, verbose
+) -> None:
     """Replay the corpus under each historical bug: killed (findings change on some trace), blind spot (only
     outcome records change) or survived (nothing changes)."""
-    from kvmpfn import gate
     from kvmpfn.kvm.bugs import BUGS
     from kvmpfn.mutants import mutants as run_mutants
     from kvmpfn.outputs import write_output
@@ -37,7 +47,7 @@ def mutants(paths: tuple[str, ...], only, base: str, jobs, require_all: bool, fm
             raise click.BadParameter(f"unknown bug {name!r}{suggest(name, BUGS)}", param_hint="'--bug'")
     base_opts = parse_replay_options(base, "--base")
     corpus = _corpus(paths)
-    results = run_mutants(corpus, list(only) or sorted(BUGS), base_opts, jobs or gate.default_jobs())
+    results = run_mutants(corpus, list(only) or sorted(BUGS), base_opts, config, warn)
     text = mutants_json(results, corpus) if fmt == "json" else mutants_text(results)
     write_output(output or "-", text, corpus)
     sys.exit(1 if require_all and any(r.verdict != "killed" for r in results) else 0)
@@ -48,18 +58,18 @@ def mutants(paths: tuple[str, ...], only, base: str, jobs, require_all: bool, fm
 @click.option("--a", "a", required=True, metavar="OPTIONS", help='First replay options, e.g. "--kernel page".')
 @click.option("--b", "b", required=True, metavar="OPTIONS", help='Second replay options, e.g. "--kernel pfn".')
 @jobs_option
+@runner_options
 @report_options("text", "json")
-def compare(paths: tuple[str, ...], a: str, b: str, jobs, fmt: str, output, quiet, verbose) -> None:
+def compare(paths: tuple[str, ...], a: str, b: str, config, fmt: str, output, quiet, verbose) -> None:
     """Replay each trace under two sets of replay options and report every trace whose outcome records or
     findings differ, with the first diverging event. Exit 1 on a difference."""
-    from kvmpfn import gate
     from kvmpfn.mutants import compare as run_compare
     from kvmpfn.outputs import write_output
     from kvmpfn.report.mutants import compare_json, compare_text
 
     opts_a, opts_b = parse_replay_options(a, "--a"), parse_replay_options(b, "--b")
     corpus = _corpus(paths)
-    diffs = run_compare(corpus, opts_a, opts_b, jobs or gate.default_jobs())
+    diffs = run_compare(corpus, opts_a, opts_b, config, warn)
     render = compare_json if fmt == "json" else compare_text
     write_output(output or "-", render(diffs, corpus, options_text(opts_a), options_text(opts_b)), corpus)
     sys.exit(1 if diffs else 0)

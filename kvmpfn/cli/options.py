@@ -178,3 +178,47 @@ def report_options(*formats: str, default: str = "text") -> Callable[[Callable[.
 jobs_option = click.option(
     "-j", "--jobs", type=click.IntRange(min=1), help="Parallel replay processes [default: the CPUs]."
 )
+
+
+_RUNNER_OPTIONS = (
+    click.option(
+        "--executor",
+        type=click.Choice(("local", "dask")),
+        help="Where traces replay: local processes, or dask.distributed (pip install 'kvmpfn[dask]') "
+        "[default: local; dask with --scheduler].",
+    ),
+    click.option(
+        "--scheduler",
+        metavar="tcp://HOST:PORT",
+        help="A running dask scheduler; without it, --executor dask starts a local cluster of --jobs workers.",
+    ),
+    click.option(
+        "--shared-fs", is_flag=True, help="dask workers read the traces at the same paths (else bytes are sent)."
+    ),
+    click.option(
+        "--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="Limit for one replay."
+    ),
+)
+
+
+def runner_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--executor``, ``--scheduler``, ``--shared-fs``, ``--timeout``; with ``jobs_option`` the command receives
+    them as one ``config: RunnerConfig`` (``jobs`` included)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from kvmpfn.runner import RunnerConfig, default_jobs
+
+        jobs, executor, scheduler = kwargs.pop("jobs"), kwargs.pop("executor"), kwargs.pop("scheduler")
+        shared_fs, timeout = kwargs.pop("shared_fs"), kwargs.pop("timeout")
+        if scheduler and executor == "local":
+            raise click.UsageError("--scheduler needs --executor dask")
+        if shared_fs and not (scheduler or executor == "dask"):
+            raise click.UsageError("--shared-fs needs --executor dask")
+        executor = "dask" if scheduler else executor or "local"
+        config = RunnerConfig(jobs or default_jobs(), executor, scheduler, shared_fs, timeout)
+        return func(*args, config=config, **kwargs)
+
+    for option in reversed(_RUNNER_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper

@@ -68,6 +68,8 @@ class AuditReport:
     shard: tuple[int, int] | None = None
     seconds: float | None = None
     baselines_written: list[str] = field(default_factory=list)
+    options: dict[str, Any] | None = None  # the replay options, as documents record them
+    selection: dict[str, Any] | None = None  # a shard's whole selection: {"paths", "baseline", "traces"}
 
     @property
     def ran(self) -> list[TraceOutcome]:
