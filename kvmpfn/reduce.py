@@ -54,6 +54,7 @@ class Run:
     findings: list[dict]
     records: list[dict] | None
     error: str | None
+    at: int = -1  # the event the input error stopped at (-1: the header or the end)
 
     def by_code(self) -> dict[str, int]:
         return dict(sorted(Counter(f["code"] for f in self.findings).items()))
@@ -65,9 +66,9 @@ def replay_events(header: ev.Header, events: Sequence, options: ReplayOptions, r
     error (a candidate that is no longer a valid trace) is returned in ``error``."""
     out: list[dict] | None = [] if records else None
     rp = None
+    seq = -1
     try:
         rp = Replayer(header, options, records=records)
-        seq = -1
         for seq, e in enumerate(events):
             try:
                 rec = rp.apply(seq, seq + 2, e)
@@ -84,7 +85,8 @@ def replay_events(header: ev.Header, events: Sequence, options: ReplayOptions, r
             except KernelBug as bug:
                 kernel_bug_finding(rp.findings, bug)
     except (InputError, HostError, InternalError) as err:
-        return Run(rp.findings.items if rp else [], out, str(err) or type(err).__name__)
+        at = seq if rp is not None and seq < len(events) else -1
+        return Run(rp.findings.items if rp else [], out, str(err) or type(err).__name__, at)
     return Run(rp.findings.items, out, None)
 
 
