@@ -102,9 +102,56 @@ class GuestGen:
         if header.guest.paging == "pae":
             out += [ev.Write(gpa=ROOTS[0] + 8 * i, val=TABLES[1 + i] | P, len=8) for i in range(2)]
             out.append(ev.Cr3(val=ROOTS[0]))
-        out += [self.event(header) for _ in range(n)]
+        for _ in range(n):
+            out += self.event(header)
         out.append(ev.Audit())
         return out
+
+    def map(self, header: ev.Header, vcpu: int) -> list:
+        """The guest maps a gva: one pte write per level of the walk from the first root (tables picked from
+        :data:`TABLES`, so different gvas share tables), the last a 4K frame or a large page."""
+        r = self.rng
+        paging = header.guest.paging
+        levels = {"32": (22, 12), "pae": (30, 21, 12), "64": (39, 30, 21, 12)}.get(paging)
+        if levels is None:
+            return [self.access(header, vcpu)]
+        size = 4 if paging == "32" else 8
+        bits = 10 if size == 4 else 9
+        table, gva, out = ROOTS[0], 0, []
+        for depth, shift in enumerate(levels):
+            index = self._index(2 if paging == "pae" and depth == 0 else bits)
+            gva |= index << shift
+            last = depth == len(levels) - 1
+            large = not last and shift in (21, 22) and r.random() < 0.25
+            if last or large:
+                flags = P | W * (r.random() < 0.7) | U * (r.random() < 0.7) | A * (r.random() < 0.5)
+                target = r.choice(LARGE[1:]) | PS if large else r.choice(DATA)
+                val = target | flags | D * (r.random() < 0.3)
+            else:
+                target = TABLES[min(depth + 1 + 3 * (r.random() < 0.2), len(TABLES) - 1)]
+                flags = P | (0 if paging == "pae" and depth == 0 else W | U | A * (r.random() < 0.5))
+                val = target | flags
+            if r.random() < 0.1 and size == 8 and not (paging == "pae" and depth == 0):
+                val |= NX
+            out.append(ev.Write(gpa=table + index * size, val=val, len=size, vcpu=vcpu))
+            if last or large:
+                break
+            table = target
+        if gva >> 47:
+            gva |= 0xFFFF << 48
+        out.append(ev.Access(addr=gva, write=r.random() < 0.5, user=r.random() < 0.6, fetch=False, vcpu=vcpu))
+        return out
+
+    def access(self, header: ev.Header, vcpu: int) -> ev.Access:
+        r = self.rng
+        return ev.Access(
+            addr=self.gva(header.guest.paging),
+            write=r.random() < 0.5,
+            user=r.random() < 0.5,
+            fetch=r.random() < 0.1,
+            ac=r.random() < 0.05,
+            vcpu=vcpu,
+        )
 
     def _index(self, bits: int) -> int:
         return self.rng.choice((0, 0, 1, 1, 2, 3, (1 << bits) - 1))
@@ -130,7 +177,7 @@ class GuestGen:
         if x < 0.6:
             return r.choice(LARGE) | r.choice((0, 0x1000, 0x8))
         if x < 0.8:
-            return r.choice(SECOND_SLOT_GFNS) << 12 | r.choice((0, 0x1000, 0x200000))
+            return (r.choice(SECOND_SLOT_GFNS) + r.randrange(8) * 0x100) << 12 | r.choice((0, 0x1000))
         return r.choice(TABLES)
 
     def pte(self, paging: str) -> tuple[int, int]:
@@ -157,11 +204,20 @@ class GuestGen:
                 val |= r.choice((1 << 51, 1 << 13, 1 << 62))
         return val & ((1 << 8 * size) - 1), size
 
-    def event(self, header: ev.Header):
+    def event(self, header: ev.Header) -> list:
+        """One guest action: usually one event, a whole walk's pte writes for a mapping."""
+        r = self.rng
+        vcpu = 1 if r.random() < 0.15 else 0
+        if r.random() < 0.15:
+            return self.map(header, vcpu)
+        if r.random() < 0.3:
+            return [self.access(header, vcpu)]
+        return [self.single(header, vcpu)]
+
+    def single(self, header: ev.Header, vcpu: int):
         r = self.rng
         paging = header.guest.paging
         x = r.random()
-        vcpu = 1 if r.random() < 0.15 else 0
         if x < 0.32:
             val, size = self.pte(paging)
             table = r.choice(TABLES)
@@ -172,14 +228,7 @@ class GuestGen:
             cls = ev.PteWrite if r.random() < 0.3 else ev.Write
             return cls(gpa=gpa, val=val, len=size, vcpu=vcpu)
         if x < 0.68:
-            return ev.Access(
-                addr=self.gva(paging),
-                write=r.random() < 0.5,
-                user=r.random() < 0.5,
-                fetch=r.random() < 0.1,
-                ac=r.random() < 0.05,
-                vcpu=vcpu,
-            )
+            return self.access(header, vcpu)
         if x < 0.71:
             return ev.Cr3(val=r.choice(ROOTS), vcpu=vcpu)
         if x < 0.76:
@@ -265,7 +314,7 @@ def _mutate(rng: random.Random, gen: GuestGen, cand: Candidate, corpus: Sequence
         x = rng.random()
         pos = rng.randrange(len(events) + 1)
         if x < 0.35:
-            events[pos:pos] = [gen.event(header) for _ in range(rng.choice((1, 1, 3)))]
+            events[pos:pos] = [e for _ in range(rng.choice((1, 1, 3))) for e in gen.event(header)]
         elif x < 0.5 and events:
             del events[min(pos, len(events) - 1)]
         elif x < 0.6 and events:

@@ -292,9 +292,7 @@ def reduce_trace(
             red.events = kept
         search.stage = "ddmin memslots"
         if len(red.header.memslots) > 1:
-            slots = ddmin(
-                list(red.header.memslots), lambda s: search(evolve(red.header, memslots=s), red.events)
-            )
+            slots = ddmin(list(red.header.memslots), lambda s: search(evolve(red.header, memslots=s), red.events))
             if len(slots) < len(red.header.memslots):
                 red.steps.append(f"memslots {len(red.header.memslots)} -> {len(slots)}")
                 red.header = evolve(red.header, memslots=slots)
@@ -350,3 +348,37 @@ def describe(red: Reduction, command: str) -> str:
         f"reduced by `{command}` from {red.original} to {len(red.events)} events "
         f"({red.replays} replays; steps: {'; '.join(red.steps) or 'none'})"
     )
+
+
+@dataclass
+class Goal:
+    """What a reduction keeps: a finding (``finding``, with its subject kind) or a divergence (``compare``)."""
+
+    test: Test
+    finding: dict | None
+    what: str
+
+
+def choose_goal(
+    header: ev.Header,
+    events: list,
+    options: ReplayOptions,
+    keep: str | None = None,
+    compare: tuple[ReplayOptions, ReplayOptions] | None = None,
+) -> Goal:
+    """The goal of reducing this trace: under ``compare``, that the two option sets still disagree; else the
+    first finding (of code ``keep`` when given) of a replay under ``options``."""
+    if compare is not None:
+        if not keep_divergence(*compare)(header, events):
+            raise ReduceError("the two option sets agree on this trace: no divergence to keep")
+        return Goal(keep_divergence(*compare), None, "divergence")
+    run = replay_events(header, events, options)
+    if run.error is not None:
+        raise ReduceError(f"the trace stops on an input error: {run.error}")
+    found = [f for f in run.findings if keep is None or f["code"] == keep]
+    if not found:
+        codes = ", ".join(run.by_code()) or "none"
+        raise ReduceError(f"no {keep or 'finding'} to keep (findings: {codes})")
+    kind = subject_kind(found[0])
+    what = kind[0] + (f" on {'/'.join(kind[1:])}" if kind[1:] else "")
+    return Goal(keep_finding(options, kind), found[0], what)

@@ -107,9 +107,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from kvmpfn.cli import audit, mutants, realinput, replay, synth
+    from kvmpfn.cli import audit, mutants, realinput, reduce, replay, synth
 
-    for module in (replay, audit, mutants, realinput, synth):
+    for module in (replay, audit, mutants, realinput, synth, reduce):
         for command in module.COMMANDS:
             main.add_command(command)
 
