@@ -84,10 +84,11 @@ class GuestGen:
             cr4_smap=r.random() < 0.1,
             gbpages=r.random() < 0.1,
         )
-        slots = [ev.Memslot(slot=0, gfn=0, npages=r.choice((0x1000, 0x2000)), backing=r.choice(("ram", "hugetlb")))]
+        first = 0x100 if paging == "none" and r.random() < 0.3 else 0  # a slot not 2 MiB-aligned
+        slots = [ev.Memslot(slot=0, gfn=first, npages=r.choice((0x1000, 0x2000)), backing=r.choice(("ram", "hugetlb")))]
         if r.random() < 0.5:
             gfn = r.choice(SECOND_SLOT_GFNS)
-            gfn = max(gfn, slots[0].npages) if gfn < HIGH_GFN else gfn
+            gfn = max(gfn, first + slots[0].npages) if gfn < HIGH_GFN else gfn
             slots.append(ev.Memslot(slot=1, gfn=gfn, npages=r.choice((0x200, 0x800)), backing=r.choice(BACKINGS)))
         return ev.Header(
             kvmpfn=1,
