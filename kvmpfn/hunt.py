@@ -38,6 +38,7 @@ ROOTS = (0x1000, 0x7000)
 TABLES = (0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 0x6000, 0x7000, 0x8000)
 DATA = tuple(range(0x10000, 0x18000, 0x1000))
 LARGE = (0x0, 0x200000, 0x400000, 0x600000, 0x800000, 0xC00000)
+INNER_TABLES = (0x401000, 0x801000)  # tables inside a large page: shadowing one write-protects that page
 HIGH_GFN = 0x100000  # 4 GiB: a slot above it reaches gpas that do not fit 32 bits
 SECOND_SLOT_GFNS = (0x1000, 0x1100, 0x2000, HIGH_GFN)
 BACKINGS = ("ram", "hugetlb", "reserved", "mmio")
@@ -84,11 +85,18 @@ class GuestGen:
             cr4_smap=r.random() < 0.1,
             gbpages=r.random() < 0.1,
         )
-        first = 0x100 if paging == "none" and r.random() < 0.3 else 0  # a slot not 2 MiB-aligned
-        slots = [ev.Memslot(slot=0, gfn=first, npages=r.choice((0x1000, 0x2000)), backing=r.choice(("ram", "hugetlb")))]
+        npages = r.choice((0x1000, 0x2000))
+        backing = r.choice(("ram", "hugetlb"))
+        if r.random() < 0.3:  # the low 1 MiB apart, the rest a slot whose start is not 2 MiB-aligned
+            slots = [
+                ev.Memslot(slot=0, gfn=0, npages=0x100, backing="ram"),
+                ev.Memslot(slot=3, gfn=0x100, npages=npages - 0x100, backing=backing),
+            ]
+        else:
+            slots = [ev.Memslot(slot=0, gfn=0, npages=npages, backing=backing)]
         if r.random() < 0.5:
             gfn = r.choice(SECOND_SLOT_GFNS)
-            gfn = max(gfn, first + slots[0].npages) if gfn < HIGH_GFN else gfn
+            gfn = max(gfn, npages) if gfn < HIGH_GFN else gfn
             slots.append(ev.Memslot(slot=1, gfn=gfn, npages=r.choice((0x200, 0x800)), backing=r.choice(BACKINGS)))
         return ev.Header(
             kvmpfn=1,
@@ -126,10 +134,13 @@ class GuestGen:
             large = not last and shift in (21, 22) and r.random() < 0.25
             if last or large:
                 flags = P | W * (r.random() < 0.7) | U * (r.random() < 0.7) | A * (r.random() < 0.5)
-                target = r.choice(LARGE[1:]) | PS if large else r.choice(DATA)
+                # a large page over the tables (0), or one with a table inside, often the same one again
+                target = r.choice((0x400000, 0x800000, r.choice(LARGE))) | PS if large else r.choice(DATA)
                 val = target | flags | D * (r.random() < 0.3)
             else:
                 target = TABLES[min(depth + 1 + 3 * (r.random() < 0.2), len(TABLES) - 1)]
+                if r.random() < 0.15:
+                    target = r.choice(INNER_TABLES)
                 flags = P | (0 if paging == "pae" and depth == 0 else W | U | A * (r.random() < 0.5))
                 val = target | flags
             if r.random() < 0.1 and size == 8 and not (paging == "pae" and depth == 0):
@@ -188,11 +199,11 @@ class GuestGen:
         flags = (P if r.random() < 0.9 else 0) | (W if r.random() < 0.6 else 0) | (U if r.random() < 0.6 else 0)
         flags |= (A if r.random() < 0.5 else 0) | (D if r.random() < 0.3 else 0)
         if x < 0.4:
-            target = r.choice(TABLES)
+            target = r.choice(TABLES + INNER_TABLES)
         elif x < 0.75:
             target = r.choice(DATA)
         else:
-            target = r.choice(LARGE) or 0x400000
+            target = r.choice(LARGE)
             flags |= PS
         if x >= 0.9:
             target = r.choice(SECOND_SLOT_GFNS) << 12
@@ -221,7 +232,7 @@ class GuestGen:
         x = r.random()
         if x < 0.32:
             val, size = self.pte(paging)
-            table = r.choice(TABLES)
+            table = r.choice(TABLES + INNER_TABLES)
             index = self._index(10 if size == 4 else 9)
             gpa = table + index * size
             if r.random() < 0.1 and size == 8:
@@ -329,6 +340,11 @@ def _mutate(rng: random.Random, gen: GuestGen, cand: Candidate, corpus: Sequence
                 events[i] = evolve(e, **{flag: not getattr(e, flag)})
             elif isinstance(e, ev.Write | ev.PteWrite):
                 events[i] = evolve(e, val=e.val ^ rng.choice((P, W, U, A, D, PS)))
+        elif x < 0.76 and header.guest.paging == "none":
+            touched = [i for i, e in enumerate(events) if isinstance(e, ev.Access)]
+            if touched:
+                i = rng.choice(touched)  # the host moves a frame the guest just used
+                events.insert(i + 1, ev.HostRemap(gfn=events[i].addr >> 12))
         elif x < 0.82 and corpus:
             other = rng.choice(corpus)
             cut = rng.randrange(len(other.events) + 1)
