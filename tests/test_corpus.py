@@ -127,7 +127,7 @@ def test_hunted_trace_is_clean_and_kills_its_bug(path: Path):
     mutant = run_trace(str(path), ReplayOptions(bugs=frozenset({path.stem})))
     assert mutant.error is None and mutant.by_code
     assert len(clean.records) <= 30
-    assert path.read_text().startswith(f"# reduced by `kvmpfn hunt --bug {path.stem} --seed 0`")
+    assert re.match(rf"# reduced by `kvmpfn hunt --bug {path.stem} --seed \d+`", path.read_text())
 
 
 def test_page_and_pfn_behave_identically():
