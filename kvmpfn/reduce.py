@@ -305,7 +305,8 @@ def reduce_trace(
                     changed = True
                     break
         if len(red.steps) > steps:
-            red.steps[steps:] = [f"{len(red.steps) - steps} values simplified"]
+            n = len(red.steps) - steps
+            red.steps[steps:] = [f"{n} value{'s' * (n != 1)} simplified"]
         if (len(red.events), len(red.header.memslots)) == before and _round:
             break
     red.replays = search.replays

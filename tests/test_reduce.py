@@ -5,6 +5,7 @@ for a seed. The full-size figures (20k-event traces, 2-minute hunts of every bug
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,16 @@ def test_reduce_cuts_after_the_detecting_event_first():
     assert red.steps[0] == f"cut after seq {goal.finding['seq']}"
     assert len(red.events) <= len(events) and red.replays < 100
     assert goal.test(red.header, red.events)
+
+
+def test_hunt_from_a_corpus_starts_with_its_traces(tmp_path):
+    """--corpus: the corpus traces are tried first; the hand-written killing trace kills at once."""
+    out = tmp_path / "found.jsonl"
+    proc = run_cli(
+        "hunt", "--bug", "rmap-wp-hugepage-iter", "--corpus", "traces/mutants", "--budget", "60", "-o", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    tried = int(re.search(r"killed by trace (\d+) in ", proc.stderr).group(1))
+    assert tried <= len(list((ROOT / "traces/mutants").glob("*.jsonl")))  # one of the corpus traces
+    assert replay_file(str(out)).findings == []
+    assert replay_file(str(out), ReplayOptions(bugs=frozenset({"rmap-wp-hugepage-iter"}))).findings
