@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from array import array
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -168,7 +169,7 @@ class _Search:
         self.stage = ""
 
     def __call__(self, header: ev.Header, events: Sequence) -> bool:
-        key = (ev_key(header), tuple(map(id, events)))
+        key = (msgspec.json.encode(header), array("q", map(id, events)).tobytes())
         hit = self.cache.get(key)
         if hit is not None:
             return hit[0]
@@ -177,10 +178,6 @@ class _Search:
         ok = self.test(header, events)
         self.cache[key] = (ok, events)  # keeps the events alive: their ids stay theirs
         return ok
-
-
-def ev_key(header: ev.Header) -> bytes:
-    return msgspec.json.encode(header)
 
 
 def ddmin(items: list, test: Callable[[list], bool]) -> list:
