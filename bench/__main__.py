@@ -17,7 +17,7 @@ import platform
 import sys
 import tempfile
 
-from bench import bench_audit, bench_corpus, bench_decode, bench_replay
+from bench import bench_audit, bench_corpus, bench_decode, bench_hunt, bench_replay
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -30,6 +30,7 @@ SIZES = {
         "audit": (10_000,),
         "audit_synth": 20_000,
         "corpus": (40, 2_000),
+        "hunt": (2_000, 20.0),
     },
     "default": {
         "replay": 1_000_000,
@@ -37,6 +38,7 @@ SIZES = {
         "audit": (10_000, 100_000),
         "audit_synth": 100_000,
         "corpus": (40, 20_000),
+        "hunt": (20_000, 120.0),
     },
 }
 
@@ -196,6 +198,11 @@ def bench_decode_flat(n: int) -> dict:
     return row
 
 
+def bench_reduce_hunt(events: int, budget: float) -> dict:
+    say(f"\n== reduce {events:,}-event traces; hunt every bug from an empty corpus, {budget:.0f} s budget each ==")
+    return bench_hunt.run(events, budget, say=say)
+
+
 def profile_markdown(prof: dict, title: str) -> str:
     lines = [
         f"**{title}** — {prof['events']:,} events, {prof['seconds']:.1f} s under cProfile",
@@ -225,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (about a minute)")
     parser.add_argument("--profile", action="store_true", help="only cProfile the steady replays")
+    parser.add_argument("--hunt", action="store_true", help="only reduce and hunt (issue #20)")
     parser.add_argument(
         "-o", "--output", help="results file [default: bench/results.json; bench/profile.json with --profile]"
     )
@@ -240,12 +248,15 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="kvmpfn-bench-") as tmp:
         if args.profile:
             results["profile"] = bench_profiles(tmp, sizes["replay"])
+        elif args.hunt:
+            results["hunt"] = bench_reduce_hunt(*sizes["hunt"])
         else:
             results["replay"] = bench_replays(tmp, sizes["replay"])
             results["decode"] = bench_decode_flat(sizes["replay"])
             results["rss"] = bench_rss(tmp, *sizes["rss"])
             results["audit"] = bench_audits(sizes["audit"], sizes["audit_synth"])
             results["corpus"] = bench_gate(*sizes["corpus"])
+            results["hunt"] = bench_reduce_hunt(*sizes["hunt"])
             if mode == "default":
                 results["targets"] = check_targets(results)
                 say("\n== issue #8 targets ==")

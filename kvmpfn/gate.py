@@ -36,20 +36,22 @@ entries and replaces the file atomically, so shards updating one baseline at onc
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fcntl
 import json
 import os
 import re
 import stat
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import PurePath
 
 from kvmpfn import replay as replay_mod
-from kvmpfn import runner
+from kvmpfn import runner, vocab
 from kvmpfn.errors import InputError
+from kvmpfn.kvm.bugs import BUGS
 from kvmpfn.outputs import AtomicFile
 from kvmpfn.replay import ReplayOptions
 from kvmpfn.report import ERROR, FAIL, NOT_RUN, PASS, AuditReport, TraceOutcome
@@ -225,11 +227,26 @@ def _utf8(path: str, text: str) -> str:
 def load_baseline(path: str, required: bool = False) -> Baseline:
     """Read a baseline file: trace key → code → count (zero counts dropped). A missing file is an empty
     baseline unless ``required``; anything malformed is a :class:`GateError`."""
+    return _parse_baseline(path, required)[0]
+
+
+def load_baseline_model(path: str) -> dict:
+    """The options a baseline was recorded under (``ReplayOptions.model()``; ``{}``: none)."""
+    return _parse_baseline(path, False)[1]
+
+
+def model_text(model: dict) -> str:
+    """``{"kernel": "pfn-io", "bugs": ["x"]}`` → ``--kernel pfn-io --bug x``; ``{}`` → ``no MMU options``."""
+    words = [f"--{k} {v}" for k, v in model.items() if k != "bugs"] + [f"--bug {b}" for b in model.get("bugs", [])]
+    return " ".join(words) or "no MMU options"
+
+
+def _parse_baseline(path: str, required: bool) -> tuple[Baseline, dict]:
     data = _read_baseline(path)
     if data is None:
         if required:
             raise GateError(f"{path}: no such baseline file")
-        return {}
+        return {}, {}
     try:
         doc = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -238,8 +255,10 @@ def load_baseline(path: str, required: bool = False) -> Baseline:
         raise GateError(f"{path}: the baseline is not a baseline: JSON nested too deeply") from None
     except ValueError as err:
         raise GateError(f"{path}: the baseline is not JSON: {err}") from None
-    if not isinstance(doc, dict) or set(doc) != {"version", "traces"}:
-        raise GateError(f'{path}: a baseline is {{"version": 1, "traces": {{...}}}}')
+    if not isinstance(doc, dict) or set(doc) - {"options"} != {"version", "traces"}:
+        raise GateError(f'{path}: a baseline is {{"version": 1, "traces": {{...}}}} (and "options" if recorded)')
+    model = doc.get("options", {})
+    _check_model(path, model)
     if doc["version"] != 1 or isinstance(doc["version"], bool):
         raise GateError(f"{path}: baseline version {json.dumps(doc['version'])} is not 1")
     if not isinstance(doc["traces"], dict):
@@ -248,20 +267,47 @@ def load_baseline(path: str, required: bool = False) -> Baseline:
     for key, entry in doc["traces"].items():
         if not isinstance(entry, dict) or not all(_count(n) for n in entry.values()):
             raise GateError(f"{path}: traces[{json.dumps(key)}] must map finding codes to counts (integers >= 0)")
+        for code in entry:
+            _utf8(path, code)
+            if code not in vocab.CODES:
+                hint = _close(code, vocab.CODES)
+                raise GateError(f"{path}: traces[{json.dumps(key)}]: unknown finding code {json.dumps(code)}{hint}")
         out[_utf8(path, key)] = {_utf8(path, code): n for code, n in sorted(entry.items()) if n}
-    return out
+    return out, model
 
 
-def baseline_text(entries: Baseline) -> str:
-    """The baseline file for ``entries``: traces with findings only, sorted, indented, trailing newline."""
+def _close(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {json.dumps(close[0])}?)" if close else ""
+
+
+def _check_model(path: str, model: object) -> None:
+    """A baseline's ``options``: ``{"mmu", "kernel", "tdp", "bugs"}``, each a known value."""
+    known = {"mmu": vocab.MMUS, "kernel": vocab.KERNELS, "tdp": vocab.TDPS}
+    if not isinstance(model, dict):
+        raise GateError(f'{path}: "options" must be an object: {{"mmu", "kernel", "tdp", "bugs"}}')
+    for name, value in model.items():
+        if name == "bugs" and isinstance(value, list) and all(isinstance(b, str) for b in value):
+            for bug in value:
+                if bug not in BUGS:
+                    raise GateError(f"{path}: options.bugs: unknown bug {json.dumps(bug)}{_close(bug, BUGS)}")
+        elif name not in known or value not in known[name]:
+            raise GateError(f"{path}: options.{name}: {json.dumps(value)} is not a replay option value")
+
+
+def baseline_text(entries: Baseline, model: dict | None = None) -> str:
+    """The baseline file for ``entries``: traces with findings only, sorted, indented, trailing newline; the
+    options it was recorded under (``model``) when there are any."""
     traces = {key: dict(sorted(entries[key].items())) for key in sorted(entries) if entries[key]}
-    return json.dumps({"version": 1, "traces": traces}, indent=2) + "\n"
+    doc: dict = {"version": 1, "options": model} if model else {"version": 1}
+    doc["traces"] = traces
+    return json.dumps(doc, indent=2) + "\n"
 
 
-def write_baseline(path: str, entries: Baseline) -> None:
+def write_baseline(path: str, entries: Baseline, model: dict | None = None) -> None:
     """Replace ``path`` atomically with :func:`baseline_text`."""
     with AtomicFile(path) as fh:
-        fh.write(baseline_text(entries).encode("utf-8"))
+        fh.write(baseline_text(entries, model).encode("utf-8"))
 
 
 @contextmanager
@@ -300,7 +346,9 @@ def stale_keys(refs: Sequence[TraceRef], baselines: dict[str, Baseline]) -> list
     ]
 
 
-def update_baselines(refs: Sequence[TraceRef], report: AuditReport, baselines: dict[str, Baseline]) -> list[str]:
+def update_baselines(
+    refs: Sequence[TraceRef], report: AuditReport, baselines: dict[str, Baseline], model: dict | None = None
+) -> list[str]:
     """``--update-baseline``: every trace that replayed without an input error gets its findings as its entry
     (none if clean) and passes; entries of traces not run are kept while their file exists. Each baseline file
     is re-read and rewritten under its lock (:func:`locked`), so concurrent updates of other traces are kept.
@@ -319,7 +367,8 @@ def update_baselines(refs: Sequence[TraceRef], report: AuditReport, baselines: d
             for key, entry in ran.get(path, {}).items():
                 entries[key] = entry
             stale = {key for _p, key in stale_keys(refs, {path: entries})} - set(ran.get(path, {}))
-            write_baseline(path, {key: entry for key, entry in entries.items() if entry and key not in stale})
+            kept = {key: entry for key, entry in entries.items() if entry and key not in stale}
+            write_baseline(path, kept, model)
             baselines[path] = entries
         written.append(path)
     return written
@@ -418,6 +467,7 @@ def audit(
     if not refs:
         raise GateError(f"no traces (*{', *'.join(TRACE_SUFFIXES)}) in {', '.join(paths)}")
     baselines = load_baselines(refs, explicit=baseline is not None and not update)
+    options = _recorded_options(options, {path: load_baseline_model(path) for path in baselines}, baselines, update)
     if warn is not None:
         for path, key in stale_keys(refs, baselines):
             warn(f'{path}: entry "{key}" names no trace')
@@ -436,9 +486,31 @@ def audit(
         raise
     report = AuditReport(outcomes=outcomes, **meta)
     if update:
-        report.baselines_written = update_baselines(refs, report, baselines)
+        report.baselines_written = update_baselines(refs, report, baselines, options.model())
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _recorded_options(
+    options: ReplayOptions, models: dict[str, dict], baselines: dict[str, Baseline], update: bool
+) -> ReplayOptions:
+    """A baseline holds the findings of one modelled MMU: the options it records (``mmu``, ``kernel``, ``tdp``,
+    ``--bug``). A run given none of these options replays under the ones its baselines record;
+    ``--update-baseline`` refuses to write findings of other options into a baseline that has entries."""
+    run = options.model()
+    recorded = {json.dumps(m, sort_keys=True) for m in models.values()}
+    if not run and len(recorded) > 1:
+        raise GateError("the baselines of these corpora record different options: audit them one at a time")
+    if not run and recorded:
+        run = next(iter(models.values()))
+        options = options.with_model(run)
+    for path, model in models.items():
+        if update and model != run and (baselines[path] or model):
+            raise GateError(
+                f"{path} holds findings recorded with {model_text(model)}; --update-baseline with {model_text(run)} "
+                "would mix two MMUs' findings: give this run a baseline of its own (--baseline FILE)"
+            )
+    return options
 
 
 @contextmanager

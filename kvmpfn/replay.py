@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 from kvmpfn.audit import Auditor
@@ -62,6 +62,18 @@ class ReplayOptions:
     tdp: str | None = None  # "npt" or "ept": overrides the header's ``tdp`` (``--tdp``)
     #: bytes the simulated VM may hold (kvmpfn.limits): None is half the machine's memory, 0 no limit
     max_memory: int | None = None
+
+    def model(self) -> dict[str, Any]:
+        """The options that change the MMU being modelled (``mmu``, ``kernel``, ``tdp``, ``bugs``), those set
+        only: what a baseline records about the run that wrote it."""
+        out: dict[str, Any] = {name: getattr(self, name) for name in ("mmu", "kernel", "tdp") if getattr(self, name)}
+        if self.bugs:
+            out["bugs"] = sorted(self.bugs)
+        return out
+
+    def with_model(self, model: dict[str, Any]) -> ReplayOptions:
+        """These options with ``model`` (as :meth:`model` gives it) applied."""
+        return replace(self, **{k: frozenset(v) if k == "bugs" else v for k, v in model.items()})
 
 
 @dataclass

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import multiprocessing
 import os
 import re
@@ -248,6 +249,16 @@ def _payload(path: str) -> dict:
     return payload
 
 
+def per_worker(options: ReplayOptions, workers: int) -> ReplayOptions:
+    """``options`` for one of ``workers`` local processes: without ``--max-memory`` each gets an equal share of
+    the default (half the machine), so that together they stay within it."""
+    if options.max_memory is not None or workers <= 1:
+        return options
+    from kvmpfn.limits import default_max_memory
+
+    return dataclasses.replace(options, max_memory=default_max_memory() // workers)
+
+
 def clamp_jobs(jobs: int, warn: Callable[[str], None] | None = None) -> int:
     """``jobs``, or fewer when the file-descriptor limit cannot hold that many workers (raising the soft limit
     first when the hard one allows)."""
@@ -410,7 +421,10 @@ def run(
         pool: Any = _DaskPool(config)
     else:
         jobs = min(config.jobs, n)
-        pool = _InProcess() if jobs <= 1 else _LocalPool(clamp_jobs(jobs, warn))
+        if jobs > 1:
+            jobs = clamp_jobs(jobs, warn)
+            tasks = [dataclasses.replace(t, options=per_worker(t.options, jobs)) for t in tasks]
+        pool = _InProcess() if jobs <= 1 else _LocalPool(jobs)
     pending = deque(range(n))
     suspects: deque[int] = deque()  # were running when a local worker died: re-run alone
     running: dict[Future, tuple[int, float, bool]] = {}  # future → (task, start, alone)

@@ -372,3 +372,47 @@ def test_codes_lists_and_explains():
     assert doc["code"] == "kernel-bug" and doc["subject"] == "function, spte"
     wrong = invoke("codes", "refcount-lek")
     assert wrong.exit_code == 2 and 'did you mean "refcount-leak"?' in wrong.stderr
+
+
+# --- baselines record the options that change the MMU -------------------------------------------------------
+
+
+def test_a_baseline_records_its_mmu_options_and_refuses_others(tmp_path: Path):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    shutil.copy(LEAK, corpus / "a.jsonl")
+    baseline = corpus / "kvmpfn-baseline.json"
+    assert invoke("audit", str(corpus), "--bug", "same-pfn-no-release", "--update-baseline", "-q").exit_code == 0
+    doc = json.loads(baseline.read_text())
+    assert doc == {
+        "version": 1,
+        "options": {"bugs": ["same-pfn-no-release"]},
+        "traces": {"a.jsonl": {"refcount-leak": 1}},
+    }
+    plain = invoke("audit", str(corpus))  # replays under the recorded --bug
+    assert plain.exit_code == 0 and "findings: refcount-leak ×1" in plain.stdout
+    assert invoke("audit", str(corpus), "--update-baseline", "-q").exit_code == 0
+    assert json.loads(baseline.read_text()) == doc
+    other = invoke("audit", str(corpus), "--kernel", "pfn-io", "--update-baseline")
+    assert other.exit_code == 2 and "--update-baseline with --kernel pfn-io would mix" in other.stderr
+    assert json.loads(baseline.read_text()) == doc
+
+
+@pytest.mark.parametrize(
+    "doc, words",
+    [
+        (
+            {"version": 1, "traces": {"a.jsonl": {"refcount-lek": 1}}},
+            'unknown finding code "refcount-lek" (did you mean "refcount-leak"?)',
+        ),
+        ({"version": 1, "options": {"bugs": ["same-pfn"]}, "traces": {}}, 'unknown bug "same-pfn"'),
+        ({"version": 1, "options": {"mmu": "ept"}, "traces": {}}, 'options.mmu: "ept" is not a replay option value'),
+    ],
+)
+def test_baseline_codes_and_options_are_validated(tmp_path: Path, doc, words):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    shutil.copy(LEAK, corpus / "a.jsonl")
+    (corpus / "kvmpfn-baseline.json").write_text(json.dumps(doc))
+    res = invoke("audit", str(corpus))
+    assert res.exit_code == 2 and words in res.stderr and res.stderr.count("\n") == 1

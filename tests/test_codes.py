@@ -161,14 +161,14 @@ def test_a_bug_changes_nothing_where_it_does_not_apply(name):
     with open_trace(trace) as reader:
         own = (reader.header.mmu, reader.header.kernel)
     assert own[0] in bug.mmu and own[1] in bug.kernels, f"{name}: its killing trace runs where it does not apply"
-    changed = run_trace(trace, ReplayOptions(bugs=frozenset({name})))
-    assert changed != run_trace(trace, ReplayOptions()), f"{name}: the killing trace no longer kills"
+    changed = run_trace(trace, trace, ReplayOptions(bugs=frozenset({name})))
+    assert changed != run_trace(trace, trace, ReplayOptions()), f"{name}: the killing trace no longer kills"
     for mmu in vocab.MMUS:
         for kernel in vocab.KERNELS:
             if mmu in bug.mmu and kernel in bug.kernels:
                 continue
-            plain = run_trace(trace, ReplayOptions(mmu=mmu, kernel=kernel))
-            mutant = run_trace(trace, ReplayOptions(mmu=mmu, kernel=kernel, bugs=frozenset({name})))
+            plain = run_trace(trace, trace, ReplayOptions(mmu=mmu, kernel=kernel))
+            mutant = run_trace(trace, trace, ReplayOptions(mmu=mmu, kernel=kernel, bugs=frozenset({name})))
             assert mutant == plain, f"--bug {name} changes the replay under {mmu}/{kernel}"
 
 

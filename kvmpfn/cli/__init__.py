@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import signal
 import sys
 import traceback
 from typing import Any
@@ -52,13 +53,12 @@ class KvmpfnGroup(click.Group):
             status = super().main(args, prog_name="kvmpfn", standalone_mode=False, **extra)
         except click.exceptions.Exit as exit_:
             status = exit_.exit_code
+        except SystemExit as exit_:  # a command's sys.exit(status)
+            status = exit_.code
         except click.ClickException as err:
             _error(_usage_message(err))
             status = err.exit_code if isinstance(err, click.UsageError) else 2
-        except click.Abort:
-            click.echo("kvmpfn: interrupted", err=True)
-            status = 130
-        except KeyboardInterrupt:
+        except (click.Abort, KeyboardInterrupt):
             click.echo("kvmpfn: interrupted", err=True)
             status = 130
         except KvmpfnError as err:
@@ -75,6 +75,8 @@ class KvmpfnGroup(click.Group):
                 traceback.print_exception(exc)
             _error(f"internal error: {type(exc).__name__}: {exc} (--debug shows the traceback)")
             status = 2
+        if status == 130:  # exiting anyway: a late Ctrl-C during shutdown must not turn 130 into a signal death
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         sys.exit(status if isinstance(status, int) else 0)
 
 
@@ -139,9 +141,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from kvmpfn.cli import audit, inspect, merge, mutants, realinput, reference, replay, synth
+    from kvmpfn.cli import audit, inspect, merge, mutants, realinput, reduce, reference, replay, synth
 
-    for module in (replay, audit, merge, inspect, mutants, reference, realinput, synth):
+    for module in (replay, audit, merge, inspect, mutants, reduce, reference, realinput, synth):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 import click
@@ -100,7 +99,6 @@ def audit(
         show_report(stop.report, options, fmt, output, quiet, inputs)
         ran = len(stop.report.ran)
         click.echo(f"kvmpfn: interrupted: {ran} of {len(stop.report.outcomes)} traces replayed", err=True)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting anyway: a late Ctrl-C must not turn 130 into -2
         sys.exit(130)
     show_report(report, options, fmt, output, quiet, inputs)
     single_trace = len(paths) == 1 and not os.path.isdir(paths[0])

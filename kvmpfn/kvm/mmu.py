@@ -785,7 +785,7 @@ def kvm_unmap_hva(kvm: Kvm, hva: int) -> bool:
     ms = kvm.host.gfn_to_memslot(gfn)
     table, key = gfn_to_rmap(kvm, gfn, 0)
     flush = kvm_unmap_rmapp(kvm, table, key)
-    if "handle-hva-unaligned" in kvm.bugs:
+    if ms.base_gfn % KVM_PAGES_PER_HPAGE and "handle-hva-unaligned" in kvm.bugs:  # only an unaligned slot differs
         region = ms.base_gfn // KVM_PAGES_PER_HPAGE + (gfn - ms.base_gfn) // KVM_PAGES_PER_HPAGE
     else:
         region = gfn // KVM_PAGES_PER_HPAGE

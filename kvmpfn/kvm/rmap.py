@@ -162,7 +162,6 @@ def rmap_write_protect(kvm, gfn: int) -> None:
     if kvm.on_write_protect is not None:
         kvm.on_write_protect(cleared)
 
-    restart = "rmap-wp-hugepage-iter" not in kvm.bugs
     table, key = gfn_to_rmap(kvm, gfn, 1)
     sptep = rmap_next(table, key, None)
     while sptep is not None:
@@ -171,7 +170,7 @@ def rmap_write_protect(kvm, gfn: int) -> None:
             rmap_remove(kvm, sptep)
             kvm.stat["lpages"] -= 1
             sp.spt[index] = TRAP
-            if restart:
+            if "rmap-wp-hugepage-iter" not in kvm.bugs:  # tested only where it matters (kvmpfn hunt's probe)
                 sptep = None
             write_protected = True
         sptep = rmap_next(table, key, sptep)
