@@ -242,7 +242,9 @@ def test_broken_trace_in_a_corpus_fails_and_the_others_are_reported(tmp_path):
 def test_update_baseline_round_trip(corpus, monkeypatch):
     for name in ("a.jsonl", "b.jsonl", "c/d.jsonl.gz"):
         write_trace(corpus / name)
-    fake_replay(monkeypatch, {"a.jsonl": ["refcount-leak", "dirty-lost", "refcount-leak"], "d.jsonl.gz": ["write-count"]})
+    fake_replay(
+        monkeypatch, {"a.jsonl": ["refcount-leak", "dirty-lost", "refcount-leak"], "d.jsonl.gz": ["write-count"]}
+    )
     baseline = write_baseline(corpus, {"b.jsonl": {"dirty-lost": 1}, "gone.jsonl": {"refcount-leak": 1}})
     assert invoke("corpus").exit_code == 1
     result = invoke("corpus", "--update-baseline", "--format", "json")
