@@ -467,7 +467,15 @@ def audit(
     if not refs:
         raise GateError(f"no traces (*{', *'.join(TRACE_SUFFIXES)}) in {', '.join(paths)}")
     baselines = load_baselines(refs, explicit=baseline is not None and not update)
-    options = _recorded_options(options, {path: load_baseline_model(path) for path in baselines}, baselines, update)
+    models = {path: load_baseline_model(path) for path in baselines}
+    options = _recorded_options(options, models, baselines, update)
+    if warn is not None and not update:
+        for path, model in models.items():
+            if model != options.model():
+                warn(
+                    f"{path} was recorded with {model_text(model)}, this run uses {model_text(options.model())}: "
+                    "findings may differ for that reason alone"
+                )
     if warn is not None:
         for path, key in stale_keys(refs, baselines):
             warn(f'{path}: entry "{key}" names no trace')
@@ -483,6 +491,7 @@ def audit(
             outcomes = run(refs, expected, options, config, stop_on=stop_on, on_done=advance, warn=warn)
     except Interrupted as stop:
         stop.report.options, stop.report.shard, stop.report.selection = meta["options"], shard, selection
+        stop.report.interrupted = True
         raise
     report = AuditReport(outcomes=outcomes, **meta)
     if update:

@@ -42,15 +42,31 @@ def _identity(path: str) -> tuple[int, int] | None:
 
 
 def refuse_inputs(output: str | None, inputs: Iterable[str | None]) -> None:
-    """Raise :class:`OutputError` when ``output`` is the same file as one of ``inputs`` (``-`` never is)."""
+    """Raise :class:`OutputError` when ``output`` is the same file as one of ``inputs`` (``-`` never is), or
+    when its directory does not exist: both are known before any work is done."""
     if output in (None, "-"):
         return
+    if not os.path.isdir(os.path.dirname(os.path.realpath(output)) or "."):
+        raise OutputError(output, "no such file or directory")
     out_id = _identity(output)
     if out_id is None:
         return
     for path in inputs:
         if path and path != "-" and _identity(path) == out_id:
             raise OutputError(output, f"is an input ({path}); refusing to overwrite it")
+
+
+def distinct_outputs(outputs: dict[str, str | None]) -> None:
+    """Raise :class:`OutputError` when two outputs (option → path) name the same file: one would overwrite the
+    other."""
+    seen: dict[str, str] = {}
+    for option, path in outputs.items():
+        if path in (None, "-"):
+            continue
+        key = os.path.realpath(path)
+        if key in seen:
+            raise OutputError(path, f"given to both {seen[key]} and {option}; one would overwrite the other")
+        seen[key] = option
 
 
 def _errno_text(err: OSError) -> str:

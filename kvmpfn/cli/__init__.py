@@ -44,8 +44,16 @@ class KvmpfnGroup(click.Group):
             raise click.UsageError(f"no command {name!r}{suggest(name, self.list_commands(ctx))}", ctx)
         return super().resolve_command(ctx, args)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:  # before click turns it into exit status 1
+            raise _ReaderGone from None
+
     def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:  # type: ignore[override]
         extra.pop("standalone_mode", None)  # errors are always reported here, in one style
+        if not (sys.argv[1:] if args is None else args):
+            args = ["--help"]  # `kvmpfn` alone: the help, not an error
         for name in ("stdin", "stdout", "stderr"):
             if getattr(sys, name) is None:  # started with the descriptor closed (`kvmpfn audit >&-`)
                 setattr(sys, name, _Closed(f"<{name}>"))
@@ -64,9 +72,9 @@ class KvmpfnGroup(click.Group):
         except KvmpfnError as err:
             _error(str(err))
             status = 2
-        except BrokenPipeError:  # the reader of our output went away (`kvmpfn audit | head`): nothing to say
+        except (BrokenPipeError, _ReaderGone):  # the reader of our output went away (`kvmpfn audit | head`)
             _stdout_gone()
-            status = 1
+            status = 141  # as a shell reports a process that SIGPIPE ended
         except OSError as err:  # a standard stream that fails (closed, full disk)
             _error(f"{err.filename or 'output'}: {(err.strerror or str(err)).lower()}")
             status = 2
@@ -78,6 +86,10 @@ class KvmpfnGroup(click.Group):
         if status == 130:  # exiting anyway: a late Ctrl-C during shutdown must not turn 130 into a signal death
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         sys.exit(status if isinstance(status, int) else 0)
+
+
+class _ReaderGone(Exception):
+    """Standard output's reader closed the pipe: nothing more to say, and nowhere to say it."""
 
 
 class _Closed(io.RawIOBase):

@@ -117,7 +117,7 @@ def show_report(report, options: ReplayOptions | None, fmt: str, output: str | N
     renderers = {"json": json_report.render, "sarif": sarif.render, "junit": junit.render}
     if fmt == "text" and output is None:
         if not quiet or any(o.status != "pass" for o in report.outcomes):
-            console.show(report)
+            console.show(report, quiet=quiet)
     else:
         if fmt == "html":
             from kvmpfn.report.html import audit_html

@@ -60,6 +60,8 @@ def convert(text: str, output: str, mmu, paging, memory, quiet: bool) -> None:
         summary = convert_text(text, output, mmu=mmu, paging=paging, memory=header_memory, guest=guest)
     except TextTraceError as err:
         _fail(str(err))
+    except BrokenPipeError:
+        raise  # the reader of standard output went away: the boundary exits quietly
     except OSError as err:
         _fail(f"{output}: {(err.strerror or str(err)).lower()}")
     if not quiet:

@@ -9,7 +9,7 @@ import sys
 import click
 
 from kvmpfn.cli.options import fail, replay_options, report_options, warn
-from kvmpfn.outputs import open_output, write_output
+from kvmpfn.outputs import distinct_outputs, open_output, refuse_inputs, write_output
 from kvmpfn.replay import ReplayOptions, replay_file
 from kvmpfn.report import replay as render
 
@@ -68,11 +68,9 @@ def replay(
     if trace != "-" and not os.path.exists(trace):
         fail(f"{trace}: no such file")
     inputs = trace_inputs(trace)
+    distinct_outputs({"--emit": emit, "-o": output, "--html": html, "--timeline": timeline})
     for out in (emit, output, html, timeline):
-        if out and out != "-":
-            from kvmpfn.outputs import refuse_inputs
-
-            refuse_inputs(out, inputs)
+        refuse_inputs(out, inputs)
     if emit == "-" and output in (None, "-"):
         output = None
         report_stream = "stderr"

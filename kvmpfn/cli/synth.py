@@ -60,6 +60,8 @@ def synth(workload: str, events: int, seed: int, mmu: str, paging, validate: boo
     except SynthError as err:
         click.echo(f"kvmpfn: error: {err}", err=True)
         sys.exit(2)
+    except BrokenPipeError:
+        raise  # the reader of standard output went away: the boundary exits quietly
     except OSError as err:
         click.echo(f"kvmpfn: error: {output}: {(err.strerror or str(err)).lower()}", err=True)
         sys.exit(2)

@@ -70,6 +70,7 @@ class AuditReport:
     baselines_written: list[str] = field(default_factory=list)
     options: dict[str, Any] | None = None  # the replay options, as documents record them
     selection: dict[str, Any] | None = None  # a shard's whole selection: {"paths", "baseline", "traces"}
+    interrupted: bool = False  # Ctrl-C stopped the run: the traces not run are "not run"
 
     @property
     def ran(self) -> list[TraceOutcome]:
@@ -93,6 +94,8 @@ class AuditReport:
         }
         if self.shard is not None:
             out["shard"] = f"{self.shard[0]}/{self.shard[1]}"
+        if self.interrupted:
+            out["interrupted"] = True
         return out
 
 

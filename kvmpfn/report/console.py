@@ -21,6 +21,8 @@ STYLES = {PASS: "green", FAIL: "bold red", ERROR: "bold red", NOT_RUN: "dim"}
 def _details(outcome: TraceOutcome) -> list[str]:
     """Lines under a trace: its input error, the findings of codes beyond the baseline, the missing codes and
     what ``--update-baseline`` changed."""
+    if outcome.status == NOT_RUN:
+        return []
     lines = []
     if outcome.error:
         lines.append(outcome.error)
@@ -52,12 +54,14 @@ def _summary_line(report: AuditReport, seconds: float | None = None) -> str:
     return f"{traces}{shard}: {', '.join(parts)}; {events}{took}; findings: {findings}"
 
 
-def _lines(report: AuditReport, seconds: bool) -> list[tuple[str, str]]:
+def _lines(report: AuditReport, seconds: bool, quiet: bool = False) -> list[tuple[str, str]]:
     """The report as (status, line) pairs: one line per trace, details indented under it. Nothing is cut or
     put in columns, so that paths and codes stay whole on a narrow terminal (they wrap instead)."""
     lines = []
     width = max((len(LABELS[o.status]) for o in report.outcomes), default=4)
     for o in report.outcomes:
+        if quiet and o.status in (PASS, NOT_RUN) and o.previous is None:
+            continue
         line = f"{LABELS[o.status]:<{width}}  {safe(o.trace)}"
         if o.status != NOT_RUN:
             line += f"  {_plural(o.events, 'event')}"
@@ -70,17 +74,18 @@ def _lines(report: AuditReport, seconds: bool) -> list[tuple[str, str]]:
     return lines
 
 
-def render_text(report: AuditReport) -> str:
-    """The plain-text report: one line per trace, details indented under it, a summary line."""
-    lines = [line for _, line in _lines(report, seconds=False)]
+def render_text(report: AuditReport, quiet: bool = False) -> str:
+    """The plain-text report: one line per trace (``quiet``: per failing trace), details indented under it, a
+    summary line."""
+    lines = [line for _, line in _lines(report, seconds=False, quiet=quiet)]
     lines.append(_summary_line(report))
     lines.extend(f"baseline written: {safe(path)}" for path in report.baselines_written)
     return "\n".join(lines) + "\n"
 
 
-def print_rich(report: AuditReport, console: Console) -> None:
+def print_rich(report: AuditReport, console: Console, quiet: bool = False) -> None:
     """The terminal report: the plain text's lines with each trace's seconds, the status in colour."""
-    for status, line in _lines(report, seconds=True):
+    for status, line in _lines(report, seconds=True, quiet=quiet):
         text = Text(line, style="dim" if not status else "")
         if status:
             text.stylize(STYLES[status], 0, len(LABELS[status]))
@@ -90,13 +95,13 @@ def print_rich(report: AuditReport, console: Console) -> None:
         console.print(Text(f"baseline written: {safe(path)}"), overflow="fold")
 
 
-def show(report: AuditReport, stream: IO[str] | None = None) -> None:
+def show(report: AuditReport, stream: IO[str] | None = None, quiet: bool = False) -> None:
     """Print the report on ``stream`` (stdout): rich when it is a terminal, plain text otherwise."""
     stream = stream or sys.stdout
     if stream.isatty():
-        print_rich(report, Console(file=stream, highlight=False))
+        print_rich(report, Console(file=stream, highlight=False), quiet)
     else:
-        stream.write(render_text(report))
+        stream.write(render_text(report, quiet))
         stream.flush()
 
 

@@ -3,8 +3,8 @@
 ``<testsuites>`` holding one ``<testsuite name="kvmpfn audit">``, one ``<testcase>`` per trace:
 ``classname`` is the trace's directory (``traces/tdp`` → ``traces.tdp``), ``name`` its file name. A trace
 whose findings differ from the baseline has a ``<failure>`` listing the difference and the findings; an input
-error is an ``<error>``; a trace ``--fail-fast`` did not run is ``<skipped>``. No ``time``, ``timestamp`` or
-``hostname``.
+error is an ``<error>``; a trace that ``--fail-fast`` or Ctrl-C stopped before is ``<skipped>``. No ``time``,
+``timestamp`` or ``hostname``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _details(outcome: TraceOutcome) -> str:
     return _clean("\n".join(lines))
 
 
-def testcase(outcome: TraceOutcome) -> ET.Element:
+def testcase(outcome: TraceOutcome, why_not_run: str = "--fail-fast stopped the gate") -> ET.Element:
     case = ET.Element(
         "testcase",
         {"classname": _clean(classname(outcome.trace)), "name": _clean(posixpath.basename(outcome.trace))},
@@ -56,7 +56,7 @@ def testcase(outcome: TraceOutcome) -> ET.Element:
             case, "error", {"message": _clean(outcome.error or "input error"), "type": "input-error"}
         ).text = _details(outcome)
     elif outcome.status == NOT_RUN:
-        ET.SubElement(case, "skipped", {"message": "not run: --fail-fast stopped the gate"})
+        ET.SubElement(case, "skipped", {"message": f"not run: {why_not_run}"})
     return case
 
 
@@ -71,7 +71,8 @@ def render(report: AuditReport) -> str:
     }
     root = ET.Element("testsuites", {"name": "kvmpfn audit", **counts})
     suite = ET.SubElement(root, "testsuite", {"name": "kvmpfn audit", **counts})
+    why = "the gate was interrupted (Ctrl-C)" if report.interrupted else "--fail-fast stopped the gate"
     for outcome in outcomes:
-        suite.append(testcase(outcome))
+        suite.append(testcase(outcome, why))
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
