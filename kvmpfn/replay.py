@@ -42,6 +42,8 @@ from kvmpfn.x86 import KVM_MAX_VCPUS, PAGE_SHIFT
 KVM_MEMORY_SLOTS = 32
 GUEST_STATE = ("paging", "cr0_wp", "efer_nx", "cr4_pse", "cr4_smep", "cr4_smap", "maxphyaddr", "gbpages")
 STORE_OR_FAULT = frozenset({"access", "pf", "write", "pte_write"})
+#: events that change the VM as a whole (guest paging state, memory map, host pages, dirty logging)
+VM_WIDE = frozenset({"cr3", "paging", "memslot", "dirty_log", "host_remap", "teardown"})
 #: what :meth:`Replayer.do_access` returns when no outcome records are written (shared: never mutated)
 RESULT_ONLY = {r: {"result": r} for r in ("hit", "mapped", "mmio", "emulated", "guest_fault", "error")}
 TDP_GPA_BITS = 48  # a 4-level TDP table maps 48 bits of guest-physical address
@@ -57,6 +59,7 @@ class ReplayOptions:
     bugs: frozenset[str] = frozenset()
     kernel_audit: bool = False  # also audit at the kernel's own four kvm_mmu_audit() points
     paranoid: bool = False  # full audit and a check of the simulator's own structures after every event
+    full_audit: bool = False  # every audit point checks everything, not only what changed since the last one
 
 
 @dataclass
@@ -93,7 +96,9 @@ class Replayer:
         self.host = Host(first_pfn=header.host.first_pfn, memory_image=memory_image)
         self.api = PfnApi(self.host, self.kernel, bugs=options.bugs)
         self.kvm = Kvm(self.host, self.api, kernel=self.kernel, tdp=self.mmu == "tdp", bugs=options.bugs)
-        self.auditor = Auditor(self.kvm, kernel_points=options.kernel_audit)
+        incremental = not options.full_audit and bool(self.audit_points or options.kernel_audit)
+        self.auditor = Auditor(self.kvm, kernel_points=options.kernel_audit, incremental=incremental)
+        self.changes = self.auditor.changes  # None unless auditing incrementally
         self.findings = self.auditor.findings
         self.recorded = RecordedChecks.for_header(self.findings, header)
         self.torn_down = False
@@ -207,6 +212,8 @@ class Replayer:
     def _guest_store(self, vcpu, gpa: int, val: int, nbytes: int, always_emulate: bool) -> dict:
         kvm = self.kvm
         self.host.write_guest(gpa, val, nbytes)
+        if self.changes is not None:
+            self.changes.written.add(gpa >> PAGE_SHIFT)
         mark_page_dirty(kvm, gpa >> PAGE_SHIFT)
         if always_emulate or kvm_mmu_lookup_page(kvm, gpa >> PAGE_SHIFT) is not None:
             kvm_mmu_pte_write(vcpu, kvm, gpa, val, nbytes)
@@ -318,6 +325,8 @@ class Replayer:
         f.seq, f.line, f.point = seq, line, op
         kvm, api = self.kvm, self.api
         kvm.consumed_failure = api.consumed_failure = False
+        if self.changes is not None and op in VM_WIDE:
+            self.changes.everything = True  # the next audit point checks everything
         rec = handler(e)
         if (kvm.consumed_failure or api.consumed_failure) and op in STORE_OR_FAULT and rec["result"] != "error":
             rec = {k: v for k, v in rec.items() if k not in ("gpa", "pfn", "spte", "err", "set_dirty")}
@@ -336,17 +345,17 @@ class Replayer:
         return out
 
     def _audit_point(self, seq: int) -> None:
-        """``--paranoid`` (the full audit and the structure checks after every event) or ``--audit-every``."""
+        """``--paranoid`` (an audit point and the structure checks after every event) or ``--audit-every``."""
         if self.torn_down:
             return
         every = self.options.audit_every
         if self.options.paranoid:
-            self.auditor.full_audit("paranoid")
+            self.auditor.audit_point("paranoid")
             problems = check_mmu_structures(self.kvm)
             if problems:
                 raise InternalError("; ".join(problems[:3]))
         elif every and (seq + 1) % every == 0:
-            self.auditor.full_audit(f"audit-every {every}")
+            self.auditor.audit_point(f"audit-every {every}")
 
     def stats(self) -> dict[str, Any]:
         kvm = self.kvm
