@@ -43,7 +43,7 @@ KVM_MEMORY_SLOTS = 32
 GUEST_STATE = ("paging", "cr0_wp", "efer_nx", "cr4_pse", "cr4_smep", "cr4_smap", "maxphyaddr", "gbpages")
 STORE_OR_FAULT = frozenset({"access", "pf", "write", "pte_write"})
 #: events that change the VM as a whole (guest paging state, memory map, host pages, dirty logging)
-VM_WIDE = frozenset({"cr3", "paging", "memslot", "dirty_log", "host_remap", "teardown"})
+VM_WIDE = frozenset({"paging", "memslot", "dirty_log", "host_remap", "teardown"})
 #: what :meth:`Replayer.do_access` returns when no outcome records are written (shared: never mutated)
 RESULT_ONLY = {r: {"result": r} for r in ("hit", "mapped", "mmio", "emulated", "guest_fault", "error")}
 TDP_GPA_BITS = 48  # a 4-level TDP table maps 48 bits of guest-physical address
@@ -96,7 +96,9 @@ class Replayer:
         self.host = Host(first_pfn=header.host.first_pfn, memory_image=memory_image)
         self.api = PfnApi(self.host, self.kernel, bugs=options.bugs)
         self.kvm = Kvm(self.host, self.api, kernel=self.kernel, tdp=self.mmu == "tdp", bugs=options.bugs)
-        incremental = not options.full_audit and bool(self.audit_points or options.kernel_audit)
+        # the mutant audit-no-release is the audit's own leak, one reference per leaf checked: it needs every point full
+        incremental = not options.full_audit and "audit-no-release" not in options.bugs
+        incremental = incremental and bool(self.audit_points or options.kernel_audit)
         self.auditor = Auditor(self.kvm, kernel_points=options.kernel_audit, incremental=incremental)
         self.changes = self.auditor.changes  # None unless auditing incrementally
         self.findings = self.auditor.findings
@@ -213,7 +215,7 @@ class Replayer:
         kvm = self.kvm
         self.host.write_guest(gpa, val, nbytes)
         if self.changes is not None:
-            self.changes.written.add(gpa >> PAGE_SHIFT)
+            self.changes.guest_write(gpa, nbytes)
         mark_page_dirty(kvm, gpa >> PAGE_SHIFT)
         if always_emulate or kvm_mmu_lookup_page(kvm, gpa >> PAGE_SHIFT) is not None:
             kvm_mmu_pte_write(vcpu, kvm, gpa, val, nbytes)

@@ -65,7 +65,9 @@ class GuestView:
         self.kvm = kvm
         self.vcpu = vcpu
         self.cache: dict[int, object] = {}
-        self.reads = reads  # gfn -> entries whose check read that guest table (the incremental audit's index)
+        # gfn -> entries whose check walked through that guest table (the incremental audit's index); a notrap
+        # entry of a page shadowing a guest table reads only its own guest pte, found from the page instead
+        self.reads = reads
         self.entry: tuple | None = None  # the entry being checked, recorded in ``reads``
 
     def walk(self, va: int):
@@ -100,8 +102,8 @@ class GuestView:
 
 
 def mapping_roots(kvm) -> list[tuple]:
-    """Where ``audit_mappings`` starts: ``(vcpu, root page, va, level)`` for the first vcpu of each distinct
-    (paging, CR3, CR0.WP, roots); a PAE root is its four present PDPT entries."""
+    """Where ``audit_mappings`` starts: ``(key, vcpu, root page, va, level)`` for the first vcpu of each distinct
+    key (paging, CR3, CR0.WP, roots); a PAE root is its four present PDPT entries."""
     out = []
     seen: set[tuple] = set()
     for vcpu in kvm.vcpus.values():
@@ -115,9 +117,9 @@ def mapping_roots(kvm) -> list[tuple]:
             for i in range(4):
                 root = vcpu.pae_root[i]
                 if root != INVALID_PAGE and root & PT_PRESENT_MASK:
-                    out.append((vcpu, kvm.page_header[root >> PAGE_SHIFT], i << 30, 2))
+                    out.append((key, vcpu, kvm.page_header[root >> PAGE_SHIFT], i << 30, 2))
         else:
-            out.append((vcpu, kvm.page_header[vcpu.root_hpa >> PAGE_SHIFT], 0, vcpu.shadow_root_level))
+            out.append((key, vcpu, kvm.page_header[vcpu.root_hpa >> PAGE_SHIFT], 0, vcpu.shadow_root_level))
     return out
 
 
@@ -131,7 +133,7 @@ def audit_mappings(kvm, findings, reads: dict | None = None) -> None:
     roots are audited by gpa (the era used guest virtual addresses there, which is meaningless).
     """
     views: dict[int, GuestView] = {}
-    for vcpu, sp, va, level in mapping_roots(kvm):
+    for _key, vcpu, sp, va, level in mapping_roots(kvm):
         view = views.get(vcpu.vcpu_id)
         if view is None:
             view = views[vcpu.vcpu_id] = GuestView(kvm, vcpu, reads)
@@ -163,7 +165,8 @@ def audit_mapping(kvm, findings, view: GuestView, sp, index: int, ent: int, addr
     (``spte-hpa-mismatch``, ``spte-pfn-truncated``, ``notrap-valid-gva``, ``spte-permission``) or a notrap
     pointer (``notrap-nonleaf`` where the guest entry it shadows is present); a pointer returns its child page
     (None when it points at no live page)."""
-    view.entry = (sp, index, view.vcpu.vcpu_id, addr, level)
+    if view.reads is not None and (sp.metaphysical or ent != NOTRAP):  # see GuestView.read
+        view.entry = (sp, index, view.vcpu.vcpu_id, addr, level)
     if level > 1 and not (ent & PT_PAGE_SIZE_MASK and level == 2 and ent != NOTRAP):
         if ent == NOTRAP:
             if not kvm.tdp_enabled and guest_entry_present(view, sp, index, addr, level, table):
@@ -233,7 +236,6 @@ def guest_entry_present(view: GuestView, sp, index: int, addr: int, level: int, 
     quadrants: 512 ptes of 1024 per level-1 page, one 4-byte pde per two 2 MiB shadow pdes); elsewhere the
     guest walk of ``addr`` says."""
     if not sp.metaphysical:
-        view.read(sp.gfn)
         if sp.glevels == 2:
             guest_index = (sp.quadrant << 9) + index if sp.level == 1 else (sp.quadrant << 8) + index // 2
             return bool(table[4 * guest_index] & PT_PRESENT_MASK)

@@ -91,7 +91,18 @@ class TrackedParents(list):
 class Changes:
     """What changed since the last audit point (see the module docstring)."""
 
-    FIELDS = ("everything", "stores", "pages", "parent_pages", "parent_links", "pfns", "rmap_keys", "rmapped", "written")
+    FIELDS = (
+        "everything",
+        "stores",
+        "pages",
+        "parent_pages",
+        "parent_links",
+        "pfns",
+        "rmap_keys",
+        "rmapped",
+        "written",
+        "stored",
+    )
 
     def __init__(self) -> None:
         self.everything = True  # the first point is a full audit
@@ -103,6 +114,7 @@ class Changes:
         self.rmap_keys: set[tuple[int, int]] = set()  # (large, key) heads that may have changed
         self.rmapped: set[tuple] = set()  # sptes rmap_add or rmap_remove handled
         self.written: set[int] = set()  # guest gfns stored to
+        self.stored: set[tuple[int, int]] = set()  # (gpa, bytes) of each guest store
 
     def any(self) -> bool:
         return bool(
@@ -123,8 +135,13 @@ class Changes:
             setattr(out, name, getattr(self, name))
         self.everything = False
         self.stores, self.pages, self.parent_pages, self.parent_links = {}, set(), set(), set()
-        self.pfns, self.rmap_keys, self.rmapped, self.written = set(), set(), set(), set()
+        self.pfns, self.rmap_keys, self.rmapped, self.written, self.stored = set(), set(), set(), set(), set()
         return out
+
+    def guest_write(self, gpa: int, nbytes: int) -> None:
+        """The guest stored ``nbytes`` at ``gpa``."""
+        self.written.add(gpa >> PAGE_SHIFT)
+        self.stored.add((gpa, nbytes))
 
     def new_page(self, sp) -> None:
         """``kvm_mmu_alloc_page``: track the new page's sptes and parent links."""
@@ -191,10 +208,11 @@ class IncrementalAudit:
         self.rmap_mirror: dict[tuple[int, int], tuple] = {}  # (large, key) -> the head's entries
         self.rmap_where: dict[tuple, Counter] = {}  # sptep -> (large, key) -> times it is listed there
         self.reads: dict[int, set[tuple]] = {}  # guest gfn -> mapping checks that read that guest table
-        self.roots: tuple | None = None  # the vcpus' roots at the last mappings check
+        self.roots: tuple | None = None  # the vcpus' roots and CR3 at the last audit point
+        self.idents: set | None = None  # the roots the last mappings check audited (None: audit them all)
         self.deferred: dict[tuple, int] = {}  # stores not yet seen by a mappings check ("pre pte write")
         self.deferred_written: set[int] = set()
-        self.mappings_stale = True
+        self.deferred_stored: set[tuple[int, int]] = set()
         self.in_flight: set[int] = set()  # frames with an allowance at the previous point
         self.counters: tuple | None = None
         self.write_counts: list | None = None
@@ -245,9 +263,9 @@ class IncrementalAudit:
     def audit(self, in_flight: Counter, mappings: bool, full) -> None:
         """One audit point. ``full()`` runs the complete audit (the first point, and after a VM-wide change)."""
         kvm = self.kvm
-        roots = tuple((v.vcpu_id, v.root_hpa, *v.pae_root) for v in kvm.vcpus.values())
+        roots = tuple((v.vcpu_id, v.root_hpa, v.cpu.cr3, *v.pae_root) for v in kvm.vcpus.values())
         flight = set(in_flight)
-        stale = mappings and self.mappings_stale
+        stale = mappings and self.idents is None
         if not self.changes.any() and roots == self.roots and flight == self.in_flight and not stale:
             return
         ch = self.changes.drain()
@@ -262,9 +280,9 @@ class IncrementalAudit:
     def _after_full(self, mappings: bool, roots: tuple, flight: set[int]) -> None:
         self.roots = roots
         self.in_flight = flight
-        self.mappings_stale = not mappings
+        self.idents = {self._ident(r[0], r[1]) for r in mapping_roots(self.kvm)} if mappings else None
         if mappings:
-            self.deferred, self.deferred_written = {}, set()
+            self.deferred, self.deferred_written, self.deferred_stored = {}, set(), set()
         kvm = self.kvm
         self.counters = (kvm.n_alloc_mmu_pages, kvm.n_free_mmu_pages)
         self.write_counts = [(s.slot, dict(s.write_count)) for s in kvm.slots.values()]
@@ -339,15 +357,16 @@ class IncrementalAudit:
         for sp, index in ch.rmapped:
             self.deferred.setdefault((sp, index), _get(sp.spt, index))  # sp.gfns[index] may have changed
         self.deferred_written |= ch.written
+        self.deferred_stored |= ch.stored
+        self.roots = roots
         if mappings:
-            if self.mappings_stale or roots != self.roots:
+            if self.idents is None:
                 self.reads = {}
                 audit_mappings(kvm, f, self.reads)
+                self.idents = {self._ident(r[0], r[1]) for r in mapping_roots(kvm)}
             else:
-                self._mappings(self.deferred, self.deferred_written)
-            self.deferred, self.deferred_written = {}, set()
-            self.roots = roots
-            self.mappings_stale = False
+                self._mappings(self.deferred, self.deferred_written, self.deferred_stored)
+            self.deferred, self.deferred_written, self.deferred_stored = {}, set(), set()
 
         # I3: changed pointers, pointers into zapped pages, and the parent lists of pages they name
         for sp, index in sorted(set(ch.stores) | ch.parent_links | pointers_into_dead, key=_sptep_order):
@@ -379,12 +398,22 @@ class IncrementalAudit:
         for sp, index in leaves:
             check_leaf_dirty(kvm, f, sp, index, _get(sp.spt, index))
 
-    def _mappings(self, stores: dict, written: set[int]) -> None:
-        """``audit_mappings`` for the changed entries (and the subtrees a changed pointer now reaches), and for
-        the entries whose last check read a guest table written since."""
+    def _ident(self, key: tuple, vcpu) -> tuple:
+        """What identifies a root's audit: its key and the vcpu whose view audits it (under TDP, where no guest
+        view is used, the root alone)."""
+        return key[3:] if self.kvm.tdp_enabled else (key, vcpu.vcpu_id)
+
+    def _mappings(self, stores: dict, written: set[int], stored: set[tuple[int, int]]) -> None:
+        """``audit_mappings`` for the changed entries (and the subtrees a changed pointer now reaches), for the
+        entries whose last check read a guest table written since, and the whole tree of a root that was not
+        audited at the previous point (a CR3 switch, a reload)."""
         kvm, f = self.kvm, self.findings
         page_header = kvm.page_header
-        roots = mapping_roots(kvm)
+        all_roots = mapping_roots(kvm)
+        idents = [self._ident(key, vcpu) for key, vcpu, *_ in all_roots]
+        roots = [r[1:] for r, ident in zip(all_roots, idents, strict=True) if ident in self.idents]
+        new_roots = [r[1:] for r, ident in zip(all_roots, idents, strict=True) if ident not in self.idents]
+        self.idents = set(idents)
         views: dict[int, GuestView] = {}
         memo: dict = {}
 
@@ -425,6 +454,20 @@ class IncrementalAudit:
                     before = page_header.get(spte_to_pfn(old)) if _is_pointer(old, level) else None
                     if before is not child:
                         audit_mappings_page(kvm, f, view, child, addr, level - 1)
+        # the entries shadowing a guest pte that was stored to (a notrap entry's check reads that pte)
+        shadowed: dict[tuple, None] = {}
+        for gpa, nbytes in sorted(stored):
+            for sp in kvm.mmu_page_hash.get(gpa >> PAGE_SHIFT, ()):
+                if not sp.metaphysical and kvm.active_mmu_pages.get(sp.id) is sp:
+                    for index in shadow_indices(sp, gpa & 0xFFF, nbytes):
+                        shadowed[(sp, index)] = None
+        for sp, index in shadowed:
+            ent = _get(sp.spt, index)
+            if ent == TRAP:
+                continue
+            for vcpu, va, level in positions(sp):
+                addr = canonicalize(va + (index << (PAGE_SHIFT + 9 * (level - 1))))
+                audit_mapping(kvm, f, view_of(vcpu), sp, index, ent, addr, level, guest_table(kvm, sp))
         for gfn in sorted(written):
             for sp, index, vcpu_id, addr, level in sorted(self.reads.pop(gfn, ()), key=_read_order):
                 ent = _get(sp.spt, index)
@@ -438,6 +481,21 @@ class IncrementalAudit:
                     ):
                         audit_mapping(kvm, f, view_of(vcpu), sp, index, ent, addr, level, guest_table(kvm, sp))
                         break
+        for vcpu, sp, va, level in new_roots:
+            audit_mappings_page(kvm, f, view_of(vcpu), sp, va, level)
+
+
+def shadow_indices(sp, offset: int, nbytes: int) -> range:
+    """The entries of ``sp`` that shadow the guest ptes a store of ``nbytes`` at ``offset`` in its guest table
+    touched (a 32-bit guest's table in quadrants: see :func:`guest_entry_present`)."""
+    if sp.glevels != 2:
+        return range(offset // 8, (offset + nbytes - 1) // 8 + 1)
+    first, last = offset // 4, (offset + nbytes - 1) // 4
+    if sp.level == 1:
+        base = sp.quadrant << 9
+        return range(max(first - base, 0), min(last - base, 511) + 1)
+    base = sp.quadrant << 8
+    return range(max(2 * (first - base), 0), min(2 * (last - base) + 1, 511) + 1)
 
 
 def _sptep_order(sptep: tuple) -> tuple[int, int]:
