@@ -9,9 +9,11 @@ Memory stays flat: the file is read one line at a time (at most ``MAX_LINE`` byt
 of a line once its event is yielded. Every input error, from a missing file to a bad field, is one
 :class:`TraceError` whose ``str`` is a single line ``PATH:LINE: CONTEXT: field "NAME": WHAT``.
 
-Decoding has a fast path, msgspec decoders built once, for lines whose integers are JSON numbers. A line the
-fast path rejects is decoded again slowly: untyped, hex/decimal strings in integer fields turned into ints,
-then ``msgspec.convert``; if that fails too, the error is rewritten to name the field and the value.
+Decoding has a fast path, msgspec decoders built once: for event lines whose integers are JSON numbers, the
+typed decoder; for lines with ``"0x`` strings, a decoder of the same events whose integer fields also take a
+string, each such string turned into an int by one ``int(s, 16)`` in ``__post_init__`` (:func:`_hex_event`).
+A line the fast path rejects is decoded again slowly: untyped, hex/decimal strings in integer fields turned
+into ints, then ``msgspec.convert``; if that fails too, the error is rewritten to name the field and the value.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import io
 import re
 import sys
 from collections.abc import Iterator
-from typing import Any, BinaryIO, get_args
+from typing import Any, BinaryIO, Union, get_args, get_type_hints
 
 import msgspec
 import zstandard
@@ -203,6 +205,58 @@ def _normalize(obj: dict[str, Any], spec: dict[str, Any]) -> None:
                         _normalize(item, _SPECS[kind[0]])
         elif type(value) is dict:
             _normalize(value, _SPECS[kind])
+
+
+def _hex_bounds(t: mi.Type) -> tuple[int, int] | frozenset[int]:
+    """What an integer field accepts: ``(lo, limit)`` (``lo <= value < limit``), or a set of literals."""
+    for m in _members(t):
+        if isinstance(m, mi.LiteralType):
+            return frozenset(m.values)
+        if isinstance(m, mi.IntType):
+            lo = m.ge if m.ge is not None else (m.gt + 1 if m.gt is not None else -(1 << 64))
+            limit = m.lt if m.lt is not None else (m.le + 1 if m.le is not None else 1 << 64)
+            return lo, limit
+    raise TypeError(f"not an integer field: {t}")
+
+
+def _parse_hex(text: str, bounds: tuple[int, int] | frozenset[int]) -> int:
+    """``0x`` + 1 to 16 hex digits within ``bounds``; ``ValueError`` for anything else (the slow path then
+    decodes the line, accepting what it accepts and naming what it rejects)."""
+    body = text[2:]
+    if text[:2] not in ("0x", "0X") or not body.isascii() or not body.isalnum() or len(body) > 16:
+        raise ValueError(text)
+    value = int(body, 16)
+    if value in bounds if type(bounds) is frozenset else bounds[0] <= value < bounds[1]:  # type: ignore[index]
+        return value
+    raise ValueError(text)
+
+
+def _hex_event(cls: type) -> type:
+    """A subclass of event class ``cls`` whose integer fields also accept a string: its ``__post_init__``
+    parses each string (:func:`_parse_hex`), turns the object into a ``cls`` and runs ``cls``'s checks."""
+    hints = get_type_hints(cls, include_extras=True)
+    info = {f.encode_name: f for f in mi.type_info(cls).fields}
+    fields = [(name, _hex_bounds(info[name].type)) for name, kind in _SPECS[cls].items() if kind is _INT]
+    checks = getattr(cls, "__post_init__", None)
+
+    def __post_init__(self) -> None:
+        for name, bounds in fields:
+            value = getattr(self, name)
+            if value.__class__ is str:
+                setattr(self, name, _parse_hex(value, bounds))
+        self.__class__ = cls
+        if checks is not None:
+            checks(self)
+
+    namespace: dict[str, Any] = {"__annotations__": {}, "__post_init__": __post_init__}
+    for name, _ in fields:
+        namespace["__annotations__"][name] = Union[hints[name], str]  # noqa: UP007
+        if info[name].default is not msgspec.NODEFAULT:
+            namespace[name] = info[name].default
+    return type(cls)(f"Hex{cls.__name__}", (cls,), namespace, tag=cls.__struct_config__.tag, kw_only=True)
+
+
+_HEX_EVENT_DECODER = msgspec.json.Decoder(Union[tuple(_hex_event(c) for c in EVENT_TYPES.values())])  # noqa: UP007
 
 
 def _show(value: Any) -> str:
@@ -402,6 +456,11 @@ def _decode_line(data: bytes, header: bool = False) -> Any:
 
     :raises _LineError: (internal) the reader and writer turn it into their own errors
     """
+    if not header and b'"0x' in data:
+        try:
+            return _HEX_EVENT_DECODER.decode(data)
+        except Exception:  # noqa: BLE001, S110 - the typed decoder and the slow path say what is wrong
+            pass
     try:
         return (_HEADER_DECODER if header else _EVENT_DECODER).decode(data)
     except msgspec.ValidationError as e:
@@ -569,6 +628,7 @@ class TraceReader:
         # The hot loop: locals only, the fast decoder inline, everything unusual out of line.
         readline = self._stream.readline
         decode = _EVENT_DECODER.decode
+        decode_hex = _HEX_EVENT_DECODER.decode
         limit = MAX_LINE + 2
         line_no = self._line_no
         while True:
@@ -587,6 +647,12 @@ class TraceReader:
                 if not stripped or stripped[:1] == b"#":
                     self._check_comment(data)
                     continue
+            if b'"0x' in data:
+                try:
+                    yield line_no, decode_hex(data)
+                    continue
+                except Exception:  # noqa: BLE001, S110 - decoded again below, for the error
+                    pass
             try:
                 event = decode(data)
             except msgspec.ValidationError as fast:
