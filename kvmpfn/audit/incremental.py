@@ -191,6 +191,9 @@ def attach(kvm, ledger) -> Changes:
     return changes
 
 
+MAX_ABSENT = 64  # roots remembered while a CR3 switch took them away
+
+
 def _is_pointer(ent: int, level: int) -> bool:
     """How ``audit_mappings_page`` treats entry ``ent`` reached at ``level``: a pointer to follow."""
     return level > 1 and ent != TRAP and ent != NOTRAP and not (ent & PT_PAGE_SIZE_MASK and level == 2)
@@ -210,6 +213,7 @@ class IncrementalAudit:
         self.reads: dict[int, set[tuple]] = {}  # guest gfn -> mapping checks that read that guest table
         self.roots: tuple | None = None  # the vcpus' roots and CR3 at the last audit point
         self.idents: set | None = None  # the roots the last mappings check audited (None: audit them all)
+        self.absent: dict[tuple, tuple] = {}  # roots audited before and gone since: what changed meanwhile
         self.deferred: dict[tuple, int] = {}  # stores not yet seen by a mappings check ("pre pte write")
         self.deferred_written: set[int] = set()
         self.deferred_stored: set[tuple[int, int]] = set()
@@ -271,7 +275,7 @@ class IncrementalAudit:
         ch = self.changes.drain()
         moved = self._index(ch)
         if ch.everything:
-            self.reads = {}
+            self.reads, self.absent = {}, {}
             full(self.reads if mappings else None)
             self._after_full(mappings, roots, flight)
             return
@@ -361,7 +365,7 @@ class IncrementalAudit:
         self.roots = roots
         if mappings:
             if self.idents is None:
-                self.reads = {}
+                self.reads, self.absent = {}, {}
                 audit_mappings(kvm, f, self.reads)
                 self.idents = {self._ident(r[0], r[1]) for r in mapping_roots(kvm)}
             else:
@@ -404,27 +408,53 @@ class IncrementalAudit:
         return key[3:] if self.kvm.tdp_enabled else (key, vcpu.vcpu_id)
 
     def _mappings(self, stores: dict, written: set[int], stored: set[tuple[int, int]]) -> None:
-        """``audit_mappings`` for the changed entries (and the subtrees a changed pointer now reaches), for the
-        entries whose last check read a guest table written since, and the whole tree of a root that was not
-        audited at the previous point (a CR3 switch, a reload)."""
+        """``audit_mappings`` for what changed: the roots audited at the previous point (:meth:`_recheck`), a
+        root audited before a CR3 switch took it away, with what changed while it was away (up to
+        ``MAX_ABSENT`` roots are remembered), and the whole tree of any other root."""
+        kvm, f = self.kvm, self.findings
+        all_roots = mapping_roots(kvm)
+        by_ident: dict[tuple, list] = {}
+        for key, vcpu, sp, va, level in all_roots:
+            by_ident.setdefault(self._ident(key, vcpu), []).append((vcpu, sp, va, level))
+        absent = self.absent
+        for ident in self.idents - by_ident.keys():
+            absent[ident] = ({}, set(), set())
+            if len(absent) > MAX_ABSENT:
+                del absent[next(iter(absent))]
+        for ident, (a_stores, a_written, a_stored) in absent.items():
+            if ident not in by_ident:
+                for sptep, old in stores.items():
+                    a_stores.setdefault(sptep, old)
+                a_written |= written
+                a_stored |= stored
+        views: dict[int, GuestView] = {}
+        kept = [root for ident, roots in by_ident.items() if ident in self.idents for root in roots]
+        self._recheck(views, kept, stores, written, stored)
+        for ident, roots in by_ident.items():
+            if ident in self.idents:
+                continue
+            away = absent.pop(ident, None)
+            if away is not None:
+                a_stores, a_written, a_stored = away
+                for sptep, old in stores.items():
+                    a_stores.setdefault(sptep, old)
+                self._recheck(views, roots, a_stores, a_written | written, a_stored | stored)
+            else:
+                for vcpu, sp, va, level in roots:
+                    audit_mappings_page(kvm, f, _view(views, kvm, vcpu, self.reads), sp, va, level)
+        self.idents = set(by_ident)
+
+    def _recheck(self, views: dict, roots: list, stores: dict, written: set[int], stored: set) -> None:
+        """``audit_mappings`` from ``roots`` for the changed entries (and the subtrees a changed pointer now
+        reaches), the entries shadowing a guest pte stored to, and the entries whose last check walked through
+        a guest table written since."""
         kvm, f = self.kvm, self.findings
         page_header = kvm.page_header
-        all_roots = mapping_roots(kvm)
-        idents = [self._ident(key, vcpu) for key, vcpu, *_ in all_roots]
-        roots = [r[1:] for r, ident in zip(all_roots, idents, strict=True) if ident in self.idents]
-        new_roots = [r[1:] for r, ident in zip(all_roots, idents, strict=True) if ident not in self.idents]
-        self.idents = set(idents)
-        views: dict[int, GuestView] = {}
         memo: dict = {}
-
-        def view_of(vcpu) -> GuestView:
-            view = views.get(vcpu.vcpu_id)
-            if view is None:
-                view = views[vcpu.vcpu_id] = GuestView(kvm, vcpu, self.reads)
-            return view
+        reads = self.reads
 
         def positions(sp) -> list[tuple]:
-            """``(vcpu, va, level)`` where ``audit_mappings`` reaches ``sp`` now."""
+            """``(vcpu, va, level)`` where ``audit_mappings`` reaches ``sp`` from ``roots`` now."""
             out = memo.get(sp)
             if out is not None:
                 return out
@@ -448,7 +478,7 @@ class IncrementalAudit:
                 continue
             for vcpu, va, level in positions(sp):
                 addr = canonicalize(va + (index << (PAGE_SHIFT + 9 * (level - 1))))
-                view = view_of(vcpu)
+                view = _view(views, kvm, vcpu, reads)
                 child = audit_mapping(kvm, f, view, sp, index, ent, addr, level, guest_table(kvm, sp))
                 if child is not None:
                     before = page_header.get(spte_to_pfn(old)) if _is_pointer(old, level) else None
@@ -467,22 +497,36 @@ class IncrementalAudit:
                 continue
             for vcpu, va, level in positions(sp):
                 addr = canonicalize(va + (index << (PAGE_SHIFT + 9 * (level - 1))))
-                audit_mapping(kvm, f, view_of(vcpu), sp, index, ent, addr, level, guest_table(kvm, sp))
+                audit_mapping(kvm, f, _view(views, kvm, vcpu, reads), sp, index, ent, addr, level, guest_table(kvm, sp))
         for gfn in sorted(written):
-            for sp, index, vcpu_id, addr, level in sorted(self.reads.pop(gfn, ()), key=_read_order):
+            entries = reads.pop(gfn, ())
+            unseen = []  # reached from no root here: kept for a root that may come back
+            for entry in sorted(entries, key=_read_order):
+                sp, index, vcpu_id, addr, level = entry
                 ent = _get(sp.spt, index)
-                if ent == TRAP:
-                    continue
                 for vcpu, va, at in positions(sp):
                     if (
                         at == level
                         and vcpu.vcpu_id == vcpu_id
                         and canonicalize(va + (index << (PAGE_SHIFT + 9 * (level - 1)))) == addr
                     ):
-                        audit_mapping(kvm, f, view_of(vcpu), sp, index, ent, addr, level, guest_table(kvm, sp))
+                        if ent != TRAP:
+                            view = _view(views, kvm, vcpu, reads)
+                            audit_mapping(kvm, f, view, sp, index, ent, addr, level, guest_table(kvm, sp))
                         break
-        for vcpu, sp, va, level in new_roots:
-            audit_mappings_page(kvm, f, view_of(vcpu), sp, va, level)
+                else:
+                    if kvm.active_mmu_pages.get(sp.id) is sp:
+                        unseen.append(entry)
+            if unseen:
+                reads.setdefault(gfn, set()).update(unseen)
+
+
+def _view(views: dict, kvm, vcpu, reads: dict) -> GuestView:
+    """The audit point's guest view of ``vcpu`` (one per vcpu: its walks are memoised)."""
+    view = views.get(vcpu.vcpu_id)
+    if view is None:
+        view = views[vcpu.vcpu_id] = GuestView(kvm, vcpu, reads)
+    return view
 
 
 def shadow_indices(sp, offset: int, nbytes: int) -> range:
