@@ -65,7 +65,7 @@ class GuestView:
         self.kvm = kvm
         self.vcpu = vcpu
         self.cache: dict[int, object] = {}
-        # gfn -> entries whose check walked through that guest table (the incremental audit's index); a notrap
+        # gpa of a guest pte -> entries whose check walked through it (the incremental audit's index); a notrap
         # entry of a page shadowing a guest table reads only its own guest pte, found from the page instead
         self.reads = reads
         self.entry: tuple | None = None  # the entry being checked, recorded in ``reads``
@@ -82,15 +82,15 @@ class GuestView:
                 hit = walk_addr(cpu, self.kvm.host, va, False, False, False, ac=True, set_ad=False)
             self.cache[page] = hit
         if self.reads is not None and hit[1] is not None:
-            self.read(*hit[1].table_gfn)
+            self.read(*hit[1].pte_gpa)
         return hit
 
-    def read(self, *gfns: int) -> None:
-        """The entry being checked depends on these guest tables."""
+    def read(self, *pte_gpas: int) -> None:
+        """The entry being checked depends on the guest ptes at these addresses."""
         reads, entry = self.reads, self.entry
         if reads is not None and entry is not None:
-            for gfn in gfns:
-                reads.setdefault(gfn, set()).add(entry)
+            for gpa in pte_gpas:
+                reads.setdefault(gpa, set()).add(entry)
 
     def gva_to_gpa(self, va: int) -> int:
         ok, w = self.walk(va)
@@ -125,7 +125,7 @@ def mapping_roots(kvm) -> list[tuple]:
 
 def audit_mappings(kvm, findings, reads: dict | None = None) -> None:
     """``audit_mappings``: from every vcpu's roots, each present leaf against the current guest translation.
-    ``reads`` (gfn -> entries) collects the guest tables each check read, for the incremental audit.
+    ``reads`` (pte gpa -> entries) collects the guest ptes each check's walk read, for the incremental audit.
 
     Differs from the 2008 code: large sptes are checked as leaves at their 2 MiB-aligned address (the era
     walked them as tables); the expected frame comes from the host without a reference (the seed's hunk used

@@ -17,7 +17,7 @@ less is not. :class:`Changes` records what changed, from a few hooks where state
 
 Each check then declares what it depends on (:meth:`IncrementalAudit.audit`): the frames for I1, the sptes
 and rmap heads for the rmap check, the shadowed gfns for write protection, the changed entries and the
-entries whose guest translation read a written guest table for ``audit_mappings`` (found through the
+entries whose guest walk read a guest pte stored to for ``audit_mappings`` (found through the
 pointers that reach each shadow page from a root), the pages and parent links for I3, the changed leaves for
 I7 and I14; write counts and page accounting are compared with their previous values and re-checked when
 they moved. Indexes kept across points: who points at each shadow page, a mirror of the rmaps (which heads
@@ -100,7 +100,6 @@ class Changes:
         "pfns",
         "rmap_keys",
         "rmapped",
-        "written",
         "stored",
     )
 
@@ -113,7 +112,6 @@ class Changes:
         self.pfns: set[int] = set()  # references taken, released, bound or unbound
         self.rmap_keys: set[tuple[int, int]] = set()  # (large, key) heads that may have changed
         self.rmapped: set[tuple] = set()  # sptes rmap_add or rmap_remove handled
-        self.written: set[int] = set()  # guest gfns stored to
         self.stored: set[tuple[int, int]] = set()  # (gpa, bytes) of each guest store
 
     def any(self) -> bool:
@@ -125,7 +123,6 @@ class Changes:
             or self.pfns
             or self.rmap_keys
             or self.rmapped
-            or self.written
         )
 
     def drain(self) -> Changes:
@@ -135,12 +132,11 @@ class Changes:
             setattr(out, name, getattr(self, name))
         self.everything = False
         self.stores, self.pages, self.parent_pages, self.parent_links = {}, set(), set(), set()
-        self.pfns, self.rmap_keys, self.rmapped, self.written, self.stored = set(), set(), set(), set(), set()
+        self.pfns, self.rmap_keys, self.rmapped, self.stored = set(), set(), set(), set()
         return out
 
     def guest_write(self, gpa: int, nbytes: int) -> None:
         """The guest stored ``nbytes`` at ``gpa``."""
-        self.written.add(gpa >> PAGE_SHIFT)
         self.stored.add((gpa, nbytes))
 
     def new_page(self, sp) -> None:
@@ -210,12 +206,11 @@ class IncrementalAudit:
         self.pointed_by: dict[int, set[tuple]] = {}  # shadow page hpa -> (sp, index) entries whose value names it
         self.rmap_mirror: dict[tuple[int, int], tuple] = {}  # (large, key) -> the head's entries
         self.rmap_where: dict[tuple, Counter] = {}  # sptep -> (large, key) -> times it is listed there
-        self.reads: dict[int, set[tuple]] = {}  # guest gfn -> mapping checks that read that guest table
+        self.reads: dict[int, set[tuple]] = {}  # guest pte gpa -> mapping checks whose walk read that pte
         self.roots: tuple | None = None  # the vcpus' roots and CR3 at the last audit point
         self.idents: set | None = None  # the roots the last mappings check audited (None: audit them all)
         self.absent: dict[tuple, tuple] = {}  # roots audited before and gone since: what changed meanwhile
         self.deferred: dict[tuple, int] = {}  # stores not yet seen by a mappings check ("pre pte write")
-        self.deferred_written: set[int] = set()
         self.deferred_stored: set[tuple[int, int]] = set()
         self.in_flight: set[int] = set()  # frames with an allowance at the previous point
         self.counters: tuple | None = None
@@ -286,7 +281,7 @@ class IncrementalAudit:
         self.in_flight = flight
         self.idents = {self._ident(r[0], r[1]) for r in mapping_roots(self.kvm)} if mappings else None
         if mappings:
-            self.deferred, self.deferred_written, self.deferred_stored = {}, set(), set()
+            self.deferred, self.deferred_stored = {}, set()
         kvm = self.kvm
         self.counters = (kvm.n_alloc_mmu_pages, kvm.n_free_mmu_pages)
         self.write_counts = [(s.slot, dict(s.write_count)) for s in kvm.slots.values()]
@@ -360,7 +355,6 @@ class IncrementalAudit:
             self.deferred.setdefault(sptep, old)
         for sp, index in ch.rmapped:
             self.deferred.setdefault((sp, index), _get(sp.spt, index))  # sp.gfns[index] may have changed
-        self.deferred_written |= ch.written
         self.deferred_stored |= ch.stored
         self.roots = roots
         if mappings:
@@ -369,8 +363,8 @@ class IncrementalAudit:
                 audit_mappings(kvm, f, self.reads)
                 self.idents = {self._ident(r[0], r[1]) for r in mapping_roots(kvm)}
             else:
-                self._mappings(self.deferred, self.deferred_written, self.deferred_stored)
-            self.deferred, self.deferred_written, self.deferred_stored = {}, set(), set()
+                self._mappings(self.deferred, self.deferred_stored)
+            self.deferred, self.deferred_stored = {}, set()
 
         # I3: changed pointers, pointers into zapped pages, and the parent lists of pages they name
         for sp, index in sorted(set(ch.stores) | ch.parent_links | pointers_into_dead, key=_sptep_order):
@@ -407,7 +401,7 @@ class IncrementalAudit:
         view is used, the root alone)."""
         return key[3:] if self.kvm.tdp_enabled else (key, vcpu.vcpu_id)
 
-    def _mappings(self, stores: dict, written: set[int], stored: set[tuple[int, int]]) -> None:
+    def _mappings(self, stores: dict, stored: set[tuple[int, int]]) -> None:
         """``audit_mappings`` for what changed: the roots audited at the previous point (:meth:`_recheck`), a
         root audited before a CR3 switch took it away, with what changed while it was away (up to
         ``MAX_ABSENT`` roots are remembered), and the whole tree of any other root."""
@@ -418,36 +412,35 @@ class IncrementalAudit:
             by_ident.setdefault(self._ident(key, vcpu), []).append((vcpu, sp, va, level))
         absent = self.absent
         for ident in self.idents - by_ident.keys():
-            absent[ident] = ({}, set(), set())
+            absent[ident] = ({}, set())
             if len(absent) > MAX_ABSENT:
                 del absent[next(iter(absent))]
-        for ident, (a_stores, a_written, a_stored) in absent.items():
+        for ident, (a_stores, a_stored) in absent.items():
             if ident not in by_ident:
                 for sptep, old in stores.items():
                     a_stores.setdefault(sptep, old)
-                a_written |= written
                 a_stored |= stored
         views: dict[int, GuestView] = {}
         kept = [root for ident, roots in by_ident.items() if ident in self.idents for root in roots]
-        self._recheck(views, kept, stores, written, stored)
+        self._recheck(views, kept, stores, stored)
         for ident, roots in by_ident.items():
             if ident in self.idents:
                 continue
             away = absent.pop(ident, None)
             if away is not None:
-                a_stores, a_written, a_stored = away
+                a_stores, a_stored = away
                 for sptep, old in stores.items():
                     a_stores.setdefault(sptep, old)
-                self._recheck(views, roots, a_stores, a_written | written, a_stored | stored)
+                self._recheck(views, roots, a_stores, a_stored | stored)
             else:
                 for vcpu, sp, va, level in roots:
                     audit_mappings_page(kvm, f, _view(views, kvm, vcpu, self.reads), sp, va, level)
         self.idents = set(by_ident)
 
-    def _recheck(self, views: dict, roots: list, stores: dict, written: set[int], stored: set) -> None:
+    def _recheck(self, views: dict, roots: list, stores: dict, stored: set) -> None:
         """``audit_mappings`` from ``roots`` for the changed entries (and the subtrees a changed pointer now
         reaches), the entries shadowing a guest pte stored to, and the entries whose last check walked through
-        a guest table written since."""
+        a guest pte stored to since."""
         kvm, f = self.kvm, self.findings
         page_header = kvm.page_header
         memo: dict = {}
@@ -498,8 +491,9 @@ class IncrementalAudit:
             for vcpu, va, level in positions(sp):
                 addr = canonicalize(va + (index << (PAGE_SHIFT + 9 * (level - 1))))
                 audit_mapping(kvm, f, _view(views, kvm, vcpu, reads), sp, index, ent, addr, level, guest_table(kvm, sp))
-        for gfn in sorted(written):
-            entries = reads.pop(gfn, ())
+        # a walk reads 4- or 8-byte ptes: every pte a store overlapped
+        for key in sorted({k for gpa, nbytes in stored for k in range(gpa & ~7, gpa + nbytes, 4)}):
+            entries = reads.pop(key, ())
             unseen = []  # reached from no root here: kept for a root that may come back
             for entry in sorted(entries, key=_read_order):
                 sp, index, vcpu_id, addr, level = entry
@@ -518,7 +512,7 @@ class IncrementalAudit:
                     if kvm.active_mmu_pages.get(sp.id) is sp:
                         unseen.append(entry)
             if unseen:
-                reads.setdefault(gfn, set()).update(unseen)
+                reads.setdefault(key, set()).update(unseen)
 
 
 def _view(views: dict, kvm, vcpu, reads: dict) -> GuestView:
