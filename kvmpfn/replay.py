@@ -353,7 +353,9 @@ class Replayer:
         every = self.options.audit_every
         if self.options.paranoid:
             self.auditor.audit_point("paranoid")
-            problems = check_mmu_structures(self.kvm)
+            incremental = self.auditor.incremental
+            changed = None if incremental is None else incremental.structure_changes()
+            problems = check_mmu_structures(self.kvm, changed)
             if problems:
                 raise InternalError("; ".join(problems[:3]))
         elif every and (seq + 1) % every == 0:

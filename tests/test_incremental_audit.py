@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from test_audit_property import as_jsonl, guest_trace
 
 from kvmpfn.audit.incremental import TrackedSpt
-from kvmpfn.errors import KvmpfnError
+from kvmpfn.errors import InternalError, KvmpfnError
 from kvmpfn.kvm.bugs import BUGS
 from kvmpfn.replay import Replayer, ReplayOptions
 from kvmpfn.trace import events as ev
@@ -109,3 +109,31 @@ def test_mutant_findings_come_out_of_the_incremental_audit():
     rp, found, _ = run(header, events, "tdp", frozenset({"pfn-shift-32"}), False, False)
     assert {"spte-pfn-truncated", "refcount-leak"} <= {code for (code, *_), _n in found}
     assert all(isinstance(sp.spt, TrackedSpt) for sp in rp.kvm.active_mmu_pages.values())
+
+
+def test_paranoid_checks_the_structures_of_changed_pages():
+    """--paranoid's structure check looks at the pages that changed since the previous event: a parent listed
+    twice is an internal error at the next event."""
+    header = msgspec.convert(
+        {
+            "kvmpfn": 1,
+            "guest": {"paging": "64", "cr3": 0x1000},
+            "memslots": [{"slot": 0, "gfn": 0, "npages": 0x200, "backing": "ram"}],
+        },
+        ev.Header,
+    )
+    rp = Replayer(header, ReplayOptions(paranoid=True))
+    events = [
+        ev.Write(gpa=0x1000, val=0x2007, len=8),
+        ev.Write(gpa=0x2000, val=0x3007, len=8),
+        ev.Write(gpa=0x3000, val=0x4007, len=8),
+        ev.Write(gpa=0x4000, val=0x10007, len=8),
+        ev.Access(addr=0, write=True, user=True, fetch=False),
+    ]
+    for seq, e in enumerate(events):
+        rp.apply(seq, seq + 2, e)
+    assert rp.auditor.incremental is not None
+    child = next(sp for sp in rp.kvm.active_mmu_pages.values() if sp.parent_ptes)
+    child.parent_ptes.append(child.parent_ptes[0])
+    with pytest.raises(InternalError, match="lists a parent twice"):
+        rp.apply(len(events), len(events) + 2, ev.Invlpg(addr=0))

@@ -210,6 +210,7 @@ class IncrementalAudit:
         self.roots: tuple | None = None  # the vcpus' roots and CR3 at the last audit point
         self.idents: set | None = None  # the roots the last mappings check audited (None: audit them all)
         self.absent: dict[tuple, tuple] = {}  # roots audited before and gone since: what changed meanwhile
+        self.structural = Changes()  # pages and rmap heads changed since the last structure_changes()
         self.deferred: dict[tuple, int] = {}  # stores not yet seen by a mappings check ("pre pte write")
         self.deferred_stored: set[tuple[int, int]] = set()
         self.in_flight: set[int] = set()  # frames with an allowance at the previous point
@@ -269,12 +270,22 @@ class IncrementalAudit:
             return
         ch = self.changes.drain()
         moved = self._index(ch)
+        st = self.structural
+        st.everything = st.everything or ch.everything
+        st.pages |= ch.pages | ch.parent_pages | {sp for sp, _ in ch.stores} | {sp for sp, _ in ch.parent_links}
+        st.rmap_keys |= ch.rmap_keys
         if ch.everything:
             self.reads, self.absent = {}, {}
             full(self.reads if mappings else None)
             self._after_full(mappings, roots, flight)
             return
         self._incremental(ch, moved, in_flight, flight, mappings, roots)
+
+    def structure_changes(self) -> Changes:
+        """The pages and rmap heads changed since the last call (``--paranoid``'s structure check)."""
+        out, self.structural = self.structural, Changes()
+        self.structural.everything = False
+        return out
 
     def _after_full(self, mappings: bool, roots: tuple, flight: set[int]) -> None:
         self.roots = roots
