@@ -219,35 +219,41 @@ def _hex_bounds(t: mi.Type) -> tuple[int, int] | frozenset[int]:
     raise TypeError(f"not an integer field: {t}")
 
 
-def _parse_hex(text: str, bounds: tuple[int, int] | frozenset[int]) -> int:
-    """``0x`` + 1 to 16 hex digits within ``bounds``; ``ValueError`` for anything else (the slow path then
-    decodes the line, accepting what it accepts and naming what it rejects)."""
-    body = text[2:]
-    if text[:2] not in ("0x", "0X") or not body.isascii() or not body.isalnum() or len(body) > 16:
-        raise ValueError(text)
-    value = int(body, 16)
-    if value in bounds if type(bounds) is frozenset else bounds[0] <= value < bounds[1]:  # type: ignore[index]
-        return value
-    raise ValueError(text)
+def _hex_check(name: str, bounds: tuple[int, int] | frozenset[int]) -> str:
+    """Source lines that turn field ``name`` of ``self``, when a string, into an int: ``0x`` and 1 to 16
+    ASCII hex digits within ``bounds``; anything else raises ``ValueError`` (the slow path then decodes the
+    line, accepting what it accepts and naming what it rejects)."""
+    if type(bounds) is frozenset:
+        check = f"v not in {set(bounds)!r}"
+    else:
+        lo, limit = bounds
+        check = (
+            " or ".join(([f"v < {lo}"] if lo > 0 else []) + ([f"v >= {limit}"] if limit < 1 << 64 else [])) or "False"
+        )
+    return (
+        f"    v = self.{name}\n"
+        "    if v.__class__ is str:\n"
+        "        if v[:2] != '0x' or len(v) > 18 or not v.isascii() or not v.isalnum():\n"
+        "            raise ValueError(v)\n"
+        "        v = int(v, 16)\n"
+        f"        if {check}:\n"
+        "            raise ValueError(v)\n"
+        f"        self.{name} = v\n"
+    )
 
 
 def _hex_event(cls: type) -> type:
     """A subclass of event class ``cls`` whose integer fields also accept a string: its ``__post_init__``
-    parses each string (:func:`_parse_hex`), turns the object into a ``cls`` and runs ``cls``'s checks."""
+    (generated, one check per field: :func:`_hex_check`) parses each string, turns the object into a ``cls``
+    and runs ``cls``'s checks."""
     hints = get_type_hints(cls, include_extras=True)
     info = {f.encode_name: f for f in mi.type_info(cls).fields}
     fields = [(name, _hex_bounds(info[name].type)) for name, kind in _SPECS[cls].items() if kind is _INT]
-    checks = getattr(cls, "__post_init__", None)
-
-    def __post_init__(self) -> None:
-        for name, bounds in fields:
-            value = getattr(self, name)
-            if value.__class__ is str:
-                setattr(self, name, _parse_hex(value, bounds))
-        self.__class__ = cls
-        if checks is not None:
-            checks(self)
-
+    source = "def __post_init__(self):\n" + "".join(_hex_check(n, b) for n, b in fields)
+    source += "    self.__class__ = cls\n" + ("    checks(self)\n" if hasattr(cls, "__post_init__") else "")
+    scope: dict[str, Any] = {"cls": cls, "checks": getattr(cls, "__post_init__", None)}
+    exec(compile(source, f"<hex {cls.__name__}>", "exec"), scope)  # noqa: S102 - built from field names
+    __post_init__ = scope["__post_init__"]
     namespace: dict[str, Any] = {"__annotations__": {}, "__post_init__": __post_init__}
     for name, _ in fields:
         namespace["__annotations__"][name] = Union[hints[name], str]  # noqa: UP007
