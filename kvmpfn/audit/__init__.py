@@ -23,6 +23,8 @@ from kvmpfn.audit.ledger import RefLedger
 
 __all__ = ["CODES", "Auditor", "Findings", "RefLedger"]
 
+NO_FLIGHT: Counter = Counter()  # no reference in flight (shared, never changed)
+
 
 class Auditor:
     """Attaches a ledger to the pfn API and the rmap, checks each ``kvm_unmap_hva``, and runs ``kvm_mmu_audit``
@@ -41,7 +43,7 @@ class Auditor:
         kvm.on_unmap_hva = self.unmapped_hva
         if kernel_points:
             kvm.audit_point = self.kvm_mmu_audit
-        self.incremental = IncrementalAudit(kvm, self.ledger, self.findings) if incremental else None
+        self.incremental = IncrementalAudit(kvm, self.ledger, self.findings, self.full_audit) if incremental else None
         #: what changed since the last audit point (the replayer reports guest stores and VM-wide changes here)
         self.changes = self.incremental.changes if incremental else None
 
@@ -66,8 +68,7 @@ class Auditor:
         f = self.findings
         saved = f.point
         f.point = point
-        in_flight = in_flight or Counter()
-        self.incremental.audit(in_flight, mappings, lambda reads: self.full_audit(point, in_flight, mappings, reads))
+        self.incremental.audit(in_flight or NO_FLIGHT, mappings, point)
         f.point = saved
 
     def full_audit(

@@ -187,6 +187,7 @@ def attach(kvm, ledger) -> Changes:
     return changes
 
 
+NO_FRAMES: frozenset[int] = frozenset()
 MAX_ABSENT = 64  # roots remembered while a CR3 switch took them away
 
 
@@ -198,8 +199,9 @@ def _is_pointer(ent: int, level: int) -> bool:
 class IncrementalAudit:
     """The audit points of one VM: :meth:`audit` checks what :class:`Changes` recorded."""
 
-    def __init__(self, kvm, ledger, findings) -> None:
+    def __init__(self, kvm, ledger, findings, full_audit) -> None:
         self.kvm = kvm
+        self.full_audit = full_audit  # Auditor.full_audit(point, in_flight, mappings, reads)
         self.ledger = ledger
         self.findings = findings
         self.changes = attach(kvm, ledger)
@@ -207,7 +209,7 @@ class IncrementalAudit:
         self.rmap_mirror: dict[tuple[int, int], tuple] = {}  # (large, key) -> the head's entries
         self.rmap_where: dict[tuple, Counter] = {}  # sptep -> (large, key) -> times it is listed there
         self.reads: dict[int, set[tuple]] = {}  # guest pte gpa -> mapping checks whose walk read that pte
-        self.roots: tuple | None = None  # the vcpus' roots and CR3 at the last audit point
+        self.roots: list | None = None  # the vcpus' roots and CR3 at the last audit point
         self.idents: set | None = None  # the roots the last mappings check audited (None: audit them all)
         self.absent: dict[tuple, tuple] = {}  # roots audited before and gone since: what changed meanwhile
         self.structural = Changes()  # pages and rmap heads changed since the last structure_changes()
@@ -260,11 +262,11 @@ class IncrementalAudit:
 
     # -- the audit point ---------------------------------------------------------------------------------------
 
-    def audit(self, in_flight: Counter, mappings: bool, full) -> None:
-        """One audit point. ``full()`` runs the complete audit (the first point, and after a VM-wide change)."""
+    def audit(self, in_flight: Counter, mappings: bool, point: str) -> None:
+        """One audit point: a full audit the first time and after a VM-wide change, else what changed."""
         kvm = self.kvm
-        roots = tuple((v.vcpu_id, v.root_hpa, v.cpu.cr3, *v.pae_root) for v in kvm.vcpus.values())
-        flight = set(in_flight)
+        roots = [(v.vcpu_id, v.root_hpa, v.cpu.cr3, *v.pae_root) for v in kvm.vcpus.values()]
+        flight = set(in_flight) if in_flight else NO_FRAMES
         stale = mappings and self.idents is None
         if not self.changes.any() and roots == self.roots and flight == self.in_flight and not stale:
             return
@@ -276,7 +278,7 @@ class IncrementalAudit:
         st.rmap_keys |= ch.rmap_keys
         if ch.everything:
             self.reads, self.absent = {}, {}
-            full(self.reads if mappings else None)
+            self.full_audit(point, in_flight, mappings, self.reads if mappings else None)
             self._after_full(mappings, roots, flight)
             return
         self._incremental(ch, moved, in_flight, flight, mappings, roots)
@@ -287,7 +289,7 @@ class IncrementalAudit:
         self.structural.everything = False
         return out
 
-    def _after_full(self, mappings: bool, roots: tuple, flight: set[int]) -> None:
+    def _after_full(self, mappings: bool, roots: list, flight: set[int] | frozenset[int]) -> None:
         self.roots = roots
         self.in_flight = flight
         self.idents = {self._ident(r[0], r[1]) for r in mapping_roots(self.kvm)} if mappings else None
