@@ -1,7 +1,7 @@
 """``python -m bench`` (``make bench``): replay and decode speed, memory, audit cost, corpus gate; writes
 bench/results.json.
 
-    python -m bench            # 1M-event figures, the 10M-vs-1M RSS check, the issue's targets (~15 minutes)
+    python -m bench            # 1M-event figures, the 10M-vs-1M RSS check, audit modes, the targets
     python -m bench --quick    # smaller sizes, about a minute: a smoke run
     python -m bench --profile  # cProfile 1M tdp and shadow steady replays: top-20 tables (bench/profile.json)
 
@@ -17,7 +17,7 @@ import platform
 import sys
 import tempfile
 
-from bench import bench_audit, bench_corpus, bench_decode, bench_hunt, bench_replay
+from bench import bench_audit, bench_corpus, bench_decode, bench_hunt, bench_modes, bench_replay
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -31,6 +31,7 @@ SIZES = {
         "audit_synth": 20_000,
         "corpus": (40, 2_000),
         "hunt": (2_000, 20.0),
+        "modes": (50_000, 10_000),
     },
     "default": {
         "replay": 1_000_000,
@@ -39,23 +40,54 @@ SIZES = {
         "audit_synth": 100_000,
         "corpus": (40, 20_000),
         "hunt": (20_000, 120.0),
+        "modes": (1_000_000, 100_000),  # hex vs int at 1M; the audit modes at 100k (paranoid is slow)
     },
 }
 
-#: issue #8's targets: replay events/s, boot within 2x of steady, RSS growth, audit seconds, corpus speedup
-TARGETS = {"steady/tdp": 200_000, "steady/shadow": 100_000, "rss_growth": 0.10, "audit_100k_s": 1.0, "jobs": 1.6}
+#: issue #16's targets (replay events/s of hex traces, audit modes over plain, hex over int) and issue #8's
+#: still checked (RSS growth, full audit seconds, corpus speedup)
+TARGETS = {
+    "steady/tdp": 250_000,
+    "steady/shadow": 200_000,
+    "boot/tdp": 150_000,
+    "boot/shadow": 120_000,
+    "audit-every 1": 3.0,
+    "kernel-audit": 3.0,
+    "paranoid": 5.0,
+    "hex_over_int": 1.10,
+    "rss_growth": 0.10,
+    "audit_100k_s": 1.0,
+    "jobs": 1.6,
+}
 
 
 def check_targets(results: dict) -> list[dict]:
     """Each target of issue #8 with the figure measured and whether it is met."""
     rows = []
     replay = {f"{r['workload']}/{r['mmu']}": r["replay_events_per_s"] for r in results["replay"]}
-    for mmu in ("tdp", "shadow"):
-        goal = TARGETS[f"steady/{mmu}"]
-        rows.append({"target": f"steady/{mmu} >= {goal:,} events/s", "measured": replay[f"steady/{mmu}"]})
-        rows.append({"target": f"boot/{mmu} >= {goal // 2:,} events/s", "measured": replay[f"boot/{mmu}"]})
-        rows[-2]["met"] = rows[-2]["measured"] >= goal
-        rows[-1]["met"] = rows[-1]["measured"] >= goal // 2
+    for name, goal in TARGETS.items():
+        if name in replay:
+            rows.append({"target": f"{name} (hex) >= {goal:,} events/s", "measured": replay[name]})
+            rows[-1]["met"] = replay[name] >= goal
+    modes = results["modes"]
+    for row in modes["modes"]:
+        if row["mode"] != "plain":
+            goal = TARGETS[row["mode"]]
+            rows.append(
+                {
+                    "target": f"{row['mode']} <= {goal:g}x plain, steady/{row['mmu']} ({row['events']:,} events)",
+                    "measured": f"{row['over_plain']}x",
+                    "met": row["over_plain"] <= goal and row["error"] is None,
+                }
+            )
+    for row in modes["hex_vs_int"]:
+        rows.append(
+            {
+                "target": f"hex within 10% of int, steady/{row['mmu']} ({modes['events']:,} events)",
+                "measured": f"{row['hex_over_int']}x",
+                "met": row["hex_over_int"] <= TARGETS["hex_over_int"],
+            }
+        )
     for row in results["rss"]:
         growth = row["growth_kib"] / row["small_peak_rss_kib"]
         rows.append(
@@ -188,6 +220,28 @@ def bench_gate(traces: int, events: int) -> dict:
     return row
 
 
+def bench_audit_modes(events: int, audit_events: int) -> dict:
+    say(
+        f"\n== audit modes vs plain replay (steady, {audit_events:,} events) and hex vs int ({events:,} events);"
+        " CPU seconds of one process each =="
+    )
+    if audit_events != events:
+        say(f"(the audit modes run at {audit_events:,} events, not {events:,}: --paranoid takes minutes at 1M)")
+    row = bench_modes.run(events, audit_events)
+    for r in row["modes"]:
+        say(
+            f"steady/{r['mmu']:<7} {r['mode']:<14} {r['cpu_s']:8.2f} s  {r['events_per_s']:>9,} ev/s  "
+            f"{r['over_plain']:6.2f}x plain" + (f"  ERROR {r['error']}" if r["error"] else "")
+        )
+    for r in row["hex_vs_int"]:
+        say(
+            f"steady/{r['mmu']:<7} hex {r['hex_cpu_s']:.2f} s ({r['hex_events_per_s']:,} ev/s), "
+            f"int {r['int_cpu_s']:.2f} s "
+            f"({r['int_events_per_s']:,} ev/s): hex/int {r['hex_over_int']}x"
+        )
+    return row
+
+
 def bench_decode_flat(n: int) -> dict:
     say(f"\n== bare decode (bench_decode): {n:,} events ==")
     row = bench_decode.run(n)
@@ -257,9 +311,10 @@ def main(argv: list[str] | None = None) -> None:
             results["audit"] = bench_audits(sizes["audit"], sizes["audit_synth"])
             results["corpus"] = bench_gate(*sizes["corpus"])
             results["hunt"] = bench_reduce_hunt(*sizes["hunt"])
+            results["modes"] = bench_audit_modes(*sizes["modes"])
             if mode == "default":
                 results["targets"] = check_targets(results)
-                say("\n== issue #8 targets ==")
+                say("\n== targets (issue #16; RSS, audit and --jobs from issue #8) ==")
                 for row in results["targets"]:
                     say(f"{'met ' if row['met'] else 'NOT '} {row['target']:<56} measured {row['measured']}")
     with open(output, "w", encoding="utf-8") as fh:

@@ -38,18 +38,23 @@ class _Replayer(kvmpfn.replay.Replayer):
         _Replayer.last = self
 
 
-def replay(path: str) -> dict:
-    """Replay ``path`` in this process with the header's options: events, seconds, events/s, peak RSS (KiB),
-    and ``host_frames``: the guest frames the host backs at the end (guest memory touched so far)."""
+def replay(path: str, mode: str = "plain") -> dict:
+    """Replay ``path`` in this process with the header's options and the audit ``mode`` (bench_modes.MODES):
+    events, seconds, CPU seconds, events/s, peak RSS (KiB), and ``host_frames``: the guest frames the host
+    backs at the end (guest memory touched so far)."""
+    from bench.bench_modes import MODES
+
     kvmpfn.replay.Replayer = _Replayer
-    start = time.perf_counter()
-    result = replay_file(path, ReplayOptions())
+    start, cpu = time.perf_counter(), time.process_time()
+    result = replay_file(path, ReplayOptions(**MODES[mode]))
     seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     rp = _Replayer.last
     return {
         "host_frames": None if rp is None else len(rp.host.frames),
         "events": result.events,
         "seconds": round(seconds, 3),
+        "cpu_s": round(cpu, 3),
         "events_per_s": round(result.events / seconds) if seconds else 0,
         "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "findings": len(result.findings),
@@ -99,8 +104,8 @@ def _child(*args: str) -> dict:
     return json.loads(out.stdout)
 
 
-def replay_in_subprocess(path: str) -> dict:
-    return _child("--replay", path)
+def replay_in_subprocess(path: str, mode: str = "plain") -> dict:
+    return _child("--replay", path, mode)
 
 
 def profile_in_subprocess(path: str, top: int = 20) -> dict:
@@ -136,11 +141,11 @@ def measure(path: str) -> dict:
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--replay"]:
-        print(json.dumps(replay(argv[1])))
+        print(json.dumps(replay(argv[1], *argv[2:3])))
     elif argv[:1] == ["--profile"]:
         print(json.dumps(profile(argv[1], int(argv[2]) if len(argv) > 2 else 20)))
     else:
-        sys.exit("usage: python -m bench.bench_replay --replay TRACE | --profile TRACE [TOP]")
+        sys.exit("usage: python -m bench.bench_replay --replay TRACE [MODE] | --profile TRACE [TOP]")
 
 
 if __name__ == "__main__":

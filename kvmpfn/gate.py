@@ -55,7 +55,7 @@ from kvmpfn.kvm.bugs import BUGS
 from kvmpfn.outputs import AtomicFile
 from kvmpfn.replay import ReplayOptions
 from kvmpfn.report import ERROR, FAIL, NOT_RUN, PASS, AuditReport, TraceOutcome
-from kvmpfn.runner import Failure, RunnerConfig, Task, default_jobs  # noqa: F401 - default_jobs re-exported
+from kvmpfn.runner import Failure, RunnerConfig, Task, default_jobs
 
 BASELINE_NAME = "kvmpfn-baseline.json"
 TRACE_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")

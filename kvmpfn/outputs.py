@@ -90,7 +90,7 @@ class AtomicFile(io.RawIOBase):
                 # a device or a pipe (/dev/null, /dev/stdout, a FIFO) is written as it is, never replaced
                 if os.path.isdir(self.target):
                     raise OutputError(path, "is a directory")
-                self.fh: IO[bytes] = open(self.target, "wb")  # noqa: SIM115 - closed by commit()/discard()
+                self.fh: IO[bytes] = open(self.target, "wb")  # closed by commit()/discard()
                 return
             fd, self.tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.target) + ".", dir=directory)
         except OSError as err:

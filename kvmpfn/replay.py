@@ -44,6 +44,8 @@ from kvmpfn.x86 import KVM_MAX_VCPUS, PAGE_SHIFT
 KVM_MEMORY_SLOTS = 32
 GUEST_STATE = ("paging", "cr0_wp", "efer_nx", "cr4_pse", "cr4_smep", "cr4_smap", "maxphyaddr", "gbpages")
 STORE_OR_FAULT = frozenset({"access", "pf", "write", "pte_write"})
+#: events that change the VM as a whole (guest paging state, memory map, host pages, dirty logging)
+VM_WIDE = frozenset({"paging", "memslot", "dirty_log", "host_remap", "teardown"})
 #: what :meth:`Replayer.do_access` returns when no outcome records are written (shared: never mutated)
 RESULT_ONLY = {r: {"result": r} for r in ("hit", "mapped", "mmio", "emulated", "guest_fault", "error")}
 TDP_GPA_BITS = 48  # a 4-level TDP table maps 48 bits of guest-physical address
@@ -62,6 +64,7 @@ class ReplayOptions:
     tdp: str | None = None  # "npt" or "ept": overrides the header's ``tdp`` (``--tdp``)
     #: bytes the simulated VM may hold (kvmpfn.limits): None is half the machine's memory, 0 no limit
     max_memory: int | None = None
+    full_audit: bool = False  # every audit point checks everything, not only what changed since the last one
 
     def model(self) -> dict[str, Any]:
         """The options that change the MMU being modelled (``mmu``, ``kernel``, ``tdp``, ``bugs``), those set
@@ -117,7 +120,11 @@ class Replayer:
         self.kvm = Kvm(
             self.host, self.api, kernel=self.kernel, tdp=self.mmu == "tdp", bugs=options.bugs, tdp_flavour=self.tdp
         )
-        self.auditor = Auditor(self.kvm, kernel_points=options.kernel_audit)
+        # the mutant audit-no-release is the audit's own leak, one reference per leaf checked: it needs every point full
+        incremental = not options.full_audit and "audit-no-release" not in options.bugs
+        incremental = incremental and bool(self.audit_points or options.kernel_audit)
+        self.auditor = Auditor(self.kvm, kernel_points=options.kernel_audit, incremental=incremental)
+        self.changes = self.auditor.changes  # None unless auditing incrementally
         self.findings = self.auditor.findings
         self.recorded = RecordedChecks.for_header(self.findings, header)
         self.torn_down = False
@@ -261,6 +268,8 @@ class Replayer:
         if emulate and mmu_topup_memory_caches(vcpu, kvm):
             return {"result": "error"}
         stored = self.host.write_guest(gpa, val, nbytes)
+        if self.changes is not None:
+            self.changes.guest_write(gpa, nbytes)
         mark_page_dirty(kvm, gpa >> PAGE_SHIFT)
         if emulate:
             if not stored:
@@ -383,6 +392,8 @@ class Replayer:
         f.seq, f.line, f.point = seq, line, op
         kvm, api = self.kvm, self.api
         kvm.consumed_failure = api.consumed_failure = False
+        if self.changes is not None and op in VM_WIDE:
+            self.changes.everything = True  # the next audit point checks everything
         rec = handler(e)
         if (kvm.consumed_failure or api.consumed_failure) and op in STORE_OR_FAULT and rec["result"] != "error":
             rec = {k: v for k, v in rec.items() if k not in ("gpa", "pfn", "spte", "err", "set_dirty")}
@@ -401,17 +412,19 @@ class Replayer:
         return out
 
     def _audit_point(self, seq: int) -> None:
-        """``--paranoid`` (the full audit and the structure checks after every event) or ``--audit-every``."""
+        """``--paranoid`` (an audit point and the structure checks after every event) or ``--audit-every``."""
         if self.torn_down:
             return
         every = self.options.audit_every
         if self.options.paranoid:
-            self.auditor.full_audit("paranoid")
-            problems = check_mmu_structures(self.kvm)
+            self.auditor.audit_point("paranoid")
+            incremental = self.auditor.incremental
+            changed = None if incremental is None else incremental.structure_changes()
+            problems = check_mmu_structures(self.kvm, changed)
             if problems:
                 raise InternalError("; ".join(problems[:3]))
         elif every and (seq + 1) % every == 0:
-            self.auditor.full_audit(f"audit-every {every}")
+            self.auditor.audit_point(f"audit-every {every}")
 
     def stats(self) -> dict[str, Any]:
         kvm = self.kvm

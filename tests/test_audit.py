@@ -582,15 +582,15 @@ def test_notifier_stale_spte_found_without_the_rmaps(addr, level):
 def record_points(g: Guest) -> list[tuple]:
     calls: list[tuple] = []
     auditor = g.rp.auditor
-    inner = auditor.full_audit
+    inner = auditor.audit_point
 
-    def full_audit(point, in_flight=None, mappings=True):
+    def audit_point(point, in_flight=None, mappings=True):
         scratch = Findings()
         audit_mappings(g.kvm, scratch)
         calls.append((point, mappings, [f["code"] for f in scratch.items]))
         inner(point, in_flight, mappings)
 
-    auditor.full_audit = full_audit
+    auditor.audit_point = audit_point
     return calls
 
 

@@ -31,13 +31,28 @@ RECORDED = Path(__file__).resolve().parent.parent / "traces" / "recorded"
 CONTEXT = ("comm", "pid", "cpu", "t", "line")
 
 
+#: Fields convert writes as hex strings (addresses, frame numbers, values).
+HEX_KEYS = ("addr", "gpa", "val", "err", "gfn", "cr3", "first_pfn")
+
+
+def as_ints(obj: dict) -> dict:
+    """A written header or event with its hex-string fields as ints, which the tests below compare."""
+    out = {k: int(v, 16) if k in HEX_KEYS and isinstance(v, str) else v for k, v in obj.items()}
+    for key in ("guest", "host"):
+        if isinstance(out.get(key), dict):
+            out[key] = as_ints(out[key])
+    if "memslots" in out:
+        out["memslots"] = [as_ints(m) for m in out["memslots"]]
+    return out
+
+
 def run_convert(tmp_path: Path, text: str, name: str = "in.txt", **kw) -> tuple[dict, list[dict], object]:
     """Convert ``text``; the header and events as JSON objects, and the summary."""
     src = tmp_path / name
     src.write_text(text)
     out = tmp_path / (name + ".jsonl")
     summary = convert_text(str(src), str(out), **kw)
-    lines = [json.loads(line) for line in out.read_text().splitlines() if not line.startswith("#")]
+    lines = [as_ints(json.loads(line)) for line in out.read_text().splitlines() if not line.startswith("#")]
     with open_trace(str(out)) as reader:  # and the reader takes it
         assert len(list(reader)) == len(lines) - 1
     return lines[0], lines[1:], summary
@@ -617,6 +632,8 @@ def test_convert_with_a_memory_core(tmp_path):
     )
     assert result.exit_code == 0, result.stderr
     header = json.loads((tmp_path / "out" / "t.jsonl").read_text().splitlines()[1])
+    assert header["guest"]["cr3"] == "0x9000"  # written in hex
+    header = as_ints(header)
     assert header["memory"] == os.path.join("..", "cores", "g.core")
     assert header["guest"] == {"cr3": 0x9000, "cr4_pse": False}  # paging 64 from the core: the default
     bad = CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "b.jsonl"), "--memory", str(src)])

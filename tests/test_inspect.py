@@ -20,7 +20,7 @@ from kvmpfn.replay import ReplayOptions, replay_file
 from kvmpfn.report.timeline import TimelineWriter
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_findings_traces import CASES, FINDINGS  # noqa: E402
+from test_findings_traces import CASES, FINDINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 SHADOW = ROOT / "traces" / "shadow"

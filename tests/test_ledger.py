@@ -341,13 +341,13 @@ def test_after_teardown_reports_references_left_once_the_vm_is_gone():
 
 
 def record_audits(g: Guest) -> list[tuple]:
-    """Wrap the auditor's full_audit: at each call (point, in_flight, the unowned references, mappings, and the
+    """Wrap the auditor's audit_point: at each call (point, in_flight, the unowned references, mappings, and the
     codes the refcount check would report there without the in-flight allowance)."""
     calls: list[tuple] = []
     auditor = g.rp.auditor
-    inner = auditor.full_audit
+    inner = auditor.audit_point
 
-    def full_audit(point, in_flight=None, mappings=True):
+    def audit_point(point, in_flight=None, mappings=True):
         unowned = {
             pfn: [(r.function, r.caller) for r in refs if r.owner is None] for pfn, refs in g.ledger.refs.items()
         }
@@ -357,7 +357,7 @@ def record_audits(g: Guest) -> list[tuple]:
         calls.append((point, Counter(in_flight or {}), {k: v for k, v in unowned.items() if v}, mappings, without))
         inner(point, in_flight, mappings)
 
-    auditor.full_audit = full_audit
+    auditor.audit_point = audit_point
     return calls
 
 

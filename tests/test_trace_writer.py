@@ -148,9 +148,9 @@ def test_compact_lines_with_defaults_omitted(tmp_path):
     )
     assert path.read_bytes() == (
         b'{"kvmpfn":1}\n'
-        b'{"op":"access","addr":4096,"write":true,"user":false,"fetch":false}\n'
+        b'{"op":"access","addr":"0x1000","write":true,"user":false,"fetch":false}\n'
         b'{"op":"inject","fault":"enomem"}\n'
-        b'{"op":"memslot","slot":0,"gfn":0,"npages":0}\n'
+        b'{"op":"memslot","slot":0,"gfn":"0x0","npages":0}\n'
         b'{"op":"paging","cr0_wp":false}\n'
         b'{"op":"teardown"}\n'
     )
@@ -160,7 +160,7 @@ def test_header_keeps_only_what_differs(tmp_path):
     path = tmp_path / "t.jsonl"
     header = Header(kvmpfn=1, guest=Guest(cr3=0x1000), memslots=[Memslot(0, 0, 65536, "ram")], kernel="page")
     write_trace(str(path), header, [])
-    assert path.read_bytes() == b'{"kvmpfn":1,"guest":{"cr3":4096},"kernel":"page"}\n'
+    assert path.read_bytes() == b'{"kvmpfn":1,"guest":{"cr3":"0x1000"},"kernel":"page"}\n'
 
 
 def test_canonical_form(tmp_path):
@@ -168,7 +168,7 @@ def test_canonical_form(tmp_path):
     path = tmp_path / "t.jsonl"
     write_trace(str(path), Header(kvmpfn=1, teardown=0), [Access(addr=1, write=1, user=0, fetch=0, ac=1)])
     assert path.read_bytes() == (
-        b'{"kvmpfn":1,"teardown":false}\n{"op":"access","addr":1,"write":true,"user":false,"fetch":false,"ac":true}\n'
+        b'{"kvmpfn":1,"teardown":false}\n{"op":"access","addr":"0x1","write":true,"user":false,"fetch":false,"ac":true}\n'
     )
 
 
@@ -324,3 +324,26 @@ def test_property_round_trip(tmp_path, batch, name):
     path = str(tmp_path / name)
     write_trace(path, FULL_HEADER, batch)
     assert read_trace(path) == (FULL_HEADER, batch)
+
+
+def test_addresses_and_values_are_hex_but_free_form_fields_stay(tmp_path):
+    """addr, gpa, val, err and gfn (and the header's cr3, memslot gfns, first_pfn) are written as "0x..."
+    strings; other integers stay numbers, and nothing inside "t" or "x" changes."""
+    path = tmp_path / "t.jsonl"
+    header = Header(kvmpfn=1, guest=Guest(cr3=0x9000), memslots=[Memslot(1, 0x400, 0x200, "ram")])
+    events = [
+        PteWrite(gpa=0x1008, val=0x2007, len=8, vcpu=2, x={"gpa": 5, "note": "addr 7"}),
+        Pf(addr=0x7F001000, err=6, t=12),
+        HostRemap(gfn=0x400),
+        MemslotEvent(slot=1, gfn=0x400, npages=0x10, backing="ram"),
+    ]
+    write_trace(str(path), header, events)
+    assert path.read_bytes() == (
+        b'{"kvmpfn":1,"guest":{"cr3":"0x9000"},"memslots":[{"slot":1,"gfn":"0x400","npages":512,"backing":"ram"}]}\n'
+        b'{"op":"pte_write","gpa":"0x1008","val":"0x2007","len":8,"vcpu":2,"x":{"gpa":5,"note":"addr 7"}}\n'
+        b'{"op":"pf","addr":"0x7f001000","err":"0x6","t":12}\n'
+        b'{"op":"host_remap","gfn":"0x400"}\n'
+        b'{"op":"memslot","slot":1,"gfn":"0x400","npages":16}\n'
+    )
+    with open_trace(str(path)) as reader:
+        assert [e for _line, e in reader] == events

@@ -18,16 +18,20 @@ from kvmpfn.audit.checks import (
     check_write_count,
 )
 from kvmpfn.audit.findings import CODES, Findings
+from kvmpfn.audit.incremental import IncrementalAudit
 from kvmpfn.audit.ledger import RefLedger
 
 __all__ = ["CODES", "Auditor", "Findings", "RefLedger"]
 
+NO_FLIGHT: Counter = Counter()  # no reference in flight (shared, never changed)
+
 
 class Auditor:
     """Attaches a ledger to the pfn API and the rmap, checks each ``kvm_unmap_hva``, and runs ``kvm_mmu_audit``
-    at the points asked for."""
+    at the points asked for: :meth:`audit_point` checks what changed since the previous point when
+    ``incremental`` (see :mod:`kvmpfn.audit.incremental`), else everything."""
 
-    def __init__(self, kvm, *, kernel_points: bool = False) -> None:
+    def __init__(self, kvm, *, kernel_points: bool = False, incremental: bool = False) -> None:
         self.kvm = kvm
         self.findings = Findings()
         self.ledger = RefLedger(kvm.host, self.findings)
@@ -39,6 +43,9 @@ class Auditor:
         kvm.on_unmap_hva = self.unmapped_hva
         if kernel_points:
             kvm.audit_point = self.kvm_mmu_audit
+        self.incremental = IncrementalAudit(kvm, self.ledger, self.findings, self.full_audit) if incremental else None
+        #: what changed since the last audit point (the replayer reports guest stores and VM-wide changes here)
+        self.changes = self.incremental.changes if incremental else None
 
     def unmapped_hva(self, hva: int, gfn: int) -> None:
         """After each ``kvm_unmap_hva``: no present leaf maps the gfn behind hva any more (docs/kernel.md, Invariants:
@@ -52,10 +59,23 @@ class Auditor:
         in_flight: Counter = Counter()
         if msg in ("pre pte write", "post pte write") and not self.kvm.api.is_error_pfn(vcpu.update_pte_pfn):
             in_flight[vcpu.update_pte_pfn] += 1
-        self.full_audit(msg, in_flight, mappings=msg != "pre pte write")
+        self.audit_point(msg, in_flight, mappings=msg != "pre pte write")
 
-    def full_audit(self, point: str, in_flight: Counter | None = None, mappings: bool = True) -> None:
-        """Every check of docs/kernel.md, Invariants over the current state."""
+    def audit_point(self, point: str, in_flight: Counter | None = None, mappings: bool = True) -> None:
+        """An audit point: what changed since the previous one, or everything when not incremental."""
+        if self.incremental is None:
+            self.full_audit(point, in_flight, mappings)
+            return
+        f = self.findings
+        saved = f.point
+        f.point = point
+        self.incremental.audit(in_flight or NO_FLIGHT, mappings, point)
+        f.point = saved
+
+    def full_audit(
+        self, point: str, in_flight: Counter | None = None, mappings: bool = True, reads: dict | None = None
+    ) -> None:
+        """Every check of docs/kernel.md, Invariants over the current state (``reads``: see :func:`audit_mappings`)."""
         kvm, f = self.kvm, self.findings
         saved = f.point
         f.point = point
@@ -63,7 +83,7 @@ class Auditor:
         audit_rmap(kvm, f)
         audit_write_protection(kvm, f)
         if mappings:
-            audit_mappings(kvm, f)
+            audit_mappings(kvm, f, reads)
         check_parent_links(kvm, f)
         check_memslots(kvm, f)
         check_write_count(kvm, f)

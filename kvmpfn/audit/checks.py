@@ -63,10 +63,14 @@ class GuestView:
     """The guest translation as the auditor needs it: a side-effect-free walk (no A/D writes, no references),
     memoised per (vcpu state, page) for one audit."""
 
-    def __init__(self, kvm, vcpu) -> None:
+    def __init__(self, kvm, vcpu, reads: dict | None = None) -> None:
         self.kvm = kvm
         self.vcpu = vcpu
         self.cache: dict[int, object] = {}
+        # gpa of a guest pte -> entries whose check walked through it (the incremental audit's index); a notrap
+        # entry of a page shadowing a guest table reads only its own guest pte, found from the page instead
+        self.reads = reads
+        self.entry: tuple | None = None  # the entry being checked, recorded in ``reads``
 
     def walk(self, va: int):
         page = va >> PAGE_SHIFT
@@ -79,7 +83,16 @@ class GuestView:
                 # a supervisor read with EFLAGS.AC=1: SMAP must not hide user pages from the audit
                 hit = walk_addr(cpu, self.kvm.host, va, False, False, False, ac=True, set_ad=False)
             self.cache[page] = hit
+        if self.reads is not None and hit[1] is not None:
+            self.read(*hit[1].pte_gpa)
         return hit
+
+    def read(self, *pte_gpas: int) -> None:
+        """The entry being checked depends on the guest ptes at these addresses."""
+        reads, entry = self.reads, self.entry
+        if reads is not None and entry is not None:
+            for gpa in pte_gpas:
+                reads.setdefault(gpa, set()).add(entry)
 
     def gva_to_gpa(self, va: int) -> int:
         ok, w = self.walk(va)
@@ -90,19 +103,14 @@ class GuestView:
         return w.gfn << PAGE_SHIFT | (va & 0xFFF)
 
 
-def audit_mappings(kvm, findings) -> None:
-    """``audit_mappings``: from every vcpu's roots, each present leaf against the current guest translation.
-
-    Differs from the 2008 code: large sptes are checked as leaves at their 2 MiB-aligned address (the era
-    walked them as tables); the expected frame comes from the host without a reference (the seed's hunk used
-    an undeclared ``pfn``); an unmapped or slotless gpa is not an error pfn here but judged as a leaf; TDP
-    roots are audited by gpa (the era used guest virtual addresses there, which is meaningless).
-    """
+def mapping_roots(kvm) -> list[tuple]:
+    """Where ``audit_mappings`` starts: ``(key, vcpu, root page, va, level)`` for the first vcpu of each distinct
+    key (paging, CR3, CR0.WP, roots); a PAE root is its four present PDPT entries."""
+    out = []
     seen: set[tuple] = set()
     for vcpu in kvm.vcpus.values():
         if vcpu.root_hpa == INVALID_PAGE:
             continue
-        view = GuestView(kvm, vcpu)
         key = (vcpu.cpu.paging, vcpu.cpu.cr3, vcpu.cpu.cr0_wp, vcpu.root_hpa, tuple(vcpu.pae_root))
         if key in seen:
             continue
@@ -111,87 +119,121 @@ def audit_mappings(kvm, findings) -> None:
             for i in range(4):
                 root = vcpu.pae_root[i]
                 if root != INVALID_PAGE and root & PT_PRESENT_MASK:
-                    sp = kvm.page_header[root >> PAGE_SHIFT]
-                    audit_mappings_page(kvm, findings, view, sp, i << 30, 2)
+                    out.append((key, vcpu, kvm.page_header[root >> PAGE_SHIFT], i << 30, 2))
         else:
-            sp = kvm.page_header[vcpu.root_hpa >> PAGE_SHIFT]
-            audit_mappings_page(kvm, findings, view, sp, 0, vcpu.shadow_root_level)
+            out.append((key, vcpu, kvm.page_header[vcpu.root_hpa >> PAGE_SHIFT], 0, vcpu.shadow_root_level))
+    return out
+
+
+def audit_mappings(kvm, findings, reads: dict | None = None) -> None:
+    """``audit_mappings``: from every vcpu's roots, each present leaf against the current guest translation.
+    ``reads`` (pte gpa -> entries) collects the guest ptes each check's walk read, for the incremental audit.
+
+    Differs from the 2008 code: large sptes are checked as leaves at their 2 MiB-aligned address (the era
+    walked them as tables); the expected frame comes from the host without a reference (the seed's hunk used
+    an undeclared ``pfn``); an unmapped or slotless gpa is not an error pfn here but judged as a leaf; TDP
+    roots are audited by gpa (the era used guest virtual addresses there, which is meaningless).
+    """
+    views: dict[int, GuestView] = {}
+    for _key, vcpu, sp, va, level in mapping_roots(kvm):
+        view = views.get(vcpu.vcpu_id)
+        if view is None:
+            view = views[vcpu.vcpu_id] = GuestView(kvm, vcpu, reads)
+        audit_mappings_page(kvm, findings, view, sp, va, level)
+
+
+def guest_table(kvm, sp) -> bytes | None:
+    """The guest table a non-metaphysical page shadows, read once for all its notrap entries."""
+    if sp.metaphysical or kvm.tdp_enabled:
+        return None
+    return kvm.host.read_bytes(sp.gfn << PAGE_SHIFT, 1 << PAGE_SHIFT)
 
 
 def audit_mappings_page(kvm, findings, view: GuestView, sp, va: int, level: int) -> None:
-    """``audit_mappings_page``: recurse through present pointers; check leaves (``spte-hpa-mismatch``,
-    ``spte-pfn-truncated``, ``notrap-valid-gva``, ``spte-permission``) and notrap pointers
-    (``notrap-nonleaf`` where the guest entry they shadow is present)."""
+    """``audit_mappings_page``: each entry of ``sp`` (:func:`audit_mapping`), recursing through pointers."""
     shift = PAGE_SHIFT + 9 * (level - 1)
-    host = kvm.host
-    # the guest table a non-metaphysical page shadows, read once for all its notrap entries
-    table = None if sp.metaphysical or kvm.tdp_enabled else host.read_bytes(sp.gfn << PAGE_SHIFT, 1 << PAGE_SHIFT)
+    table = guest_table(kvm, sp)
     for index, ent in enumerate(sp.spt):
         if ent == TRAP:
             continue
         addr = canonicalize(va + (index << shift))
-        if level > 1 and not (ent & PT_PAGE_SIZE_MASK and level == 2 and ent != NOTRAP):
-            if ent == NOTRAP:
-                if not kvm.tdp_enabled and guest_entry_present(view, sp, index, addr, level, table):
-                    findings.report(
-                        "notrap-nonleaf",
-                        f"notrap entry at level {level} for gva {addr:#x} whose guest entry is present",
-                        ("addr", addr, level),
-                        addr=addr,
-                        level=level,
-                    )
-                continue
-            child = kvm.page_header.get(spte_to_pfn(ent))
-            if child is not None:
-                audit_mappings_page(kvm, findings, view, child, addr, level - 1)
-            continue
+        child = audit_mapping(kvm, findings, view, sp, index, ent, addr, level, table)
+        if child is not None:
+            audit_mappings_page(kvm, findings, view, child, addr, level - 1)
+
+
+def audit_mapping(kvm, findings, view: GuestView, sp, index: int, ent: int, addr: int, level: int, table):
+    """One entry of ``audit_mappings_page``, reached at ``addr`` and ``level``: check a leaf
+    (``spte-hpa-mismatch``, ``spte-pfn-truncated``, ``notrap-valid-gva``, ``spte-permission``) or a notrap
+    pointer (``notrap-nonleaf`` where the guest entry it shadows is present); a pointer returns its child page
+    (None when it points at no live page)."""
+    if view.reads is not None and (sp.metaphysical or ent != NOTRAP):  # see GuestView.read
+        view.entry = (sp, index, view.vcpu.vcpu_id, addr, level)
+    if level > 1 and not (ent & PT_PAGE_SIZE_MASK and level == 2 and ent != NOTRAP):
         if ent == NOTRAP:
             if not kvm.tdp_enabled and guest_entry_present(view, sp, index, addr, level, table):
                 findings.report(
-                    "notrap-valid-gva",
-                    f"notrap leaf for gva {addr:#x}, whose guest pte is present",
+                    "notrap-nonleaf",
+                    f"notrap entry at level {level} for gva {addr:#x} whose guest entry is present",
                     ("addr", addr, level),
                     addr=addr,
                     level=level,
                 )
-            continue
-        gfn = sp.gfns[index]
-        if gfn_to_kvm_slot(kvm, gfn) is None:
-            continue  # spte-without-memslot, reported by check_memslots
-        gpa = view.gva_to_gpa(addr)
-        pfn = spte_to_pfn(ent)
-        want = None if gpa == UNMAPPED_GVA else host.peek_pfn(gpa >> PAGE_SHIFT)
-        if "audit-no-release" in kvm.bugs and gpa != UNMAPPED_GVA:
-            # --bug audit-no-release: the 2.6.31 audit's own gfn_to_pfn reference, here without its release
-            kvm.api.gfn_to_pfn(gpa >> PAGE_SHIFT, "audit_mappings_page")
-        if want != pfn:
-            if want is not None and want >> 20 and want & PFN_TRUNCATE_MASK == pfn:
-                findings.report(
-                    "spte-pfn-truncated",
-                    f"spte for gva {addr:#x} holds frame {pfn:#x}: frame {want:#x} lost its high bits",
-                    ("addr", addr, level),
-                    spte_provenance(findings, sp, index, ent),
-                    addr=addr,
-                    level=level,
-                    pfn=pfn,
-                    spte=ent,
-                )
+            return None
+        return kvm.page_header.get(spte_to_pfn(ent))
+    if ent == NOTRAP:
+        if not kvm.tdp_enabled and guest_entry_present(view, sp, index, addr, level, table):
+            findings.report(
+                "notrap-valid-gva",
+                f"notrap leaf for gva {addr:#x}, whose guest pte is present",
+                ("addr", addr, level),
+                addr=addr,
+                level=level,
+            )
+        return None
+    gfn = sp.gfns[index]
+    if gfn_to_kvm_slot(kvm, gfn) is None:
+        return None  # spte-without-memslot, reported by check_memslots
+    host = kvm.host
+    gpa = view.gva_to_gpa(addr)
+    pfn = spte_to_pfn(ent)
+    want = None if gpa == UNMAPPED_GVA else host.peek_pfn(gpa >> PAGE_SHIFT)
+    if "audit-no-release" in kvm.bugs and gpa != UNMAPPED_GVA:
+        # --bug audit-no-release: the 2.6.31 audit's own gfn_to_pfn reference, here without its release
+        kvm.api.gfn_to_pfn(gpa >> PAGE_SHIFT, "audit_mappings_page")
+    if want != pfn:
+        space = "gpa" if kvm.tdp_enabled else "gva"  # under TDP the audit walks guest-physical addresses
+        if want is not None and want >> 20 and want & PFN_TRUNCATE_MASK == pfn:
+            findings.report(
+                "spte-pfn-truncated",
+                f"spte for {space} {addr:#x} holds frame {pfn:#x}: frame {want:#x} lost its high bits",
+                ("addr", addr, level),
+                spte_provenance(findings, sp, index, ent),
+                addr=addr,
+                level=level,
+                pfn=pfn,
+                spte=ent,
+            )
+        else:
+            if kvm.tdp_enabled:
+                where = "is in no memslot" if gpa == UNMAPPED_GVA else "is backed by another frame now"
             else:
                 where = "is not mapped by the guest" if gpa == UNMAPPED_GVA else f"translates to gpa {gpa:#x}"
-                findings.report(
-                    "spte-hpa-mismatch",
-                    f"spte for gva {addr:#x} maps frame {pfn:#x} but the address {where}"
-                    + ("" if want is None else f" (frame {want:#x})"),
-                    ("addr", addr, level),
-                    spte_provenance(findings, sp, index, ent),
-                    addr=addr,
-                    level=level,
-                    pfn=pfn,
-                    spte=ent,
-                )
-            continue
-        if not kvm.tdp_enabled and view.vcpu.cpu.paging != "none":
-            check_permission(kvm, findings, view, sp, index, addr, level, ent)
+            findings.report(
+                "spte-hpa-mismatch",
+                f"spte for {space} {addr:#x} maps frame {pfn:#x} but the address {where}"
+                + ("" if want is None else f" (frame {want:#x})"),
+                ("addr", addr, level),
+                spte_provenance(findings, sp, index, ent),
+                addr=addr,
+                level=level,
+                pfn=pfn,
+                spte=ent,
+            )
+        return None
+    if not kvm.tdp_enabled and view.vcpu.cpu.paging != "none":
+        check_permission(kvm, findings, view, sp, index, addr, level, ent)
+    return None
 
 
 def guest_entry_present(view: GuestView, sp, index: int, addr: int, level: int, table: bytes | None) -> bool:
@@ -253,38 +295,48 @@ def audit_rmap(kvm, findings) -> None:
         for key in list(table):
             for sptep in rmap_entries(table, key):
                 counts[sptep] += 1
-                sp, index = sptep
-                spte = sp.spt[index]
-                live = kvm.active_mmu_pages.get(sp.id) is sp
-                if not live or not is_shadow_present_pte(spte) or not is_last_spte(spte, sp.level):
-                    what = "a freed shadow page" if not live else f"a non-leaf or non-present spte {spte:#x}"
-                    findings.report(
-                        "rmap-mismatch",
-                        f"rmap of {'region' if large else 'gfn'} {key:#x} points at {what}",
-                        ("sptep", sp.id, index),
-                        gfn=key << 9 if large else key,
-                        level=sp.level,
-                    )
-                elif gfn_to_rmap(kvm, sp.gfns[index], int(bool(spte & PT_PAGE_SIZE_MASK)))[1] != key or (
-                    bool(spte & PT_PAGE_SIZE_MASK) != bool(large)
-                ):
-                    findings.report(
-                        "rmap-mismatch",
-                        f"spte in the rmap of {key:#x} maps gfn {sp.gfns[index]:#x}",
-                        ("sptep", sp.id, index),
-                        gfn=sp.gfns[index],
-                        level=sp.level,
-                    )
+                check_rmap_entry(kvm, findings, large, key, sptep)
     for sp, index, _spte in live_leaves(kvm):
-        n = counts.get((sp, index), 0)
-        if n != 1:
-            findings.report(
-                "rmap-mismatch",
-                f"present leaf {index} of shadow page gfn {sp.gfns[index]:#x} is in {n} rmaps",
-                ("sptep", sp.id, index),
-                gfn=sp.gfns[index],
-                level=sp.level,
-            )
+        check_rmap_count(findings, sp, index, counts.get((sp, index), 0))
+
+
+def check_rmap_entry(kvm, findings, large: int, key: int, sptep: tuple) -> None:
+    """One entry of rmap head ``key`` (of ``rmap_pde`` when ``large``): a present leaf of a live page whose
+    gfn's head is this one."""
+    sp, index = sptep
+    spte = sp.spt[index]
+    live = kvm.active_mmu_pages.get(sp.id) is sp
+    if not live or not is_shadow_present_pte(spte) or not is_last_spte(spte, sp.level):
+        what = "a freed shadow page" if not live else f"a non-leaf or non-present spte {spte:#x}"
+        findings.report(
+            "rmap-mismatch",
+            f"rmap of {'region' if large else 'gfn'} {key:#x} points at {what}",
+            ("sptep", sp.id, index),
+            gfn=key << 9 if large else key,
+            level=sp.level,
+        )
+    elif gfn_to_rmap(kvm, sp.gfns[index], int(bool(spte & PT_PAGE_SIZE_MASK)))[1] != key or (
+        bool(spte & PT_PAGE_SIZE_MASK) != bool(large)
+    ):
+        findings.report(
+            "rmap-mismatch",
+            f"spte in the rmap of {key:#x} maps gfn {sp.gfns[index]:#x}",
+            ("sptep", sp.id, index),
+            gfn=sp.gfns[index],
+            level=sp.level,
+        )
+
+
+def check_rmap_count(findings, sp, index: int, n: int) -> None:
+    """A present leaf is in exactly one rmap (``n``: the entries that name it)."""
+    if n != 1:
+        findings.report(
+            "rmap-mismatch",
+            f"present leaf {index} of shadow page gfn {sp.gfns[index]:#x} is in {n} rmaps",
+            ("sptep", sp.id, index),
+            gfn=sp.gfns[index],
+            level=sp.level,
+        )
 
 
 def audit_write_protection(kvm, findings) -> None:
@@ -295,21 +347,26 @@ def audit_write_protection(kvm, findings) -> None:
     look at large sptes.
     """
     for sp in kvm.active_mmu_pages.values():
-        if sp.metaphysical or sp.invalid:
-            continue
-        gfn = sp.gfn
-        for table, key, large in ((kvm.rmap, gfn, 0), (kvm.rmap_pde, gfn // KVM_PAGES_PER_HPAGE, 1)):
-            for lsp, index in rmap_entries(table, key):
-                spte = lsp.spt[index]
-                if is_shadow_present_pte(spte) and spte & PT_WRITABLE_MASK:
-                    findings.report(
-                        "writable-shadowed-gfn",
-                        f"writable {'large ' if large else ''}spte maps guest page table gfn {gfn:#x}"
-                        f" (shadow page role {sp.role:#x})",
-                        ("gfn", gfn, lsp.level),
-                        gfn=gfn,
-                        level=lsp.level,
-                    )
+        check_write_protected(kvm, findings, sp)
+
+
+def check_write_protected(kvm, findings, sp) -> None:
+    """No writable leaf maps or covers the gfn of ``sp`` if it is a valid page shadowing a guest table."""
+    if sp.metaphysical or sp.invalid:
+        return
+    gfn = sp.gfn
+    for table, key, large in ((kvm.rmap, gfn, 0), (kvm.rmap_pde, gfn // KVM_PAGES_PER_HPAGE, 1)):
+        for lsp, index in rmap_entries(table, key):
+            spte = lsp.spt[index]
+            if is_shadow_present_pte(spte) and spte & PT_WRITABLE_MASK:
+                findings.report(
+                    "writable-shadowed-gfn",
+                    f"writable {'large ' if large else ''}spte maps guest page table gfn {gfn:#x}"
+                    f" (shadow page role {sp.role:#x})",
+                    ("gfn", gfn, lsp.level),
+                    gfn=gfn,
+                    level=lsp.level,
+                )
 
 
 def check_parent_links(kvm, findings) -> None:
@@ -318,48 +375,58 @@ def check_parent_links(kvm, findings) -> None:
     for sp in kvm.active_mmu_pages.values():
         if sp.level > 1:
             for index, ent in enumerate(sp.spt):
-                if not is_shadow_present_pte(ent) or is_last_spte(ent, sp.level):
-                    continue
-                child = kvm.page_header.get(spte_to_pfn(ent))
-                if child is None or (sp, index) not in child.parent_ptes:
-                    findings.report(
-                        "parent-link",
-                        f"pointer spte {index} of shadow page gfn {sp.gfn:#x} level {sp.level} is not in its"
-                        " child's parent list",
-                        ("sptep", sp.id, index),
-                        gfn=sp.gfn,
-                        level=sp.level,
-                    )
+                check_parent_pointer(kvm, findings, sp, index, ent)
         for psp, pindex in sp.parent_ptes:
-            ent = psp.spt[pindex]
-            if (
-                kvm.active_mmu_pages.get(psp.id) is not psp
-                or not is_shadow_present_pte(ent)
-                or spte_to_pfn(ent) != sp.hpa
-            ):
-                findings.report(
-                    "parent-link",
-                    f"shadow page gfn {sp.gfn:#x} level {sp.level} lists parent spte {pindex} of page gfn"
-                    f" {psp.gfn:#x}, which does not point at it",
-                    ("parent", sp.id, psp.id, pindex),
-                    gfn=sp.gfn,
-                    level=sp.level,
-                )
+            check_parent_entry(kvm, findings, sp, psp, pindex)
+
+
+def check_parent_pointer(kvm, findings, sp, index: int, ent: int) -> None:
+    """A present pointer ``sp.spt[index]`` (``ent``) of a live page is in its child's parent list."""
+    if not is_shadow_present_pte(ent) or is_last_spte(ent, sp.level):
+        return
+    child = kvm.page_header.get(spte_to_pfn(ent))
+    if child is None or (sp, index) not in child.parent_ptes:
+        findings.report(
+            "parent-link",
+            f"pointer spte {index} of shadow page gfn {sp.gfn:#x} level {sp.level} is not in its child's parent list",
+            ("sptep", sp.id, index),
+            gfn=sp.gfn,
+            level=sp.level,
+        )
+
+
+def check_parent_entry(kvm, findings, sp, psp, pindex: int) -> None:
+    """An entry ``(psp, pindex)`` of live page ``sp``'s parent list points at ``sp`` from a live page."""
+    ent = psp.spt[pindex]
+    if kvm.active_mmu_pages.get(psp.id) is not psp or not is_shadow_present_pte(ent) or spte_to_pfn(ent) != sp.hpa:
+        findings.report(
+            "parent-link",
+            f"shadow page gfn {sp.gfn:#x} level {sp.level} lists parent spte {pindex} of page gfn"
+            f" {psp.gfn:#x}, which does not point at it",
+            ("parent", sp.id, psp.id, pindex),
+            gfn=sp.gfn,
+            level=sp.level,
+        )
 
 
 def check_memslots(kvm, findings) -> None:
     """I7: every present leaf maps a gfn that a memslot holds."""
-    for sp, index, _spte in live_leaves(kvm):
-        gfn = sp.gfns[index]
-        if gfn_to_kvm_slot(kvm, gfn) is None:
-            findings.report(
-                "spte-without-memslot",
-                f"present leaf maps gfn {gfn:#x}, which no memslot holds",
-                ("gfn", gfn, sp.level),
-                spte_provenance(findings, sp, index, _spte),
-                gfn=gfn,
-                level=sp.level,
-            )
+    for sp, index, spte in live_leaves(kvm):
+        check_leaf_memslot(kvm, findings, sp, index, spte)
+
+
+def check_leaf_memslot(kvm, findings, sp, index: int, spte: int) -> None:
+    """I7 for one present leaf."""
+    gfn = sp.gfns[index]
+    if gfn_to_kvm_slot(kvm, gfn) is None:
+        findings.report(
+            "spte-without-memslot",
+            f"present leaf maps gfn {gfn:#x}, which no memslot holds",
+            ("gfn", gfn, sp.level),
+            spte_provenance(findings, sp, index, spte),
+            gfn=gfn,
+            level=sp.level,
+        )
 
 
 def check_write_count(kvm, findings) -> None:
@@ -402,19 +469,24 @@ def check_accounting(kvm, findings) -> None:
 def check_dirty_log(kvm, findings) -> None:
     """I14 (dirty logging): in a logging slot every gfn a writable leaf maps is in the dirty bitmap."""
     for sp, index, spte in live_leaves(kvm):
-        if not spte & PT_WRITABLE_MASK:
-            continue
-        gfn = sp.gfns[index]
-        slot = gfn_to_kvm_slot(kvm, gfn)
-        if slot is not None and slot.dirty_bitmap is not None and gfn not in slot.dirty_bitmap:
-            findings.report(
-                "dirty-lost",
-                f"writable spte maps gfn {gfn:#x} in logging slot {slot.slot}, but the gfn is not in the bitmap",
-                ("gfn-dirty", gfn),
-                gfn=gfn,
-                slot=slot.slot,
-                level=sp.level,
-            )
+        check_leaf_dirty(kvm, findings, sp, index, spte)
+
+
+def check_leaf_dirty(kvm, findings, sp, index: int, spte: int) -> None:
+    """I14 (dirty logging) for one present leaf."""
+    if not spte & PT_WRITABLE_MASK:
+        return
+    gfn = sp.gfns[index]
+    slot = gfn_to_kvm_slot(kvm, gfn)
+    if slot is not None and slot.dirty_bitmap is not None and gfn not in slot.dirty_bitmap:
+        findings.report(
+            "dirty-lost",
+            f"writable spte maps gfn {gfn:#x} in logging slot {slot.slot}, but the gfn is not in the bitmap",
+            ("gfn-dirty", gfn),
+            gfn=gfn,
+            slot=slot.slot,
+            level=sp.level,
+        )
 
 
 def check_unmapped_hva(kvm, ledger, findings, hva: int, gfn: int) -> None:
@@ -453,32 +525,40 @@ def check_unmapped_hva(kvm, ledger, findings, hva: int, gfn: int) -> None:
 def check_refcounts(kvm, ledger, findings, in_flight: Counter) -> None:
     """I1: every reference KVM holds is owned by a present leaf mapping that frame, or is in flight at this
     audit point (``in_flight``: frame -> references allowed without an owner)."""
-    owned: Counter = Counter()
-    for sp, index, spte in live_leaves(kvm):
-        owned[(sp, index)] = spte_to_pfn(spte)
     for pfn in sorted(ledger.refs):
-        allowance = in_flight.get(pfn, 0)
-        leaked = []
-        seen_owners: set = set()
-        for ref in ledger.refs[pfn]:
-            owner = ref.owner
-            if owner is None:
-                if allowance:
-                    allowance -= 1
-                    continue
-                leaked.append(ref)
-            elif owned.get(owner) != pfn or owner in seen_owners:
-                leaked.append(ref)
-            else:
-                seen_owners.add(owner)
-        if leaked:
-            findings.report(
-                "refcount-leak",
-                f"frame {pfn:#x} holds {len(leaked)} KVM reference(s) that no present spte owns",
-                ("pfn", pfn),
-                [ref.provenance() for ref in leaked],
-                pfn=pfn,
-            )
+        check_refcount(kvm, ledger, findings, pfn, in_flight.get(pfn, 0))
+
+
+def live_leaf(kvm, sp, index: int) -> bool:
+    """Whether ``sp.spt[index]`` is a present leaf of a live page (what :func:`live_leaves` yields)."""
+    spte = sp.spt[index]
+    return spte != TRAP and spte != NOTRAP and is_last_spte(spte, sp.level) and kvm.active_mmu_pages.get(sp.id) is sp
+
+
+def check_refcount(kvm, ledger, findings, pfn: int, allowance: int) -> None:
+    """I1 for one frame: each reference has its own owner, a present leaf mapping the frame, or is one of
+    ``allowance`` references in flight."""
+    leaked = []
+    seen_owners: set = set()
+    for ref in ledger.refs.get(pfn, ()):
+        owner = ref.owner
+        if owner is None:
+            if allowance:
+                allowance -= 1
+                continue
+            leaked.append(ref)
+        elif owner in seen_owners or not live_leaf(kvm, *owner) or spte_to_pfn(owner[0].spt[owner[1]]) != pfn:
+            leaked.append(ref)
+        else:
+            seen_owners.add(owner)
+    if leaked:
+        findings.report(
+            "refcount-leak",
+            f"frame {pfn:#x} holds {len(leaked)} KVM reference(s) that no present spte owns",
+            ("pfn", pfn),
+            [ref.provenance() for ref in leaked],
+            pfn=pfn,
+        )
 
 
 __all__ = [

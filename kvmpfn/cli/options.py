@@ -20,7 +20,7 @@ import click
 from kvmpfn.replay import ReplayOptions
 from kvmpfn.vocab import KERNELS, MMUS, TDPS
 
-REPLAY_FIELDS = ("mmu", "kernel", "tdp", "audit_every", "kernel_audit", "bugs", "paranoid", "max_memory")
+REPLAY_FIELDS = ("mmu", "kernel", "tdp", "audit_every", "kernel_audit", "full_audit", "bugs", "paranoid", "max_memory")
 
 
 def fail(message: str, status: int = 2) -> NoReturn:
@@ -73,6 +73,12 @@ _REPLAY_OPTIONS = (
     click.option("--audit-every", type=click.IntRange(min=0), default=0, help="Full audit every N events (0: off)."),
     click.option(
         "--kernel-audit", is_flag=True, help="Also audit at the kernel's kvm_mmu_audit() points (shadow paging)."
+    ),
+    click.option(
+        "--full-audit",
+        is_flag=True,
+        help="Check everything at every audit point instead of only what changed since the previous one "
+        "(slower; the same findings).",
     ),
     click.option(
         "--bug",
@@ -138,6 +144,7 @@ def options_text(options: ReplayOptions) -> str:
     if options.audit_every:
         words += ["--audit-every", str(options.audit_every)]
     words += ["--kernel-audit"] * options.kernel_audit + ["--paranoid"] * options.paranoid
+    words += ["--full-audit"] * options.full_audit
     for bug in sorted(options.bugs):
         words += ["--bug", bug]
     if options.max_memory is not None:

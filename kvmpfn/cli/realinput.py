@@ -84,6 +84,13 @@ def _check_trace(path: str, limits: dict[str, int]) -> tuple[list[dict], int, st
                 checks.observe(event.x)
     except TraceError as err:
         return findings.items, checks.records, str(err)
+    if not checks.records:
+        return (
+            [],
+            0,
+            f"{path}: no recorded tracepoint in it (x.recorded): check reads tracepoint text, or a trace "
+            "that kvmpfn convert wrote",
+        )
     checks.finish()
     return findings.items, checks.records, None
 
@@ -191,8 +198,8 @@ def check(
             n = len(doc["findings"])
             if not quiet:
                 lines.append(f"{safe(doc['trace'])}: {doc['records']} records checked, {n} finding{'s' * (n != 1)}")
-            for f in doc["findings"]:
-                lines.append(f"  {finding_text(f)}")
+            for i, f in enumerate(doc["findings"], 1):
+                lines.append(f"  [{i}] {finding_text(f)}")
                 lines += [f"      {provenance_text(p)}" for p in (f["provenance"] if verbose else [])]
         report = "".join(line + "\n" for line in lines)
     if report:

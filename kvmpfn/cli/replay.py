@@ -34,7 +34,7 @@ def trace_inputs(path: str) -> list[str]:
         with open_trace(path) as reader:
             if reader.header.memory:
                 inputs.append(os.path.join(os.path.dirname(path), reader.header.memory))
-    except Exception:  # noqa: BLE001 - the replay itself reports what is wrong with the trace
+    except Exception:  # the replay itself reports what is wrong with the trace
         pass
     return inputs
 

@@ -191,7 +191,7 @@ class ElfCoreImage:
             raise
         except (ELFError, struct.error, ValueError, OSError, EOFError) as err:
             raise self._fail(f"malformed ELF: {err}") from None
-        except Exception as err:  # noqa: BLE001 - construct/pyelftools raise assorted errors on junk
+        except Exception as err:  # construct/pyelftools raise assorted errors on junk
             raise self._fail(f"malformed ELF: {type(err).__name__}: {err}") from None
         segments.sort(key=lambda s: s.p_paddr)
         for a, b in zip(segments, segments[1:], strict=False):

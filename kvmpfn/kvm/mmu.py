@@ -170,6 +170,8 @@ def kvm_mmu_alloc_page(kvm: Kvm, parent_pte: tuple | None) -> KvmMmuPage:
     sp = KvmMmuPage(sp_id, SHADOW_PAGE_FIRST_PFN + sp_id)
     kvm.page_header[sp.hpa] = sp
     kvm.active_mmu_pages[sp_id] = sp
+    if kvm.on_new_page is not None:
+        kvm.on_new_page(sp)
     if parent_pte is not None:
         sp.parent_ptes.append(parent_pte)
     kvm.n_free_mmu_pages -= 1
@@ -322,6 +324,8 @@ def kvm_mmu_zap_page(kvm: Kvm, sp: KvmMmuPage) -> None:
     is zapped and not already invalid (``--bug unaccount-invalid-root`` re-creates the double unaccount).
     """
     kvm.stat["mmu_shadow_zapped"] += 1
+    if kvm.on_zap_page is not None:
+        kvm.on_zap_page(sp)
     while sp.parent_ptes:
         parent_pte = sp.parent_ptes[0]
         kvm_mmu_put_page(sp, parent_pte)

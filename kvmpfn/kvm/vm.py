@@ -199,6 +199,9 @@ class Kvm:
         # I10
         self.on_unmap_hva: Callable | None = None
         self.audit_point: Callable | None = None  # kvm_mmu_audit(vcpu, msg) at the kernel's audit points
+        # the incremental audit's change tracking: a page allocated (before its first parent link), a page zapped
+        self.on_new_page: Callable | None = None
+        self.on_zap_page: Callable | None = None
         host.on_watched_write = self.drop_walks
 
     def flush_walk_caches(self) -> None:

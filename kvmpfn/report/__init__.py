@@ -145,10 +145,14 @@ def provenance_text(entry: dict) -> str:
     if "text_line" in entry:  # a record of a real kernel's tracepoint (kvmpfn check, x.recorded)
         text = f"{entry.get('function')} record at text line {entry['text_line']} (task {entry.get('task')})"
     elif "function" in entry:
-        text = f"reference taken at line {entry.get('line')} (seq {entry.get('seq')}) by {entry['function']}"
+        function = entry["function"]
+        taken = not ("release" in function or function.startswith(("put", "kvm_set_")))
+        verb = "reference taken" if taken else "released" if "release" in function or "put" in function else "call"
+        text = f"{verb} at line {entry.get('line')} (seq {entry.get('seq')}) by {function}"
         if entry.get("caller"):
             text += f" in {entry['caller']}"
-        text += f", owned by {entry['owner']}" if entry.get("owner") else ", owned by no spte"
+        if taken:
+            text += f", owned by {entry['owner']}" if entry.get("owner") else ", owned by no spte"
     else:
         text = f"event at line {entry.get('line')} (seq {entry.get('seq')})"
         if entry.get("caller"):

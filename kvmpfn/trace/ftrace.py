@@ -503,9 +503,9 @@ def _open_input(path: str) -> BinaryIO:
     """The input as a seekable binary file. Standard input and pipes (``<(...)``) are copied into an anonymous
     temporary file first: it has no name, so nothing is left behind whatever stops the command."""
     try:
-        fh = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115 - closed by the caller
+        fh = sys.stdin.buffer if path == "-" else open(path, "rb")  # closed by the caller
         if path == "-" or not fh.seekable():
-            spool = tempfile.TemporaryFile(prefix="kvmpfn-")  # noqa: SIM115 - closed by the caller
+            spool = tempfile.TemporaryFile(prefix="kvmpfn-")  # closed by the caller
             try:
                 shutil.copyfileobj(fh, spool)
             finally:

@@ -9,9 +9,11 @@ Memory stays flat: the file is read one line at a time (at most ``MAX_LINE`` byt
 of a line once its event is yielded. Every input error, from a missing file to a bad field, is one
 :class:`TraceError` whose ``str`` is a single line ``PATH:LINE: CONTEXT: field "NAME": WHAT``.
 
-Decoding has a fast path, msgspec decoders built once, for lines whose integers are JSON numbers. A line the
-fast path rejects is decoded again slowly: untyped, hex/decimal strings in integer fields turned into ints,
-then ``msgspec.convert``; if that fails too, the error is rewritten to name the field and the value.
+Decoding has a fast path, msgspec decoders built once: for event lines whose integers are JSON numbers, the
+typed decoder; for lines with ``"0x`` strings, a decoder of the same events whose integer fields also take a
+string, each such string turned into an int by one ``int(s, 16)`` in ``__post_init__`` (:func:`_hex_event`).
+A line the fast path rejects is decoded again slowly: untyped, hex/decimal strings in integer fields turned
+into ints, then ``msgspec.convert``; if that fails too, the error is rewritten to name the field and the value.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import io
 import re
 import sys
 from collections.abc import Iterator
-from typing import Any, BinaryIO, get_args
+from typing import Any, BinaryIO, Union, get_args, get_type_hints
 
 import msgspec
 import zstandard
@@ -205,11 +207,69 @@ def _normalize(obj: dict[str, Any], spec: dict[str, Any]) -> None:
             _normalize(value, _SPECS[kind])
 
 
+def _hex_bounds(t: mi.Type) -> tuple[int, int] | frozenset[int]:
+    """What an integer field accepts: ``(lo, limit)`` (``lo <= value < limit``), or a set of literals."""
+    for m in _members(t):
+        if isinstance(m, mi.LiteralType):
+            return frozenset(m.values)
+        if isinstance(m, mi.IntType):
+            lo = m.ge if m.ge is not None else (m.gt + 1 if m.gt is not None else -(1 << 64))
+            limit = m.lt if m.lt is not None else (m.le + 1 if m.le is not None else 1 << 64)
+            return lo, limit
+    raise TypeError(f"not an integer field: {t}")
+
+
+def _hex_check(name: str, bounds: tuple[int, int] | frozenset[int]) -> str:
+    """Source lines that turn field ``name`` of ``self``, when a string, into an int: ``0x`` and 1 to 16
+    ASCII hex digits within ``bounds``; anything else raises ``ValueError`` (the slow path then decodes the
+    line, accepting what it accepts and naming what it rejects)."""
+    if type(bounds) is frozenset:
+        check = f"v not in {set(bounds)!r}"
+    else:
+        lo, limit = bounds
+        check = (
+            " or ".join(([f"v < {lo}"] if lo > 0 else []) + ([f"v >= {limit}"] if limit < 1 << 64 else [])) or "False"
+        )
+    return (
+        f"    v = self.{name}\n"
+        "    if v.__class__ is str:\n"
+        "        if v[:2] != '0x' or len(v) > 18 or not v.isascii() or not v.isalnum():\n"
+        "            raise ValueError(v)\n"
+        "        v = int(v, 16)\n"
+        f"        if {check}:\n"
+        "            raise ValueError(v)\n"
+        f"        self.{name} = v\n"
+    )
+
+
+def _hex_event(cls: type) -> type:
+    """A subclass of event class ``cls`` whose integer fields also accept a string: its ``__post_init__``
+    (generated, one check per field: :func:`_hex_check`) parses each string, turns the object into a ``cls``
+    and runs ``cls``'s checks."""
+    hints = get_type_hints(cls, include_extras=True)
+    info = {f.encode_name: f for f in mi.type_info(cls).fields}
+    fields = [(name, _hex_bounds(info[name].type)) for name, kind in _SPECS[cls].items() if kind is _INT]
+    source = "def __post_init__(self):\n" + "".join(_hex_check(n, b) for n, b in fields)
+    source += "    self.__class__ = cls\n" + ("    checks(self)\n" if hasattr(cls, "__post_init__") else "")
+    scope: dict[str, Any] = {"cls": cls, "checks": getattr(cls, "__post_init__", None)}
+    exec(compile(source, f"<hex {cls.__name__}>", "exec"), scope)  # built from field names
+    __post_init__ = scope["__post_init__"]
+    namespace: dict[str, Any] = {"__annotations__": {}, "__post_init__": __post_init__}
+    for name, _ in fields:
+        namespace["__annotations__"][name] = Union[hints[name], str]  # noqa: UP007
+        if info[name].default is not msgspec.NODEFAULT:
+            namespace[name] = info[name].default
+    return type(cls)(f"Hex{cls.__name__}", (cls,), namespace, tag=cls.__struct_config__.tag, kw_only=True)
+
+
+_HEX_EVENT_DECODER = msgspec.json.Decoder(Union[tuple(_hex_event(c) for c in EVENT_TYPES.values())])  # noqa: UP007
+
+
 def _show(value: Any) -> str:
     """A value as JSON, shortened for a one-line message."""
     try:
         text = msgspec.json.encode(value).decode()
-    except Exception:  # noqa: BLE001 - only for a message
+    except Exception:  # only for a message
         text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -368,7 +428,7 @@ def _decode_slow(data: bytes, header: bool, fast: msgspec.ValidationError | None
     context = "header" if header else "event"
     try:
         raw = _ANY_DECODER.decode(data)
-    except Exception as e:  # noqa: BLE001 - DecodeError, UnicodeDecodeError, RecursionError, ...
+    except Exception as e:  # DecodeError, UnicodeDecodeError, RecursionError, ...
         big = _out_of_range(data, fast, header) if fast is not None else None
         raise big or _malformed(data, e, context if header else None) from None
     top: type | None = Header
@@ -393,7 +453,7 @@ def _decode_slow(data: bytes, header: bool, fast: msgspec.ValidationError | None
     except msgspec.ValidationError as e:
         original = _ANY_DECODER.decode(data)
         raise _explain(e, original, top, context) from None
-    except Exception as e:  # noqa: BLE001 - never let a traceback escape
+    except Exception as e:  # never let a traceback escape
         raise _LineError(f"cannot decode: {type(e).__name__}: {e}", None, context) from None
 
 
@@ -402,11 +462,16 @@ def _decode_line(data: bytes, header: bool = False) -> Any:
 
     :raises _LineError: (internal) the reader and writer turn it into their own errors
     """
+    if not header and b'"0x' in data:
+        try:
+            return _HEX_EVENT_DECODER.decode(data)
+        except Exception:  # , S110 - the typed decoder and the slow path say what is wrong
+            pass
     try:
         return (_HEADER_DECODER if header else _EVENT_DECODER).decode(data)
     except msgspec.ValidationError as e:
         return _decode_slow(data, header, e)
-    except Exception as e:  # noqa: BLE001 - DecodeError, UnicodeDecodeError, RecursionError, ...
+    except Exception as e:  # DecodeError, UnicodeDecodeError, RecursionError, ...
         raise _malformed(data, e, "header" if header else None) from None
 
 
@@ -530,7 +595,7 @@ class TraceReader:
         """The next line (empty at the end), or TraceError."""
         try:
             data = self._stream.readline(MAX_LINE + 2)
-        except Exception as e:  # noqa: BLE001 - gzip/zlib/zstd/OS errors all become input errors
+        except Exception as e:  # gzip/zlib/zstd/OS errors all become input errors
             raise _stream_error(self.path, self._line_no + 1, e) from None
         if data:
             self._line_no += 1
@@ -569,12 +634,13 @@ class TraceReader:
         # The hot loop: locals only, the fast decoder inline, everything unusual out of line.
         readline = self._stream.readline
         decode = _EVENT_DECODER.decode
+        decode_hex = _HEX_EVENT_DECODER.decode
         limit = MAX_LINE + 2
         line_no = self._line_no
         while True:
             try:
                 data = readline(limit)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raise _stream_error(self.path, line_no + 1, e) from None
             if not data:
                 return
@@ -587,6 +653,12 @@ class TraceReader:
                 if not stripped or stripped[:1] == b"#":
                     self._check_comment(data)
                     continue
+            if b'"0x' in data:
+                try:
+                    yield line_no, decode_hex(data)
+                    continue
+                except Exception:  # , S110 - decoded again below, for the error
+                    pass
             try:
                 event = decode(data)
             except msgspec.ValidationError as fast:
@@ -594,7 +666,7 @@ class TraceReader:
                     event = _decode_slow(data, False, fast)
                 except _LineError as e:
                     raise self._error(line_no, e) from None
-            except Exception as e:  # noqa: BLE001 - DecodeError, UnicodeDecodeError, RecursionError, ...
+            except Exception as e:  # DecodeError, UnicodeDecodeError, RecursionError, ...
                 raise self._error(line_no, _malformed(data, e, None)) from None
             yield line_no, event
 
@@ -609,7 +681,7 @@ def open_trace(path: str) -> TraceReader:
     if path == "-":
         return TraceReader("<stdin>", sys.stdin.buffer, [])
     try:
-        fh: BinaryIO = open(path, "rb", buffering=_BUFFER)  # noqa: SIM115 - owned by the reader
+        fh: BinaryIO = open(path, "rb", buffering=_BUFFER)  # owned by the reader
     except OSError as e:
         raise _open_error(path, e) from None
     owned: list[BinaryIO] = [fh]

@@ -4,15 +4,18 @@
 ...     w.write_header(Header(kvmpfn=1, mmu="tdp"))
 ...     w.write_event(Access(addr=0x7F001000, write=True, user=True, fetch=False))
 
-Fields equal to their defaults are left out, integers are JSON numbers, flags ``true``/``false``, keys of
-``t``/``x`` objects sorted. Each record is checked by decoding it as the reader does (``validate=False``
-skips that), so what the writer writes the reader reads back, to an equal object.
+Fields equal to their defaults are left out; addresses, frame numbers and values are hex strings (``addr``,
+``gpa``, ``val``, ``err``, ``gfn``; in the header ``guest.cr3``, ``memslots[].gfn``, ``host.first_pfn``),
+the other integers JSON numbers; flags ``true``/``false``, keys of ``t``/``x`` objects sorted. Each record is
+checked by decoding it as the reader does (``validate=False`` skips that), so what the writer writes the
+reader reads back, to an equal object.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import re
 import sys
 from typing import Any, BinaryIO
 
@@ -28,6 +31,23 @@ __all__ = ["TraceWriter"]
 _BUFFER = 1 << 16
 _DEFAULT_HEADER = Header(kvmpfn=1)
 _PLAIN_ENCODER = msgspec.json.Encoder()
+#: an event's hex fields as the compact encoder writes them (before "t" and "x", which hold free-form values)
+_HEX_FIELD = re.compile(rb'(?<=[{,])"(addr|gpa|val|err|gfn)":(\d+)')
+_FREE_FORM = (b',"t":', b',"x":')
+
+
+def _hex_field(m: re.Match) -> bytes:
+    return b'"%s":"0x%x"' % (m[1], int(m[2]))
+
+
+def hex_event_line(data: bytes) -> bytes:
+    """An encoded event with its hex fields (see the module docstring) as ``"0x..."`` strings."""
+    end = len(data)
+    for marker in _FREE_FORM:
+        i = data.find(marker, 0, end)
+        if i >= 0:
+            end = i
+    return _HEX_FIELD.sub(_hex_field, data[:end]) + data[end:]
 
 
 class TraceWriter:
@@ -113,6 +133,13 @@ class TraceWriter:
         for name in ("guest", "memslots", "host"):
             if getattr(header, name) == getattr(_DEFAULT_HEADER, name):
                 fields.pop(name, None)
+        for obj, name in (
+            (fields.get("guest"), "cr3"),
+            (fields.get("host"), "first_pfn"),
+            *((slot, "gfn") for slot in fields.get("memslots", ())),
+        ):
+            if obj is not None and type(obj.get(name)) is int:
+                obj[name] = f"{obj[name]:#x}"
         self._out.write(_PLAIN_ENCODER.encode(fields) + b"\n")
         self._header_written = True
 
@@ -120,7 +147,7 @@ class TraceWriter:
         """Write one event line."""
         if not self._header_written:
             raise ValueError("write_header() must come before the first event")
-        self._out.write(self._checked(event, header=False)[1] + b"\n")
+        self._out.write(hex_event_line(self._checked(event, header=False)[1]) + b"\n")
 
     def comment(self, text: str) -> None:
         """Write ``text`` as comment lines (``# text``), one per line of ``text``."""

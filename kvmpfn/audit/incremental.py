@@ -1,0 +1,570 @@
+"""The incremental audit: at each audit point (``--audit-every``, ``--paranoid``, ``--kernel-audit``) check only
+what changed since the previous point, and report exactly what a full audit there would report.
+
+A full audit reports a finding the first time its condition holds (findings are deduplicated by code and
+subject). Every check reads a known part of the state, so its verdicts can change only where that part
+changed; re-checking more than changed is harmless (the finding is a duplicate or still absent), checking
+less is not. :class:`Changes` records what changed, from a few hooks where state changes:
+
+- ``sp.spt`` of every shadow page is a :class:`TrackedSpt` (installed by ``kvm_mmu_alloc_page``'s
+  ``on_new_page``): every spte store that changes a value is recorded with the value it replaced;
+- ``sp.parent_ptes`` is a :class:`TrackedParents`: parent links added or removed;
+- ``kvm_mmu_zap_page`` (``on_zap_page``): pages zapped (freed, or invalid roots);
+- the ledger's hooks (the pfn API, ``rmap_add``, ``rmap_remove``): frames whose references changed, rmap
+  heads that changed;
+- the replayer: guest memory written (``write``/``pte_write``), and events that change the VM as a whole
+  (CR3, paging mode, memslots, dirty logging, host remaps), after which the next point is a full audit.
+
+Each check then declares what it depends on (:meth:`IncrementalAudit.audit`): the frames for I1, the sptes
+and rmap heads for the rmap check, the shadowed gfns for write protection, the changed entries and the
+entries whose guest walk read a guest pte stored to for ``audit_mappings`` (found through the
+pointers that reach each shadow page from a root), the pages and parent links for I3, the changed leaves for
+I7 and I14; write counts and page accounting are compared with their previous values and re-checked when
+they moved. Indexes kept across points: who points at each shadow page, a mirror of the rmaps (which heads
+name each spte), and which entries' checks read which guest table.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from kvmpfn.audit.checks import (
+    GuestView,
+    audit_mapping,
+    audit_mappings,
+    audit_mappings_page,
+    canonicalize,
+    check_accounting,
+    check_leaf_dirty,
+    check_leaf_memslot,
+    check_parent_entry,
+    check_parent_pointer,
+    check_refcount,
+    check_rmap_count,
+    check_rmap_entry,
+    check_write_count,
+    check_write_protected,
+    guest_table,
+    live_leaf,
+    mapping_roots,
+)
+from kvmpfn.kvm.rmap import rmap_entries
+from kvmpfn.kvm.spte import NOTRAP, TRAP, spte_to_pfn
+from kvmpfn.x86 import KVM_PAGES_PER_HPAGE, PAGE_SHIFT, PT_PAGE_SIZE_MASK
+
+_set = list.__setitem__
+_get = list.__getitem__
+
+
+class TrackedSpt(list):
+    """``sp.spt`` that records each store changing an entry: ``changes.stores[(sp, index)]`` is the value
+    the first store since the last audit point replaced."""
+
+    __slots__ = ("sp", "changes")
+
+    def __setitem__(self, index, value) -> None:
+        old = _get(self, index)
+        if old != value:
+            key = (self.sp, index)
+            stores = self.changes.stores
+            if key not in stores:
+                stores[key] = old
+            _set(self, index, value)
+
+
+class TrackedParents(list):
+    """``sp.parent_ptes`` that records the parent links added and removed."""
+
+    __slots__ = ("sp", "changes")
+
+    def append(self, parent_pte) -> None:
+        self.changes.parent_pages.add(self.sp)
+        self.changes.parent_links.add(parent_pte)
+        list.append(self, parent_pte)
+
+    def remove(self, parent_pte) -> None:
+        self.changes.parent_pages.add(self.sp)
+        self.changes.parent_links.add(parent_pte)
+        list.remove(self, parent_pte)
+
+
+class Changes:
+    """What changed since the last audit point (see the module docstring)."""
+
+    FIELDS = (
+        "everything",
+        "stores",
+        "pages",
+        "parent_pages",
+        "parent_links",
+        "pfns",
+        "rmap_keys",
+        "rmapped",
+        "stored",
+    )
+
+    def __init__(self) -> None:
+        self.everything = True  # the first point is a full audit
+        self.stores: dict[tuple, int] = {}
+        self.pages: set = set()  # created or zapped
+        self.parent_pages: set = set()  # parent list changed
+        self.parent_links: set[tuple] = set()  # (psp, index) added to or removed from a parent list
+        self.pfns: set[int] = set()  # references taken, released, bound or unbound
+        self.rmap_keys: set[tuple[int, int]] = set()  # (large, key) heads that may have changed
+        self.rmapped: set[tuple] = set()  # sptes rmap_add or rmap_remove handled
+        self.stored: set[tuple[int, int]] = set()  # (gpa, bytes) of each guest store
+
+    def any(self) -> bool:
+        return bool(
+            self.everything
+            or self.stores
+            or self.pages
+            or self.parent_pages
+            or self.pfns
+            or self.rmap_keys
+            or self.rmapped
+        )
+
+    def drain(self) -> Changes:
+        """What changed, as a new object; this one starts over empty (the tracked lists keep pointing here)."""
+        out = Changes()
+        for name in self.FIELDS:
+            setattr(out, name, getattr(self, name))
+        self.everything = False
+        self.stores, self.pages, self.parent_pages, self.parent_links = {}, set(), set(), set()
+        self.pfns, self.rmap_keys, self.rmapped, self.stored = set(), set(), set(), set()
+        return out
+
+    def guest_write(self, gpa: int, nbytes: int) -> None:
+        """The guest stored ``nbytes`` at ``gpa``."""
+        self.stored.add((gpa, nbytes))
+
+    def new_page(self, sp) -> None:
+        """``kvm_mmu_alloc_page``: track the new page's sptes and parent links."""
+        spt = TrackedSpt(sp.spt)
+        spt.sp, spt.changes = sp, self
+        sp.spt = spt
+        parents = TrackedParents(sp.parent_ptes)
+        parents.sp, parents.changes = sp, self
+        sp.parent_ptes = parents
+        self.pages.add(sp)
+
+    def zap_page(self, sp) -> None:
+        self.pages.add(sp)
+
+    def rmap_changed(self, sptep: tuple) -> None:
+        self.rmapped.add(sptep)
+        gfn = sptep[0].gfns[sptep[1]]
+        self.rmap_keys.add((0, gfn))
+        self.rmap_keys.add((1, gfn // KVM_PAGES_PER_HPAGE))
+
+
+def attach(kvm, ledger) -> Changes:
+    """Install the change hooks on ``kvm`` (before any shadow page exists) around the ledger's."""
+    changes = Changes()
+    hook, rmap_add, rmap_remove = ledger.hook, ledger.rmap_add, ledger.rmap_remove
+
+    def api_hook(op: str, pfn: int, function: str, caller: str) -> None:
+        if op != "accessed":
+            changes.pfns.add(pfn)
+        hook(op, pfn, function, caller)
+
+    def on_rmap_add(sptep: tuple, pfn: int) -> None:
+        changes.pfns.add(pfn)
+        changes.rmap_changed(sptep)
+        rmap_add(sptep, pfn)
+
+    def on_rmap_remove(sptep: tuple, pfn: int, spte: int) -> None:
+        changes.pfns.add(pfn)
+        changes.rmap_changed(sptep)
+        rmap_remove(sptep, pfn, spte)
+
+    kvm.api.hook = api_hook
+    kvm.on_rmap_add = on_rmap_add
+    kvm.on_rmap_remove = on_rmap_remove
+    kvm.on_new_page = changes.new_page
+    kvm.on_zap_page = changes.zap_page
+    return changes
+
+
+NO_FRAMES: frozenset[int] = frozenset()
+MAX_ABSENT = 64  # roots remembered while a CR3 switch took them away
+
+
+def _is_pointer(ent: int, level: int) -> bool:
+    """How ``audit_mappings_page`` treats entry ``ent`` reached at ``level``: a pointer to follow."""
+    return level > 1 and ent != TRAP and ent != NOTRAP and not (ent & PT_PAGE_SIZE_MASK and level == 2)
+
+
+class IncrementalAudit:
+    """The audit points of one VM: :meth:`audit` checks what :class:`Changes` recorded."""
+
+    def __init__(self, kvm, ledger, findings, full_audit) -> None:
+        self.kvm = kvm
+        self.full_audit = full_audit  # Auditor.full_audit(point, in_flight, mappings, reads)
+        self.ledger = ledger
+        self.findings = findings
+        self.changes = attach(kvm, ledger)
+        self.pointed_by: dict[int, set[tuple]] = {}  # shadow page hpa -> (sp, index) entries whose value names it
+        self.rmap_mirror: dict[tuple[int, int], tuple] = {}  # (large, key) -> the head's entries
+        self.rmap_where: dict[tuple, Counter] = {}  # sptep -> (large, key) -> times it is listed there
+        self.reads: dict[int, set[tuple]] = {}  # guest pte gpa -> mapping checks whose walk read that pte
+        self.roots: list | None = None  # the vcpus' roots and CR3 at the last audit point
+        self.idents: set | None = None  # the roots the last mappings check audited (None: audit them all)
+        self.absent: dict[tuple, tuple] = {}  # roots audited before and gone since: what changed meanwhile
+        self.structural = Changes()  # pages and rmap heads changed since the last structure_changes()
+        self.deferred: dict[tuple, int] = {}  # stores not yet seen by a mappings check ("pre pte write")
+        self.deferred_stored: set[tuple[int, int]] = set()
+        self.in_flight: set[int] = set()  # frames with an allowance at the previous point
+        self.counters: tuple | None = None
+        self.write_counts: list | None = None
+
+    # -- indexes -----------------------------------------------------------------------------------------------
+
+    def _index(self, ch: Changes) -> set[tuple]:
+        """Bring the indexes up to date with ``ch``; returns the sptes whose rmap heads changed."""
+        pointed_by = self.pointed_by
+        page_header = self.kvm.page_header
+        for (sp, index), old in ch.stores.items():
+            sptep = (sp, index)
+            if old != TRAP and old != NOTRAP:
+                names = pointed_by.get(spte_to_pfn(old))
+                if names is not None:
+                    names.discard(sptep)
+            new = _get(sp.spt, index)
+            if new != TRAP and new != NOTRAP and spte_to_pfn(new) in page_header:
+                pointed_by.setdefault(spte_to_pfn(new), set()).add(sptep)
+        moved: set[tuple] = set()
+        mirror, where = self.rmap_mirror, self.rmap_where
+        tables = (self.kvm.rmap, self.kvm.rmap_pde)
+        for head in ch.rmap_keys:
+            large, key = head
+            new_entries = tuple(rmap_entries(tables[large], key))
+            old_entries = mirror.get(head, ())
+            if new_entries == old_entries:
+                continue
+            for sptep in old_entries:
+                c = where[sptep]
+                c[head] -= 1
+                if not c[head]:
+                    del c[head]
+                    if not c:
+                        del where[sptep]
+                moved.add(sptep)
+            for sptep in new_entries:
+                where.setdefault(sptep, Counter())[head] += 1
+                moved.add(sptep)
+            if new_entries:
+                mirror[head] = new_entries
+            else:
+                mirror.pop(head, None)
+        return moved
+
+    # -- the audit point ---------------------------------------------------------------------------------------
+
+    def audit(self, in_flight: Counter, mappings: bool, point: str) -> None:
+        """One audit point: a full audit the first time and after a VM-wide change, else what changed."""
+        kvm = self.kvm
+        roots = [(v.vcpu_id, v.root_hpa, v.cpu.cr3, *v.pae_root) for v in kvm.vcpus.values()]
+        flight = set(in_flight) if in_flight else NO_FRAMES
+        stale = mappings and self.idents is None
+        if not self.changes.any() and roots == self.roots and flight == self.in_flight and not stale:
+            return
+        ch = self.changes.drain()
+        moved = self._index(ch)
+        st = self.structural
+        st.everything = st.everything or ch.everything
+        st.pages |= ch.pages | ch.parent_pages | {sp for sp, _ in ch.stores} | {sp for sp, _ in ch.parent_links}
+        st.rmap_keys |= ch.rmap_keys
+        if ch.everything:
+            self.reads, self.absent = {}, {}
+            self.full_audit(point, in_flight, mappings, self.reads if mappings else None)
+            self._after_full(mappings, roots, flight)
+            return
+        self._incremental(ch, moved, in_flight, flight, mappings, roots)
+
+    def structure_changes(self) -> Changes:
+        """The pages and rmap heads changed since the last call (``--paranoid``'s structure check)."""
+        out, self.structural = self.structural, Changes()
+        self.structural.everything = False
+        return out
+
+    def _after_full(self, mappings: bool, roots: list, flight: set[int] | frozenset[int]) -> None:
+        self.roots = roots
+        self.in_flight = flight
+        self.idents = {self._ident(r[0], r[1]) for r in mapping_roots(self.kvm)} if mappings else None
+        if mappings:
+            self.deferred, self.deferred_stored = {}, set()
+        kvm = self.kvm
+        self.counters = (kvm.n_alloc_mmu_pages, kvm.n_free_mmu_pages)
+        self.write_counts = [(s.slot, dict(s.write_count)) for s in kvm.slots.values()]
+
+    def _incremental(self, ch: Changes, moved: set, in_flight: Counter, flight: set, mappings: bool, roots) -> None:
+        kvm, f, ledger = self.kvm, self.findings, self.ledger
+        active, page_header = kvm.active_mmu_pages, kvm.page_header
+        dead = [sp for sp in ch.pages if active.get(sp.id) is not sp]
+        # the sptes whose value, rmap heads or page liveness changed
+        dirty: set[tuple] = set(ch.stores) | moved | ch.rmapped
+        pfns = set(ch.pfns) | flight | self.in_flight
+        children: set = set()  # pages a changed pointer named before or names now
+        for (sp, index), old in ch.stores.items():
+            pfns.add(spte_to_pfn(old))
+            new = _get(sp.spt, index)
+            pfns.add(spte_to_pfn(new))
+            children.add(page_header.get(spte_to_pfn(old)))
+            children.add(page_header.get(spte_to_pfn(new)))
+        pointers_into_dead: set[tuple] = set()
+        for sp in dead:
+            for index, ent in enumerate(sp.spt):
+                if ent != TRAP and ent != NOTRAP:
+                    dirty.add((sp, index))
+                    pfns.add(spte_to_pfn(ent))
+                    children.add(page_header.get(spte_to_pfn(ent)))
+            pointers_into_dead |= self.pointed_by.get(sp.hpa, set())
+        self.in_flight = flight
+
+        # I1, for the frames whose references, owners or owning sptes changed
+        refs = ledger.refs
+        for pfn in sorted(pfns):
+            if pfn in refs:
+                check_refcount(kvm, ledger, f, pfn, in_flight.get(pfn, 0))
+
+        # rmaps: the entries of changed heads and of changed sptes, then the count of each changed leaf
+        where = self.rmap_where
+        entries: set[tuple] = set()
+        for head in ch.rmap_keys:
+            for sptep in self.rmap_mirror.get(head, ()):
+                entries.add((head, sptep))
+        for sptep in dirty:
+            for head in where.get(sptep, ()):
+                entries.add((head, sptep))
+        for (large, key), sptep in sorted(entries, key=_entry_order):
+            check_rmap_entry(kvm, f, large, key, sptep)
+        for sp, index in sorted(dirty, key=_sptep_order):
+            if live_leaf(kvm, sp, index):
+                c = where.get((sp, index))
+                check_rmap_count(f, sp, index, sum(c.values()) if c else 0)
+
+        # write protection: the gfns of changed pages and of changed heads' leaves
+        heads = set(ch.rmap_keys)
+        for sptep in dirty:
+            heads.update(where.get(sptep, ()))
+        gfns = {sp.gfn for sp in ch.pages}
+        regions = set()
+        for large, key in heads:
+            if large:
+                regions.add(key)
+            else:
+                gfns.add(key)
+        if regions:
+            gfns.update(g for g in kvm.mmu_page_hash if g // KVM_PAGES_PER_HPAGE in regions)
+        for gfn in sorted(gfns):
+            for sp in kvm.mmu_page_hash.get(gfn, ()):
+                if active.get(sp.id) is sp:
+                    check_write_protected(kvm, f, sp)
+
+        # audit_mappings
+        for sptep, old in ch.stores.items():
+            self.deferred.setdefault(sptep, old)
+        for sp, index in ch.rmapped:
+            self.deferred.setdefault((sp, index), _get(sp.spt, index))  # sp.gfns[index] may have changed
+        self.deferred_stored |= ch.stored
+        self.roots = roots
+        if mappings:
+            if self.idents is None:
+                self.reads, self.absent = {}, {}
+                audit_mappings(kvm, f, self.reads)
+                self.idents = {self._ident(r[0], r[1]) for r in mapping_roots(kvm)}
+            else:
+                self._mappings(self.deferred, self.deferred_stored)
+            self.deferred, self.deferred_stored = {}, set()
+
+        # I3: changed pointers, pointers into zapped pages, and the parent lists of pages they name
+        for sp, index in sorted(set(ch.stores) | ch.parent_links | pointers_into_dead, key=_sptep_order):
+            if sp.level > 1 and active.get(sp.id) is sp:
+                check_parent_pointer(kvm, f, sp, index, _get(sp.spt, index))
+        children |= ch.parent_pages
+        children |= ch.pages
+        children.discard(None)
+        for sp in sorted(children, key=_page_order):
+            if active.get(sp.id) is sp:
+                for psp, pindex in sp.parent_ptes:
+                    check_parent_entry(kvm, f, sp, psp, pindex)
+
+        # I7 and I14 for the changed leaves
+        leaves = [(sp, index) for sp, index in sorted(dirty, key=_sptep_order) if live_leaf(kvm, sp, index)]
+        for sp, index in leaves:
+            check_leaf_memslot(kvm, f, sp, index, _get(sp.spt, index))
+
+        # I8 and I13: re-checked when a page came or went, or the counts moved
+        write_counts = [(s.slot, s.write_count) for s in kvm.slots.values()]
+        if ch.pages or write_counts != self.write_counts:
+            check_write_count(kvm, f)
+            self.write_counts = [(slot, dict(wc)) for slot, wc in write_counts]
+        counters = (kvm.n_alloc_mmu_pages, kvm.n_free_mmu_pages)
+        if ch.pages or counters != self.counters:
+            check_accounting(kvm, f)
+            self.counters = counters
+
+        for sp, index in leaves:
+            check_leaf_dirty(kvm, f, sp, index, _get(sp.spt, index))
+
+    def _ident(self, key: tuple, vcpu) -> tuple:
+        """What identifies a root's audit: its key and the vcpu whose view audits it (under TDP, where no guest
+        view is used, the root alone)."""
+        return key[3:] if self.kvm.tdp_enabled else (key, vcpu.vcpu_id)
+
+    def _mappings(self, stores: dict, stored: set[tuple[int, int]]) -> None:
+        """``audit_mappings`` for what changed: the roots audited at the previous point (:meth:`_recheck`), a
+        root audited before a CR3 switch took it away, with what changed while it was away (up to
+        ``MAX_ABSENT`` roots are remembered), and the whole tree of any other root."""
+        kvm, f = self.kvm, self.findings
+        all_roots = mapping_roots(kvm)
+        by_ident: dict[tuple, list] = {}
+        for key, vcpu, sp, va, level in all_roots:
+            by_ident.setdefault(self._ident(key, vcpu), []).append((vcpu, sp, va, level))
+        absent = self.absent
+        for ident in self.idents - by_ident.keys():
+            absent[ident] = ({}, set())
+            if len(absent) > MAX_ABSENT:
+                del absent[next(iter(absent))]
+        for ident, (a_stores, a_stored) in absent.items():
+            if ident not in by_ident:
+                for sptep, old in stores.items():
+                    a_stores.setdefault(sptep, old)
+                a_stored |= stored
+        views: dict[int, GuestView] = {}
+        kept = [root for ident, roots in by_ident.items() if ident in self.idents for root in roots]
+        self._recheck(views, kept, stores, stored)
+        for ident, roots in by_ident.items():
+            if ident in self.idents:
+                continue
+            away = absent.pop(ident, None)
+            if away is not None:
+                a_stores, a_stored = away
+                for sptep, old in stores.items():
+                    a_stores.setdefault(sptep, old)
+                self._recheck(views, roots, a_stores, a_stored | stored)
+            else:
+                for vcpu, sp, va, level in roots:
+                    audit_mappings_page(kvm, f, _view(views, kvm, vcpu, self.reads), sp, va, level)
+        self.idents = set(by_ident)
+
+    def _recheck(self, views: dict, roots: list, stores: dict, stored: set) -> None:
+        """``audit_mappings`` from ``roots`` for the changed entries (and the subtrees a changed pointer now
+        reaches), the entries shadowing a guest pte stored to, and the entries whose last check walked through
+        a guest pte stored to since."""
+        kvm, f = self.kvm, self.findings
+        page_header = kvm.page_header
+        memo: dict = {}
+        reads = self.reads
+
+        def positions(sp) -> list[tuple]:
+            """``(vcpu, va, level)`` where ``audit_mappings`` reaches ``sp`` from ``roots`` now."""
+            out = memo.get(sp)
+            if out is not None:
+                return out
+            memo[sp] = out = []
+            for vcpu, root, va, level in roots:
+                if root is sp:
+                    out.append((vcpu, va, level))
+            for psp, pindex in self.pointed_by.get(sp.hpa, ()):
+                ent = _get(psp.spt, pindex)
+                if ent == TRAP or ent == NOTRAP or page_header.get(spte_to_pfn(ent)) is not sp:
+                    continue
+                for vcpu, va, level in positions(psp):
+                    if _is_pointer(ent, level):
+                        shift = PAGE_SHIFT + 9 * (level - 1)
+                        out.append((vcpu, canonicalize(va + (pindex << shift)), level - 1))
+            return out
+
+        for (sp, index), old in sorted(stores.items(), key=_store_order):
+            ent = _get(sp.spt, index)
+            if ent == TRAP:
+                continue
+            for vcpu, va, level in positions(sp):
+                addr = canonicalize(va + (index << (PAGE_SHIFT + 9 * (level - 1))))
+                view = _view(views, kvm, vcpu, reads)
+                child = audit_mapping(kvm, f, view, sp, index, ent, addr, level, guest_table(kvm, sp))
+                if child is not None:
+                    before = page_header.get(spte_to_pfn(old)) if _is_pointer(old, level) else None
+                    if before is not child:
+                        audit_mappings_page(kvm, f, view, child, addr, level - 1)
+        # the entries shadowing a guest pte that was stored to (a notrap entry's check reads that pte)
+        shadowed: dict[tuple, None] = {}
+        for gpa, nbytes in sorted(stored):
+            for sp in kvm.mmu_page_hash.get(gpa >> PAGE_SHIFT, ()):
+                if not sp.metaphysical and kvm.active_mmu_pages.get(sp.id) is sp:
+                    for index in shadow_indices(sp, gpa & 0xFFF, nbytes):
+                        shadowed[(sp, index)] = None
+        for sp, index in shadowed:
+            ent = _get(sp.spt, index)
+            if ent == TRAP:
+                continue
+            for vcpu, va, level in positions(sp):
+                addr = canonicalize(va + (index << (PAGE_SHIFT + 9 * (level - 1))))
+                audit_mapping(kvm, f, _view(views, kvm, vcpu, reads), sp, index, ent, addr, level, guest_table(kvm, sp))
+        # a walk reads 4- or 8-byte ptes: every pte a store overlapped
+        for key in sorted({k for gpa, nbytes in stored for k in range(gpa & ~7, gpa + nbytes, 4)}):
+            entries = reads.pop(key, ())
+            unseen = []  # reached from no root here: kept for a root that may come back
+            for entry in sorted(entries, key=_read_order):
+                sp, index, vcpu_id, addr, level = entry
+                ent = _get(sp.spt, index)
+                for vcpu, va, at in positions(sp):
+                    if (
+                        at == level
+                        and vcpu.vcpu_id == vcpu_id
+                        and canonicalize(va + (index << (PAGE_SHIFT + 9 * (level - 1)))) == addr
+                    ):
+                        if ent != TRAP:
+                            view = _view(views, kvm, vcpu, reads)
+                            audit_mapping(kvm, f, view, sp, index, ent, addr, level, guest_table(kvm, sp))
+                        break
+                else:
+                    if kvm.active_mmu_pages.get(sp.id) is sp:
+                        unseen.append(entry)
+            if unseen:
+                reads.setdefault(key, set()).update(unseen)
+
+
+def _view(views: dict, kvm, vcpu, reads: dict) -> GuestView:
+    """The audit point's guest view of ``vcpu`` (one per vcpu: its walks are memoised)."""
+    view = views.get(vcpu.vcpu_id)
+    if view is None:
+        view = views[vcpu.vcpu_id] = GuestView(kvm, vcpu, reads)
+    return view
+
+
+def shadow_indices(sp, offset: int, nbytes: int) -> range:
+    """The entries of ``sp`` that shadow the guest ptes a store of ``nbytes`` at ``offset`` in its guest table
+    touched (a 32-bit guest's table in quadrants: see :func:`guest_entry_present`)."""
+    if sp.glevels != 2:
+        return range(offset // 8, (offset + nbytes - 1) // 8 + 1)
+    first, last = offset // 4, (offset + nbytes - 1) // 4
+    if sp.level == 1:
+        base = sp.quadrant << 9
+        return range(max(first - base, 0), min(last - base, 511) + 1)
+    base = sp.quadrant << 8
+    return range(max(2 * (first - base), 0), min(2 * (last - base) + 1, 511) + 1)
+
+
+def _sptep_order(sptep: tuple) -> tuple[int, int]:
+    return sptep[0].id, sptep[1]
+
+
+def _page_order(sp) -> int:
+    return sp.id
+
+
+def _entry_order(entry: tuple) -> tuple:
+    (large, key), (sp, index) = entry
+    return large, key, sp.id, index
+
+
+def _store_order(item: tuple) -> tuple[int, int]:
+    return item[0][0].id, item[0][1]
+
+
+def _read_order(entry: tuple) -> tuple:
+    return entry[0].id, entry[1], entry[2], entry[3], entry[4]
