@@ -84,9 +84,22 @@ def run_trace(path: str, shown: str, options: ReplayOptions, window: tuple[int, 
     return Run(emit.finish(), emit.count, by_code, error, emit.kept)
 
 
-def _run_all(tasks: list[Task], config: RunnerConfig, warn: Callable[[str], None] | None) -> list[Run]:
+def _run_all(
+    tasks: list[Task],
+    config: RunnerConfig,
+    warn: Callable[[str], None] | None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Run]:
+    """Run ``tasks``; ``progress(done, total)`` as each finishes."""
     runs = []
-    for _k, result in runner.run(tasks, config, warn=warn):
+    done = [0]
+
+    def on_done(k: int) -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], len(tasks))
+
+    for _k, result in runner.run(tasks, config, on_done=on_done, warn=warn):
         runs.append(Run([], 0, {}, result.message) if isinstance(result, Failure) else result)
     return runs
 
@@ -142,10 +155,11 @@ def mutants(
     base: ReplayOptions,
     config: RunnerConfig,
     warn: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[MutantResult]:
     """Replay every trace unmutated and under each bug; judge each bug."""
     variants = [base] + [dataclasses.replace(base, bugs=base.bugs | {name}) for name in bugs]
-    runs = _run_all([Task(run_trace, p, opts) for opts in variants for p in paths], config, warn)
+    runs = _run_all([Task(run_trace, p, opts) for opts in variants for p in paths], config, warn, progress)
     n = len(paths)
     clean = runs[:n]
     results = []
@@ -169,11 +183,13 @@ def compare(
     b: ReplayOptions,
     config: RunnerConfig,
     warn: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
     """Every trace whose outcome records or findings differ between option sets ``a`` and ``b``. Runs keep
     digests, not records: a trace whose records differ is replayed again under both, keeping the first chunk
     of records that differs, to name the first diverging event."""
-    runs = _run_all([Task(run_trace, p, a) for p in paths] + [Task(run_trace, p, b) for p in paths], config, warn)
+    tasks = [Task(run_trace, p, a) for p in paths] + [Task(run_trace, p, b) for p in paths]
+    runs = _run_all(tasks, config, warn, progress)
     n = len(paths)
     differ = [i for i in range(n) if not runs[i].same_records(runs[n + i])]
     windows = {}

@@ -161,30 +161,31 @@ class AtomicFile(io.RawIOBase):
             self.discard()
 
 
-def encode_text(text: str) -> bytes:
-    """UTF-8; bytes of undecodable file names as they were, any other lone surrogate escaped."""
+def encode_text(text: str, document: bool = False) -> bytes:
+    """UTF-8. In a text report the bytes of an undecodable file name come out as they were; in a ``document``
+    (XML, HTML, SARIF: declared UTF-8) and for any other lone surrogate, as a ``\\udcXX`` escape."""
     try:
-        return text.encode("utf-8", "surrogateescape")
+        return text.encode("utf-8", "strict" if document else "surrogateescape")
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace")
 
 
-def write_output(path: str, text: str, inputs: Iterable[str | None] = ()) -> None:
+def write_output(path: str, text: str, inputs: Iterable[str | None] = (), document: bool = False) -> None:
     """Write ``text`` to ``path`` atomically (``-``: standard output), refusing an input as the output."""
     if path == "-":
-        write_stdout(text)
+        write_stdout(text, document)
         return
     refuse_inputs(path, inputs)
     with AtomicFile(path) as fh:
-        fh.write(encode_text(text))
+        fh.write(encode_text(text, document))
 
 
-def write_stdout(text: str) -> None:
+def write_stdout(text: str, document: bool = False) -> None:
     """``text`` on standard output; a closed or full standard output is an :class:`OutputError`."""
     try:
         if sys.stdout is None:
             raise OSError(9, "Bad file descriptor")
-        sys.stdout.buffer.write(encode_text(text))
+        sys.stdout.buffer.write(encode_text(text, document))
         sys.stdout.flush()
     except BrokenPipeError:
         raise

@@ -608,10 +608,13 @@ def synth_events(spec: SynthSpec) -> Iterator[ev.Event]:
     return itertools.islice(WORKLOADS[spec.workload](spec, rng), spec.events)
 
 
-def write_synth(path: str, spec: SynthSpec, *, validate: bool = False) -> int:
+def write_synth(
+    path: str, spec: SynthSpec, *, validate: bool = False, progress: Callable[[int], None] | None = None
+) -> int:
     """Write ``spec``'s trace to ``path`` (``.jsonl``, ``.gz``, ``.zst`` or ``-``); returns the event count.
 
     :param validate: have the writer decode every line back as the reader would (about twice as slow)
+    :param progress: called with the events written so far, every 16,384 events
     """
     header = synth_header(spec)
     n = 0
@@ -621,4 +624,6 @@ def write_synth(path: str, spec: SynthSpec, *, validate: bool = False) -> int:
         for event in synth_events(spec):
             write(event)
             n += 1
+            if progress is not None and not n & 0x3FFF:
+                progress(n)
     return n

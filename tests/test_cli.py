@@ -416,3 +416,48 @@ def test_baseline_codes_and_options_are_validated(tmp_path: Path, doc, words):
     (corpus / "kvmpfn-baseline.json").write_text(json.dumps(doc))
     res = invoke("audit", str(corpus))
     assert res.exit_code == 2 and words in res.stderr and res.stderr.count("\n") == 1
+
+
+def test_undecodable_file_names_give_valid_documents(tmp_path: Path):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    name = os.fsdecode(b"\xff\xfe.jsonl")
+    shutil.copy(LEAK, corpus / name)
+    for fmt in ("json", "sarif", "junit", "html", "text"):
+        out = tmp_path / f"report.{fmt}"
+        res = run_kvmpfn(tmp_path, "audit", "c", "--format", fmt, "-o", str(out))
+        assert res.returncode == 0 and b"Traceback" not in res.stderr, res.stderr
+        data = out.read_bytes()
+        if fmt == "text":
+            assert b"c/\\udcff\\udcfe.jsonl  4 events" in data  # escaped, as on a terminal
+            continue
+        text = data.decode("utf-8")  # a document declared UTF-8 is UTF-8
+        assert fmt == "sarif" or "udcff" in text  # (SARIF lists findings only, and the trace is clean)
+        if fmt in ("json", "sarif"):
+            json.loads(text)
+        elif fmt == "junit":
+            import xml.etree.ElementTree as ET
+
+            assert [c.get("name") for c in ET.fromstring(data).iter("testcase")] == ["\\udcff\\udcfe.jsonl"]
+
+
+def test_progress_shows_on_a_terminal_after_its_delay_only(monkeypatch):
+    import io
+
+    from kvmpfn.report import progress as progress_mod
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    quick = Tty()
+    with progress_mod.progress("replaying", unit="events", stream=quick) as update:
+        update(100, "")
+    assert quick.getvalue() == ""  # under a second: nothing
+    monkeypatch.setattr(progress_mod, "DELAY", 0.0)
+    slow, piped = Tty(), io.StringIO()
+    for stream in (slow, piped):
+        with progress_mod.progress("synthesizing", total=1000, unit="events", stream=stream) as update:
+            update(500, "half")
+    assert "synthesizing" in slow.getvalue() and "500/1000" in slow.getvalue()
+    assert piped.getvalue() == ""

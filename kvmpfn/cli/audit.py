@@ -125,7 +125,7 @@ def show_report(report, options: ReplayOptions | None, fmt: str, output: str | N
             text = audit_html(report, options)
         else:
             text = renderers[fmt](report) if fmt in renderers else console.render_text(report)
-        write_output(output or "-", text, inputs)
+        write_output(output or "-", text, inputs, document=fmt != "text")
         if output is not None and output != "-" and not quiet:
             console.show(report)
 

@@ -16,6 +16,7 @@ from kvmpfn.cli.options import (
     suggest,
     warn,
 )
+from kvmpfn.report.progress import progress
 
 
 def _corpus(paths: tuple[str, ...]) -> list[str]:
@@ -47,7 +48,10 @@ def mutants(
             raise click.BadParameter(f"unknown bug {name!r}{suggest(name, BUGS)}", param_hint="'--bug'")
     base_opts = parse_replay_options(base, "--base")
     corpus = _corpus(paths)
-    results = run_mutants(corpus, list(only) or sorted(BUGS), base_opts, config, warn)
+    with progress("mutants", total=len(corpus) * (1 + len(only or BUGS)), unit="replays") as update:
+        results = run_mutants(
+            corpus, list(only) or sorted(BUGS), base_opts, config, warn, lambda done, total: update(done, "")
+        )
     text = mutants_json(results, corpus) if fmt == "json" else mutants_text(results)
     write_output(output or "-", text, corpus)
     sys.exit(1 if require_all and any(r.verdict != "killed" for r in results) else 0)
@@ -69,7 +73,8 @@ def compare(paths: tuple[str, ...], a: str, b: str, config, fmt: str, output, qu
 
     opts_a, opts_b = parse_replay_options(a, "--a"), parse_replay_options(b, "--b")
     corpus = _corpus(paths)
-    diffs = run_compare(corpus, opts_a, opts_b, config, warn)
+    with progress("comparing", total=2 * len(corpus), unit="replays") as update:
+        diffs = run_compare(corpus, opts_a, opts_b, config, warn, lambda done, total: update(done, ""))
     render = compare_json if fmt == "json" else compare_text
     write_output(output or "-", render(diffs, corpus, options_text(opts_a), options_text(opts_b)), corpus)
     sys.exit(1 if diffs else 0)

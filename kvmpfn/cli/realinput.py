@@ -40,6 +40,7 @@ def convert(text: str, output: str, mmu, paging, memory, quiet: bool) -> None:
     Exit status: 0 converted, 2 input error.
     """
     from kvmpfn.host.elfcore import ElfCoreError, ElfCoreImage
+    from kvmpfn.report.progress import progress
     from kvmpfn.trace.ftrace import TextTraceError, convert_text
 
     guest = None
@@ -57,7 +58,16 @@ def convert(text: str, output: str, mmu, paging, memory, quiet: bool) -> None:
 
     refuse_inputs(output, [text, memory])
     try:
-        summary = convert_text(text, output, mmu=mmu, paging=paging, memory=header_memory, guest=guest)
+        with progress("converting", unit="records") as update:
+            summary = convert_text(
+                text,
+                output,
+                mmu=mmu,
+                paging=paging,
+                memory=header_memory,
+                guest=guest,
+                progress=lambda done, total: update(done, f"of {total:,}"),
+            )
     except TextTraceError as err:
         _fail(str(err))
     except BrokenPipeError:
@@ -173,16 +183,19 @@ def check(
     """
     from kvmpfn.outputs import refuse_inputs, write_output
     from kvmpfn.report import finding_text, provenance_text, safe
+    from kvmpfn.report.progress import progress
 
     files = _check_paths(paths)
     limits = {"fault_loop_min": fault_loop_min, "spurious_loop_min": spurious_loop_min}
     refuse_inputs(output, files)
     docs, errors = [], []
-    for path in files:
-        if path.endswith(TRACE_SUFFIXES):
-            items, records, error = _check_trace(path, limits)
-        else:
-            items, records, error = _check_text(path, mmu, limits)
+    with progress("checking", total=len(files), unit="files") as update:
+        results = []
+        for done, path in enumerate(files):
+            update(done, path)
+            checker = _check_trace(path, limits) if path.endswith(TRACE_SUFFIXES) else _check_text(path, mmu, limits)
+            results.append((path, checker))
+    for path, (items, records, error) in results:
         if error is not None:
             errors.append(error)
             if not records and not items:

@@ -52,11 +52,13 @@ def synth(workload: str, events: int, seed: int, mmu: str, paging, validate: boo
       remap-churn  host remaps (kernel notifier) interleaved with accesses
       hugepages    2 MiB mappings of a hugetlb slot, dirty logging switched on and off
     """
+    from kvmpfn.report.progress import progress
     from kvmpfn.synth import SynthError, SynthSpec, write_synth
 
     spec = SynthSpec(workload, events, seed=seed, mmu=mmu, paging=paging)
     try:
-        n = write_synth(output, spec, validate=validate)
+        with progress("synthesizing", total=events, unit="events") as update:
+            n = write_synth(output, spec, validate=validate, progress=lambda done: update(done, ""))
     except SynthError as err:
         click.echo(f"kvmpfn: error: {err}", err=True)
         sys.exit(2)

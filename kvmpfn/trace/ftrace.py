@@ -90,7 +90,7 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -797,6 +797,7 @@ def convert_text(
     paging: str | None = None,
     memory: str | None = None,
     guest: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ConvertSummary:
     """Convert the text trace at ``path`` (``-``: standard input) into the trace ``output``.
 
@@ -806,6 +807,7 @@ def convert_text(
     :param guest: header ``guest`` fields to start from (e.g. an ELF core's CPU state); ``paging`` and the
         guessed paging mode take precedence over its ``paging`` only when the text shows guest walks or
         ``paging`` is given
+    :param progress: called as ``progress(records done, records in all)`` every few thousand records
     :raises TextTraceError: the input cannot be read, is binary, or holds no tracepoint record
     """
     with TextTrace(path) as inp:
@@ -831,7 +833,9 @@ def convert_text(
                 batch.clear()
                 pending = None
 
-            for item in _items(inp, scan, mmu, paging):
+            for done, item in enumerate(_items(inp, scan, mmu, paging)):
+                if progress is not None and not done % 4096:
+                    progress(done, scan.records)
                 if item.pf is not None:
                     flush()
                     pending = item.pf
