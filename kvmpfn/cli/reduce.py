@@ -140,10 +140,12 @@ def hunt(bug: str, mmu, base: str, budget: float, seed: int, corpus_dir, output:
 
 def _check_applies(bug: str, mmu: str | None, kernel: str | None) -> None:
     """Refuse a hunt under an MMU or kernel where ``bug``'s code is never compiled in: it could only survive."""
-    from kvmpfn.kvm.bugs import BUGS
+    from kvmpfn.kvm.bugs import BUGS, KERNELS, MMUS
 
     where = BUGS[bug]
-    applies = f"it applies to the {'/'.join(where.mmu)} MMU with kernel {'/'.join(where.kernels)}"
+    mmus = "either MMU" if where.mmu == MMUS else f"the {'/'.join(where.mmu)} MMU"
+    kernels = "any kernel" if where.kernels == KERNELS else f"kernel {'/'.join(where.kernels)}"
+    applies = f"it applies to {mmus} with {kernels}"
     if mmu is not None and mmu not in where.mmu:
         raise click.UsageError(f"--bug {bug} does nothing under the {mmu} MMU ({applies})")
     if kernel is not None and kernel not in where.kernels:
