@@ -478,3 +478,4 @@ def test_sigint_marks_the_partial_result_and_exits_130(long_trace, command, mark
     n = int(line.removeprefix("kvmpfn: interrupted at event "))
     assert 0 < n < 1_500_000
     assert out.decode().splitlines()[0].startswith(marked.format(n=n, trace=long_trace))
+    assert "no step touched these frames" not in out.decode()  # what a finished history would say

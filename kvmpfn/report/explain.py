@@ -66,7 +66,12 @@ def explain_lines(doc: dict) -> list[tuple[str, str]]:
             )
         )
     if not doc["steps"]:
-        lines.append(("dim", "  no step touched these frames"))
+        words = (
+            "no step before the interruption touched these frames"
+            if "interrupted" in doc
+            else "no step touched these frames"
+        )
+        lines.append(("dim", "  " + words))
     for step in doc["steps"]:
         style = ""
         if step["kind"] == "finding":
