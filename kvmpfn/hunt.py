@@ -60,7 +60,8 @@ class ProbedBugs(frozenset):
     def __contains__(self, item: object) -> bool:
         if item == self.name:
             caller = sys._getframe(1)
-            self.hits[f"{caller.f_code.co_filename.rsplit('/', 1)[-1]}:{caller.f_lineno}"] += 1
+            where = "/".join(caller.f_code.co_filename.rsplit("/", 2)[-2:])  # kvm/pte_write.py
+            self.hits[f"{where}:{caller.f_lineno}"] += 1
         return frozenset.__contains__(self, item)
 
 

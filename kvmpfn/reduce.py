@@ -319,7 +319,10 @@ def write_reduced(path: str, red: Reduction, inputs: Sequence[str], comment: str
         return
     directory = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=base, dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=base, dir=directory)
+    except OSError as err:  # the directory is gone or not writable: name the output, not the temporary file
+        raise OutputError(path, (err.strerror or str(err)).lower()) from None
     os.close(fd)
     try:
         with TraceWriter(tmp) as w:

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -280,7 +284,7 @@ def test_show_summarises_unless_verbose():
     trace = SHADOW / "32bit-pse.jsonl"
     short = CliRunner().invoke(cli_main, ["show", str(trace)]).output
     full = CliRunner().invoke(cli_main, ["show", str(trace), "-v"]).output
-    assert "... 1 more present entries (-v shows all)" in short and "more present entries" not in full
+    assert "... 1 more present entry (-v shows all)" in short and "more present entr" not in full
     assert "[5] 0x1004000e5" in full and "[5] 0x1004000e5" not in short
     doc = json.loads(CliRunner().invoke(cli_main, ["show", str(trace), "--format", "json"]).output)
     assert tree(doc) == TREES["32bit-pse.jsonl"]
@@ -386,3 +390,92 @@ def test_bad_input_one_line_exit_2(tmp_path, command):
     assert res.exit_code == 2
     errors = [ln for ln in res.output.splitlines() if ln.startswith("kvmpfn: error:")]
     assert len(errors) == 1 and f"{trace}:3" in errors[0] and "Traceback" not in res.output
+
+
+# --- what a newcomer met: limits, teardown, exit statuses, words, Ctrl-C ------------------------------------
+
+
+def test_show_at_past_the_last_event_is_an_input_error():
+    trace = str(FINDINGS / "refcount-underflow.jsonl")  # 2 events
+    res = CliRunner().invoke(cli_main, ["show", trace, "--at", "99"])
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr == "kvmpfn: error: --at 99: the trace has 2 events (seq 0 to 1)\n"
+    assert CliRunner().invoke(cli_main, ["show", trace, "--at", "1"]).exit_code == 0
+
+
+def test_show_gva_outside_the_paging_mode_is_an_input_error():
+    """4 GiB on a 32-bit guest is refused as the same address in a trace is, not walked truncated."""
+    trace = str(SHADOW / "32bit-pse.jsonl")
+    res = CliRunner().invoke(cli_main, ["show", trace, "--gva", "0x100000000"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.stderr == ("kvmpfn: error: --gva: gva 0x100000000 is beyond 4 GiB in 32-bit paging (vcpu 0)\n"), (
+        res.stderr
+    )
+    assert CliRunner().invoke(cli_main, ["show", trace, "--gva", "0xfffff000"]).exit_code == 0
+
+
+def test_explain_labels_the_teardown_after_the_last_event():
+    """The implicit teardown has no line of its own: its steps say "teardown", never a seq past the last event."""
+    trace = str(FINDINGS / "refcount-leak.jsonl")  # 4 events: seq 0 to 3, then the teardown
+    doc = explain(trace, ReplayOptions(), gfn=0x5)
+    down = [s for s in doc["steps"] if s.get("teardown")]
+    assert down and all(s["seq"] == doc["events"] and s["event"] == "teardown" for s in down)
+    assert not any(s.get("teardown") for s in doc["steps"] if s["seq"] < doc["events"])
+    res = CliRunner().invoke(cli_main, ["explain", trace, "--gfn", "0x5"])
+    assert res.exit_code == 0
+    assert "\n  teardown  rmap_remove  spte 5 of shadow page gfn 0x0 level 1: " in res.output
+    assert f"seq {doc['events']} " not in res.output
+
+
+def test_stat_exit_status_quiet_and_plurals():
+    """0 clean, 1 findings (as replay); -q: the first line and the findings; one of a kind is singular."""
+    trace = str(FINDINGS / "refcount-leak.jsonl")
+    clean = CliRunner().invoke(cli_main, ["stat", trace])
+    assert clean.exit_code == 0 and "  findings: 0" in clean.stdout
+    found = CliRunner().invoke(cli_main, ["stat", trace, "--bug", "same-pfn-no-release", "-q"])
+    assert found.exit_code == 1
+    assert found.stdout == f"{trace}: 4 events (tdp MMU, kernel pfn)\n  findings: 1\n"
+    assert "peak: 1 frame referenced, 1 live spte, 4 shadow pages" in clean.stdout
+    show = CliRunner().invoke(cli_main, ["show", trace, "--at", "0"]).stdout
+    assert "4 shadow pages (level 4: 1, level 3: 1, level 2: 1, level 1: 1); 1 leaf spte\n" in show
+    assert "  rmap: 1 head\n" in show and "rmap_pde: 0 heads" in show and "+1024 pages" in show
+    quiet = CliRunner().invoke(cli_main, ["show", trace, "--at", "0", "-q"]).stdout
+    assert quiet.splitlines() == [ln for ln in show.splitlines() if not ln.startswith("    ")]
+    assert "sp0 level 4" in show and "sp0 level 4" not in quiet
+
+
+@pytest.fixture(scope="module")
+def long_trace(tmp_path_factory) -> Path:
+    trace = tmp_path_factory.mktemp("long") / "long.jsonl"
+    assert CliRunner().invoke(cli_main, ["synth", "--workload", "steady", "--events", "2000000", "-o", str(trace)])
+    return trace
+
+
+@pytest.mark.parametrize(
+    ("command", "marked"),
+    [
+        (["show", "--at", "1500000"], "interrupted at event {n}: MMU state after seq"),
+        (["stat"], "interrupted at event {n}: {trace}: {n} events"),
+        (["explain", "--gfn", "0x5"], "interrupted at event {n}: the history covers the events before it"),
+    ],
+    ids=lambda c: c[0] if isinstance(c, list) else "",
+)
+def test_sigint_marks_the_partial_result_and_exits_130(long_trace, command, marked):
+    """Ctrl-C: what was replayed is shown, marked as interrupted, with one line on stderr and exit 130."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvmpfn", command[0], str(long_trace), *command[1:]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(2.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    (line,) = err.decode().splitlines()
+    n = int(line.removeprefix("kvmpfn: interrupted at event "))
+    assert 0 < n < 1_500_000
+    assert out.decode().splitlines()[0].startswith(marked.format(n=n, trace=long_trace))
+    assert "no step touched these frames" not in out.decode()  # what a finished history would say

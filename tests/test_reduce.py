@@ -97,13 +97,13 @@ def test_ddmin_finds_a_one_minimal_subset():
 def test_probe_records_where_the_bug_switch_is_tested():
     probe = ProbedBugs(frozenset({"same-pfn-no-release"}), "same-pfn-no-release")
     assert "same-pfn-no-release" in probe and "double-release" not in probe
-    assert sum(probe.hits.values()) == 1 and next(iter(probe.hits)).startswith("test_reduce.py:")
+    assert sum(probe.hits.values()) == 1 and next(iter(probe.hits)).startswith("tests/test_reduce.py:")
     source = (ROOT / "kvmpfn/kvm/mmu.py").read_text().splitlines()
     line = next(i for i, text in enumerate(source, 1) if '"same-pfn-no-release" not in kvm.bugs' in text)
     header, events = load_trace(str(ROOT / "traces/mutants/dirty-log-split-region.jsonl"))
     probe = ProbedBugs(frozenset({"same-pfn-no-release"}), "same-pfn-no-release")
     replay_events(header, events, ReplayOptions(bugs=probe))
-    assert set(probe.hits) == {f"mmu.py:{line}"}
+    assert set(probe.hits) == {f"kvm/mmu.py:{line}"}
 
 
 def _counting_clock(step: float = 0.01):
@@ -158,3 +158,60 @@ def test_hunt_from_a_corpus_starts_with_its_traces(tmp_path):
     assert tried <= len(list((ROOT / "traces/mutants").glob("*.jsonl")))  # one of the corpus traces
     assert replay_file(str(out)).findings == []
     assert replay_file(str(out), ReplayOptions(bugs=frozenset({"rmap-wp-hugepage-iter"}))).findings
+
+
+# --- refusals before any work -----------------------------------------------------------------------------------
+
+
+def invoke(*args: str):
+    from click.testing import CliRunner
+
+    from kvmpfn.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--bug", "tdp-gpa-32bit", "--mmu", "shadow"], "does nothing under the shadow MMU (it applies to the tdp MMU"),
+        (["--bug", "tdp-gpa-32bit", "--base", "--mmu shadow"], "does nothing under the shadow MMU"),
+        (["--bug", "pageless-as-normal", "--base", "--kernel page"], "under kernel page (it applies to either MMU"),
+        (["--bug", "double-release", "--budget", "0"], "'--budget': 0.0 is not in the range x>0"),
+    ],
+    ids=["mmu", "base-mmu", "base-kernel", "budget-0"],
+)
+def test_hunt_refuses_at_once_what_could_only_survive(monkeypatch, tmp_path, args, words):
+    """A bug the chosen MMU or kernel never compiles in, or no time at all: a usage error before any search."""
+    monkeypatch.setattr("kvmpfn.hunt.hunt", lambda *a, **k: pytest.fail("hunted"))
+    res = invoke("hunt", *args, "-o", str(tmp_path / "found.jsonl"))
+    assert res.exit_code == 2 and words in res.stderr, res.stderr
+    assert len(res.stderr.splitlines()) == 1
+
+
+def test_hunt_says_where_its_bug_check_was_reached(tmp_path):
+    out = tmp_path / "found.jsonl"
+    res = invoke("hunt", "--bug", "double-release", "--budget", "60", "-o", str(out))
+    assert res.exit_code == 0, res.stderr
+    assert re.search(r"the --bug check was reached at kvm/mmu\.py:\d+, \d+ times?\)", res.stderr), res.stderr
+
+
+def test_reduce_and_hunt_check_the_output_before_any_work(monkeypatch, tmp_path):
+    """An output in a directory that does not exist fails first, naming the output (not a temporary file)."""
+    monkeypatch.setattr("kvmpfn.reduce.load_trace", lambda *a: pytest.fail("reduced"))
+    monkeypatch.setattr("kvmpfn.hunt.hunt", lambda *a, **k: pytest.fail("hunted"))
+    out = str(tmp_path / "no-such-dir" / "x.jsonl")
+    trace = str(ROOT / "traces/findings/refcount-leak.jsonl")
+    for args in (["reduce", trace, "--bug", "same-pfn-no-release"], ["hunt", "--bug", "double-release"]):
+        res = invoke(*args, "-o", out)
+        assert res.exit_code == 2 and res.stderr == f"kvmpfn: error: {out}: no such file or directory\n", res.stderr
+
+
+def test_write_reduced_names_the_output_when_its_directory_is_gone(tmp_path):
+    from kvmpfn.errors import KvmpfnError
+    from kvmpfn.reduce import Reduction, write_reduced
+
+    header, events = load_trace(str(ROOT / "traces/findings/refcount-leak.jsonl"))
+    out = str(tmp_path / "gone" / "x.jsonl")
+    with pytest.raises(KvmpfnError, match=re.escape(f"{out}: no such file or directory")):
+        write_reduced(out, Reduction(header, events, len(events), 1), [], "comment")

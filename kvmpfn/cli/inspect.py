@@ -47,6 +47,12 @@ def _emit(lines: list[tuple[str, str]], doc, fmt: str, output: str | None, input
         write_output(output or "-", "".join(line + "\n" for _, line in lines), inputs)
 
 
+def _interrupted(events: int) -> None:
+    """Ctrl-C stopped the replay: the partial result is out, say where on stderr and exit 130 (as replay)."""
+    click.echo(f"kvmpfn: interrupted at event {events}", err=True)
+    sys.exit(130)
+
+
 EXPLAIN_EXAMPLES = """
 \b
 Examples:
@@ -73,7 +79,8 @@ def explain(trace, pfn, gfn, gva, finding, options: ReplayOptions, fmt, output, 
     protection and host remaps, with the refcount after each step; the step where an invariant first broke
     and, for a finding, the reference at fault.
 
-    Exit status: 0 nothing broke, 1 an invariant broke or the finding was explained, 2 usage or input error.
+    Exit status: 0 nothing broke, 1 an invariant broke or the finding was explained, 2 usage or input error,
+    130 interrupted (the history covers the events before it).
     """
     from kvmpfn.inspect.history import explain as run
     from kvmpfn.report.explain import explain_lines
@@ -88,6 +95,8 @@ def explain(trace, pfn, gfn, gva, finding, options: ReplayOptions, fmt, output, 
     _check_trace(trace)
     doc = run(trace, options, pfn=pfn, gfn=gfn, gva=gva, finding=finding)
     _emit(explain_lines(doc), doc, fmt, output, [trace])
+    if "interrupted" in doc:
+        _interrupted(doc["interrupted"])
     if doc["error"]:
         fail(doc["error"])
     sys.exit(1 if doc["first_broken"] or "finding" in doc else 0)
@@ -112,7 +121,12 @@ Examples:
 def show(trace, seq, gva, vcpu, options: ReplayOptions, fmt, output, quiet, verbose) -> None:
     """The MMU state of TRACE right after one event: shadow pages from each root as a tree (role, gfn,
     parents, write protection), their sptes and the frames they map, rmaps, frames with their reference
-    counts, memslots with their write counts. Summarised unless -v; --format json is always complete."""
+    counts, memslots with their write counts. Summarised unless -v; -q: only the counts; --format json is
+    always complete.
+
+    Exit status: 0 shown, 2 usage or input error (--at past the last event, --gva no address of the vcpu's
+    paging mode), 130 interrupted (the state where the replay stopped, marked as such).
+    """
     from kvmpfn.inspect.state import StopAt
     from kvmpfn.replay import replay_file
     from kvmpfn.report.show import show_lines
@@ -122,9 +136,16 @@ def show(trace, seq, gva, vcpu, options: ReplayOptions, fmt, output, quiet, verb
     result = replay_file(trace, options, observer=stop)
     if stop.state is None:
         fail(result.error or f"{trace}: nothing replayed")
+    if seq is not None and seq >= result.events and not result.error and not result.interrupted:
+        n = result.events
+        fail(f"--at {seq}: the trace has {n} event{'s' * (n != 1)}" + (f" (seq 0 to {n - 1})" if n else ""))
     if result.error:
         stop.state["error"] = result.error
-    _emit(show_lines(stop.state, verbose), stop.state, fmt, output, [trace])
+    if result.interrupted:
+        stop.state["interrupted"] = result.events
+    _emit(show_lines(stop.state, verbose, quiet), stop.state, fmt, output, [trace])
+    if result.interrupted:
+        _interrupted(result.events)
     if result.error:
         fail(result.error)
 
@@ -146,7 +167,12 @@ Examples:
 def stat(traces, top, timing, options: ReplayOptions, fmt, output, quiet, verbose) -> None:
     """What the MMU spent its events on, per TRACE (like perf kvm stat): events by op and result, faults per
     vcpu, the hottest guest pages, emulated pte writes and flooding zaps, shadow pages created, zapped and
-    recycled, peak live sptes and referenced frames, and (text) time per op."""
+    recycled, peak live sptes and referenced frames, and (text) time per op. -q: per trace only its first
+    line and its findings.
+
+    Exit status (as replay): 0 clean, 1 findings, 2 usage or input error, 130 interrupted (the counts cover
+    the events before it; later TRACES are not replayed).
+    """
     from kvmpfn.inspect.series import Tracker
     from kvmpfn.replay import replay_file
     from kvmpfn.report.stat import stat_lines
@@ -160,11 +186,16 @@ def stat(traces, top, timing, options: ReplayOptions, fmt, output, quiet, verbos
             fail(result.error or f"{trace}: nothing replayed")
         doc = tracker.doc(result, top=top, timing=timing or fmt == "text")
         docs.append(doc)
-        lines += stat_lines(doc)
+        lines += stat_lines(doc, quiet)
+        if result.interrupted:
+            break
     _emit(lines, {"version": 1, "traces": docs}, fmt, output, list(traces))
+    if "interrupted" in docs[-1]:
+        _interrupted(docs[-1]["events"])
     for doc in docs:
         if "error" in doc:
             fail(doc["error"])
+    sys.exit(1 if any(doc["findings"] for doc in docs) else 0)
 
 
 COMMANDS = (explain, show, stat)

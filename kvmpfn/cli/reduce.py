@@ -92,7 +92,9 @@ def _check_bug(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--bug", required=True, metavar="NAME", callback=_check_bug, help="The historical bug to hunt.")
 @click.option("--mmu", type=click.Choice(MMUS), help="Only traces of this MMU [default: both].")
 @click.option("--base", default="", metavar="OPTIONS", help='Replay options of both runs, e.g. "--kernel-audit".')
-@click.option("--budget", type=click.FloatRange(min=0), default=120, show_default=True, help="Seconds to search.")
+@click.option(
+    "--budget", type=click.FloatRange(min=0, min_open=True), default=120, show_default=True, help="Seconds to search."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed: same seed, same search.")
 @click.option("--corpus", "corpus_dir", metavar="DIR", help="Start from these traces (a directory or a file).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, allow_dash=True), help="Found trace.")
@@ -102,23 +104,26 @@ def hunt(bug: str, mmu, base: str, budget: float, seed: int, corpus_dir, output:
     the bug, a finding with it) or, if none is found within the budget, a blind spot (outcome records
     differ, findings do not).
 
-    Exit status: 0 a killing trace written, 1 only a blind spot or nothing found, 2 usage error.
+    The summary names where the search reached the --bug check (the source line of kvmpfn's MMU that tests
+    the switch, and how many times): never reached means no trace took the bug's code path.
+
+    Exit status: 0 a killing trace written, 1 only a blind spot or nothing found, 2 usage error (among them a
+    --mmu or --base kernel the bug does not apply to).
     """
     from kvmpfn.hunt import hunt as run_hunt
+    from kvmpfn.outputs import refuse_inputs
     from kvmpfn.reduce import describe, write_reduced
     from kvmpfn.report.progress import progress
 
     base_opts = parse_replay_options(base, "--base")
+    _check_applies(bug, mmu or base_opts.mmu, base_opts.kernel)
+    refuse_inputs(output, [corpus_dir])
     seeds = _corpus(corpus_dir) if corpus_dir else []
     with progress(f"hunting {bug}", unit="traces") as update:
         result = run_hunt(bug, base_opts, seed=seed, budget=budget, corpus=seeds, mmu=mmu, progress=update)
-    sites = ", ".join(f"{s} ({n})" for s, n in sorted(result.sites.items())) or "none"
+    sites = _sites_text(result.sites)
     if result.reduced is None:
-        click.echo(
-            f"hunt {bug}: survived {result.candidates} traces in {result.seconds:.1f} s; "
-            f"its switch was tested at: {sites}",
-            err=True,
-        )
+        click.echo(f"hunt {bug}: survived {result.candidates} traces in {result.seconds:.1f} s; {sites}", err=True)
         sys.exit(1)
     words = ["kvmpfn", "hunt", "--bug", bug, "--seed", str(seed)]
     words += ["--mmu", mmu] if mmu else []
@@ -127,10 +132,32 @@ def hunt(bug: str, mmu, base: str, budget: float, seed: int, corpus_dir, output:
     write_reduced(output, result.reduced, [corpus_dir] if corpus_dir else [], comment)
     click.echo(
         f"hunt {bug}: {result.verdict} by trace {result.candidates} in {result.seconds:.1f} s "
-        f"({len(result.reduced.events)} events; switch tested at: {sites}): {output}",
+        f"({len(result.reduced.events)} events; {sites}): {output}",
         err=True,
     )
     sys.exit(0 if result.verdict == "killed" else 1)
+
+
+def _check_applies(bug: str, mmu: str | None, kernel: str | None) -> None:
+    """Refuse a hunt under an MMU or kernel where ``bug``'s code is never compiled in: it could only survive."""
+    from kvmpfn.kvm.bugs import BUGS, KERNELS, MMUS
+
+    where = BUGS[bug]
+    mmus = "either MMU" if where.mmu == MMUS else f"the {'/'.join(where.mmu)} MMU"
+    kernels = "any kernel" if where.kernels == KERNELS else f"kernel {'/'.join(where.kernels)}"
+    applies = f"it applies to {mmus} with {kernels}"
+    if mmu is not None and mmu not in where.mmu:
+        raise click.UsageError(f"--bug {bug} does nothing under the {mmu} MMU ({applies})")
+    if kernel is not None and kernel not in where.kernels:
+        raise click.UsageError(f"--bug {bug} does nothing under kernel {kernel} ({applies})")
+
+
+def _sites_text(sites: dict[str, int]) -> str:
+    """Where the hunt reached the bug's switch, in words."""
+    if not sites:
+        return "the --bug check was never reached"
+    places = ", ".join(f"{site}, {n} time{'s' * (n != 1)}" for site, n in sorted(sites.items()))
+    return f"the --bug check was reached at {places}"
 
 
 def _corpus(path: str) -> list:

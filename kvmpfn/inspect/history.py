@@ -247,7 +247,10 @@ def explain(
     doc: dict = {"version": 1, "trace": path}
     target = None
     if finding is not None:
-        findings = replay_file(path, options).findings
+        first = replay_file(path, options)
+        if first.interrupted:
+            return _stopped(doc, first)
+        findings = first.findings
         if not 1 <= finding <= len(findings):
             raise InputError("--finding", f"{path}: the replay has {len(findings)} finding(s), not {finding}")
         target = findings[finding - 1]
@@ -258,11 +261,19 @@ def explain(
     pfns = set() if pfn is None else {pfn}
     if gva is not None:
         walk = GvaFrames(gva)
-        replay_file(path, options, observer=walk)
+        found = replay_file(path, options, observer=walk)
+        if found.interrupted:
+            return _stopped(doc, found)
         pfns |= walk.pfns
     history = FrameHistory(pfns, () if gfn is None else (gfn,))
     result = replay_file(path, options, observer=history)
     return _document(doc, history.steps, sorted(history.pfns), result, target)
+
+
+def _stopped(doc: dict, result) -> dict:
+    """The document of an explain whose replay looking for its frames was interrupted: no history yet."""
+    doc.setdefault("subject", {})
+    return _document(doc, [], [], result, None)
 
 
 def _document(doc: dict, steps: list[dict], frames, result, target: dict | None) -> dict:
@@ -271,12 +282,18 @@ def _document(doc: dict, steps: list[dict], frames, result, target: dict | None)
         _mark_finding(steps, target)
     doc["frames"] = [f"{p:#x}" for p in frames]
     doc["events"] = result.events
+    if result.interrupted:
+        doc["interrupted"] = result.events  # Ctrl-C: the history covers the events before this one
     doc["error"] = result.error
     doc["steps"] = steps
+    for step in steps:  # the teardown after the last event: no line of its own (seq and line: the last event's)
+        if step["event"] == "teardown" and step["seq"] >= result.events:
+            step["teardown"] = True
     broken = next((s for s in steps if s.get("broken")), None)
     if broken is not None:
         broken["first_broken"] = True
-    doc["first_broken"] = None if broken is None else {k: broken[k] for k in ("seq", "line", "pfn", "broken")}
+    keys = ("seq", "line", "pfn", "broken", "teardown")
+    doc["first_broken"] = None if broken is None else {k: broken[k] for k in keys if k in broken}
     doc["at_fault"] = [i for i, s in enumerate(steps) if "at_fault" in s]
     return doc
 

@@ -172,6 +172,8 @@ class Tracker:
         }
         if result.error:
             doc["error"] = result.error
+        if result.interrupted:
+            doc["interrupted"] = True  # Ctrl-C: the counts cover the first ``events`` events
         if timing:
             doc["seconds_by_op"] = {op: round(s, 6) for op, s in sorted(self.seconds.items())}
         return doc

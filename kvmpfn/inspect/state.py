@@ -6,11 +6,12 @@ walk and the shadow walk level by level.
 
 from __future__ import annotations
 
+from kvmpfn.errors import InputError
 from kvmpfn.inspect import bits_text
 from kvmpfn.kvm.context import shadow_walk
 from kvmpfn.kvm.rmap import rmap_entries
 from kvmpfn.kvm.spte import NOTRAP, TRAP, is_last_spte, is_shadow_present_pte, is_writeble_pte, spte_to_pfn
-from kvmpfn.kvm.walker import walk_addr
+from kvmpfn.kvm.walker import gva_in_range, walk_addr
 from kvmpfn.x86 import INVALID_PAGE, PAGE_SHIFT, PT64_BASE_ADDR_MASK, PT_PRESENT_MASK
 
 
@@ -147,7 +148,10 @@ def mmu_state(rp) -> dict:
 
 
 def gva_walk(rp, vcpu_id: int, gva: int) -> dict:
-    """The guest walk (side-effect free) and the shadow walk of ``gva`` on one vcpu, level by level."""
+    """The guest walk (side-effect free) and the shadow walk of ``gva`` on one vcpu, level by level.
+
+    :raises InputError: ``gva`` is no address in the vcpu's paging mode (as the same address in a trace).
+    """
     kvm = rp.kvm
     vcpu = kvm.vcpus.get(vcpu_id)
     out: dict = {"vcpu": vcpu_id, "gva": f"{gva:#x}", "levels": []}
@@ -155,6 +159,12 @@ def gva_walk(rp, vcpu_id: int, gva: int) -> dict:
         out["error"] = f"vcpu {vcpu_id} has not run"
         return out
     cpu = vcpu.cpu
+    if cpu.paging == "none" and gva >> 32:
+        raise InputError("--gva", f"{gva:#x} is beyond 4 GiB with paging off (vcpu {vcpu_id})")
+    if cpu.paging != "none" and not gva_in_range(cpu.paging, gva):
+        what = "not canonical" if cpu.paging == "64" else "beyond 4 GiB"
+        mode = "PAE" if cpu.paging == "pae" else f"{cpu.paging}-bit"
+        raise InputError("--gva", f"gva {gva:#x} is {what} in {mode} paging (vcpu {vcpu_id})")
     levels: dict[int, dict] = {}
     if cpu.paging != "none":
         ok, w = walk_addr(cpu, rp.host, gva, False, False, False, set_ad=False)

@@ -18,9 +18,14 @@ def _spte(spte: dict) -> str:
     return f"{spte['where']}: {spte_text(old)} -> {spte_text(int(spte['new'], 16))}"
 
 
+def where_text(step: dict) -> str:
+    """Where a step happened: its event's seq and line, or ``teardown`` (after the last event, at the end)."""
+    return "teardown" if step.get("teardown") else f"seq {step['seq']} line {step['line']}"
+
+
 def step_text(step: dict) -> str:
     """One step in words."""
-    where = f"seq {step['seq']} line {step['line']}"
+    where = where_text(step)
     kind = step["kind"]
     if kind == "finding":
         return f"{where}  FINDING {step['code']} detected here: {step['message']}"
@@ -47,6 +52,9 @@ def step_text(step: dict) -> str:
 
 def explain_lines(doc: dict) -> list[tuple[str, str]]:
     lines: list[tuple[str, str]] = []
+    if "interrupted" in doc:
+        words = f"interrupted at event {doc['interrupted']}: the history covers the events before it"
+        lines.append(("bold yellow", words))
     subject = ", ".join(f"{k} {v}" for k, v in doc["subject"].items()) or "no frame"
     lines.append(("bold", f"{safe(doc['trace'])}: history of {subject}; frames {', '.join(doc['frames']) or 'none'}"))
     if "finding" in doc:
@@ -58,7 +66,12 @@ def explain_lines(doc: dict) -> list[tuple[str, str]]:
             )
         )
     if not doc["steps"]:
-        lines.append(("dim", "  no step touched these frames"))
+        words = (
+            "no step before the interruption touched these frames"
+            if "interrupted" in doc
+            else "no step touched these frames"
+        )
+        lines.append(("dim", "  " + words))
     for step in doc["steps"]:
         style = ""
         if step["kind"] == "finding":
@@ -70,14 +83,15 @@ def explain_lines(doc: dict) -> list[tuple[str, str]]:
         lines.append((style, "  " + step_text(step)))
     broken = doc["first_broken"]
     if broken is not None:
-        lines.append(("bold", f"  first broken at line {broken['line']} (seq {broken['seq']}): {broken['broken']}"))
+        at = "in the teardown" if broken.get("teardown") else f"at line {broken['line']} (seq {broken['seq']})"
+        lines.append(("bold", f"  first broken {at}: {broken['broken']}"))
     faults = [doc["steps"][i] for i in doc["at_fault"]]
     for step in faults:
         fn = step.get("function") or step["kind"]
         lines.append(
             (
                 "bold",
-                f"  at fault: line {step['line']} (seq {step['seq']}) {fn} in {step.get('caller')}: {step['at_fault']}",
+                f"  at fault: {where_text(step)} {fn} in {step.get('caller')}: {step['at_fault']}",
             )
         )
     if doc.get("error"):

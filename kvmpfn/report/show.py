@@ -31,19 +31,24 @@ def _more(items: list, verbose: bool) -> tuple[list, int]:
     return (items, 0) if verbose else (items[:FIRST], max(0, len(items) - FIRST))
 
 
-def show_lines(state: dict, verbose: bool = False) -> list[tuple[str, str]]:
+def plural(count: int, word: str, words: str | None = None) -> str:
+    """``1 head``, ``2 heads`` (``words``: the plural when it is not ``word`` + s)."""
+    return f"{count} {word if count == 1 else words or word + 's'}"
+
+
+def show_lines(state: dict, verbose: bool = False, quiet: bool = False) -> list[tuple[str, str]]:
+    """The lines of ``kvmpfn show``: summarised unless ``verbose``; ``quiet``: only the counts (no tree, no
+    entries)."""
     lines: list[tuple[str, str]] = []
     pages = {p["id"]: p for p in state["shadow_pages"]}
-    lines.append(
-        (
-            "bold",
-            f"MMU state after seq {state['seq']} (line {state['line']}), {state['mmu']} MMU, kernel {state['kernel']}",
-        )
-    )
+    head = f"MMU state after seq {state['seq']} (line {state['line']}), {state['mmu']} MMU, kernel {state['kernel']}"
+    if "interrupted" in state:
+        head = f"interrupted at event {state['interrupted']}: {head}"
+    lines.append(("bold yellow" if "interrupted" in state else "bold", head))
     levels = Counter(p["role"]["level"] for p in state["shadow_pages"])
     leaves = sum(1 for p in state["shadow_pages"] for e in p["sptes"] if "pfn" in e)
     per_level = ", ".join(f"level {lv}: {n}" for lv, n in sorted(levels.items(), reverse=True)) or "none"
-    lines.append(("", f"  {len(pages)} shadow pages ({per_level}); {leaves} leaf sptes"))
+    lines.append(("", f"  {plural(len(pages), 'shadow page')} ({per_level}); {plural(leaves, 'leaf spte')}"))
     seen: set[str] = set()
 
     def tree(pid: str, depth: int) -> None:
@@ -63,7 +68,8 @@ def show_lines(state: dict, verbose: bool = False) -> list[tuple[str, str]]:
             if "child" in e and e["child"] is not None:
                 tree(e["child"], depth + 2)
         if more:
-            lines.append(("dim", f"{pad}  ... {more} more present entries (-v shows all)"))
+            entries = plural(more, "more present entry", "more present entries")
+            lines.append(("dim", f"{pad}  ... {entries} (-v shows all)"))
 
     for v in state["vcpus"]:
         lines.append(
@@ -72,38 +78,39 @@ def show_lines(state: dict, verbose: bool = False) -> list[tuple[str, str]]:
                 f"  vcpu {v['vcpu']}: paging {v['paging']}, cr3 {v['cr3']}, roots {', '.join(v['roots']) or 'none'}",
             )
         )
-        for root in v["roots"]:
-            tree(root, 2)
-    rest = [pid for pid in pages if pid not in seen]
-    if rest:
-        lines.append(("bold", f"  {len(rest)} shadow pages no root reaches"))
-        shown, more = _more(rest, verbose)
-        for pid in shown:
-            tree(pid, 2)
-        if more:
-            lines.append(("dim", f"    ... {more} more (-v shows all)"))
+        if not quiet:
+            for root in v["roots"]:
+                tree(root, 2)
+    if not quiet:
+        rest = [pid for pid in pages if pid not in seen]
+        if rest:
+            lines.append(("bold", f"  {plural(len(rest), 'shadow page')} no root reaches"))
+            shown, more = _more(rest, verbose)
+            for pid in shown:
+                tree(pid, 2)
+            if more:
+                lines.append(("dim", f"    ... {more} more (-v shows all)"))
     for name, key in (("rmap", "gfn"), ("rmap_pde", "region")):
         heads = state[name]
-        lines.append(("bold", f"  {name}: {len(heads)} heads"))
-        shown, more = _more(heads, verbose)
+        lines.append(("bold", f"  {name}: {plural(len(heads), 'head')}"))
+        shown, more = ([], 0) if quiet else _more(heads, verbose)
         for h in shown:
             lines.append(("", f"    {key} {h[key]}: {', '.join(h['sptes'])}"))
         if more:
             lines.append(("dim", f"    ... {more} more (-v shows all)"))
     lines.append(("bold", f"  frames referenced: {len(state['frames'])}"))
-    shown, more = _more(state["frames"], verbose)
+    shown, more = ([], 0) if quiet else _more(state["frames"], verbose)
     for f in shown:
         flags = " ".join(n for n in ("dirty", "accessed") if f[n]) + ("" if f["struct_page"] else " no-struct-page")
         lines.append(("", f"    {f['pfn']}: refcount {f['refcount']}, KVM refs {f['kvm_refs']} {flags}".rstrip()))
     if more:
         lines.append(("dim", f"    ... {more} more (-v shows all)"))
     lines.append(("bold", f"  memslots: {len(state['memslots'])}"))
-    for m in state["memslots"]:
+    for m in [] if quiet else state["memslots"]:
         wc = ", ".join(f"region {k}: {v}" for k, v in m["write_count"].items()) or "none"
         log = ", dirty logging" if m["dirty_log"] else ""
-        lines.append(
-            ("", f"    slot {m['slot']}: gfn {m['gfn']} +{m['npages']} pages ({m['backing']}{log}); write_count {wc}")
-        )
+        size = plural(m["npages"], "page")
+        lines.append(("", f"    slot {m['slot']}: gfn {m['gfn']} +{size} ({m['backing']}{log}); write_count {wc}"))
     if "walk" in state:
         lines.extend(walk_lines(state["walk"]))
     return lines

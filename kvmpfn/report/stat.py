@@ -5,9 +5,18 @@ from __future__ import annotations
 
 from kvmpfn.report import safe
 
+SINGULAR = {"frames referenced": "frame referenced", "live sptes": "live spte", "shadow pages": "shadow page"}
 
-def stat_lines(doc: dict) -> list[tuple[str, str]]:
-    lines = [("bold", f"{safe(doc['trace'])}: {doc['events']} events ({doc['mmu']} MMU, kernel {doc['kernel']})")]
+
+def stat_lines(doc: dict, quiet: bool = False) -> list[tuple[str, str]]:
+    """The lines of one trace's stat; ``quiet``: only the first line, the findings and why it stopped."""
+    n = doc["events"]
+    head = f"{safe(doc['trace'])}: {n} event{'s' * (n != 1)} ({doc['mmu']} MMU, kernel {doc['kernel']})"
+    if doc.get("interrupted"):
+        head = f"interrupted at event {n}: {head}, the counts cover the events before it"
+    lines = [("bold yellow" if doc.get("interrupted") else "bold", head)]
+    if quiet:
+        return lines + _end(doc)
     seconds = doc.get("seconds_by_op", {})
     total = sum(seconds.values()) or 1.0
     lines.append(("", f"  {'op':<12} {'result':<12} {'events':>10} {'%':>7}   time"))
@@ -33,9 +42,14 @@ def stat_lines(doc: dict) -> list[tuple[str, str]]:
     )
     sp = doc["shadow_pages"]
     lines.append(("", f"  shadow pages: {sp['created']} created, {sp['zapped']} zapped, {sp['recycled']} recycled"))
-    lines.append(("", "  peak: " + ", ".join(f"{n} {name}" for name, n in doc["peak"].items())))
+    peak = (f"{n} {name if n != 1 else SINGULAR[name]}" for name, n in doc["peak"].items())
+    lines.append(("", "  peak: " + ", ".join(peak)))
+    return lines + _end(doc)
+
+
+def _end(doc: dict) -> list[tuple[str, str]]:
     style = "bold red" if doc["findings"] else "green"
-    lines.append((style, f"  findings: {doc['findings']}"))
+    lines = [(style, f"  findings: {doc['findings']}")]
     if doc.get("error"):
         lines.append(("bold red", f"  stopped: {safe(doc['error'])}"))
     return lines
