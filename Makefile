@@ -21,7 +21,7 @@ browser:
 		|| echo "chromium is not installed and cannot be (not root, or no apt): the browser test will skip"
 
 test: $(STAMP) browser
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto
 
 demo: $(STAMP)
 	$(BIN)/kvmpfn audit traces/
