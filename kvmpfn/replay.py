@@ -455,13 +455,13 @@ def replay_file(
     path: str,
     options: ReplayOptions | None = None,
     emit: IO[str] | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, str], None] | None = None,
     observer=None,
 ) -> ReplayResult:
     """Replay the trace at ``path``. An input error, the memory limit or running out of memory stops the replay
     and is returned in ``result.error`` with everything found up to that line; a simulated kernel BUG becomes a
-    ``kernel-bug`` finding and stops it; Ctrl-C stops it with ``result.interrupted``. ``progress(events)`` is
-    called every PROGRESS_EVERY events.
+    ``kernel-bug`` finding and stops it; Ctrl-C stops it with ``result.interrupted``. ``progress(events, note)`` is
+    called every PROGRESS_EVERY events, and before each ``audit`` event (a full audit).
 
     ``observer`` (:mod:`kvmpfn.inspect`): ``attach(rp)`` once the Replayer exists (``observer.records``: it
     wants whole outcome records), ``event(seq, line, e, rec)`` after each event (true: stop the replay there,
@@ -493,7 +493,9 @@ def replay_file(
                     tick -= 1
                     if not tick:
                         tick = PROGRESS_EVERY
-                        progress(seq)
+                        progress(seq, "")
+                    elif type(e) is ev.Audit:  # a full audit can take a second or more on a large VM
+                        progress(seq, f"full audit at line {line}")
                 try:
                     rec = rp.apply(seq, line, e)
                 except (HostError, InputError) as err:

@@ -461,3 +461,15 @@ def test_progress_shows_on_a_terminal_after_its_delay_only(monkeypatch):
             update(500, "half")
     assert "synthesizing" in slow.getvalue() and "500/1000" in slow.getvalue()
     assert piped.getvalue() == ""
+
+
+def test_replay_reports_progress_and_each_full_audit(tmp_path: Path):
+    from kvmpfn.replay import PROGRESS_EVERY, replay_file
+
+    trace = tmp_path / "t.jsonl"
+    body = ['{"op": "access", "addr": "0x5000", "write": 0, "user": 0, "fetch": 0}'] * (PROGRESS_EVERY + 5)
+    body.insert(3, '{"op": "audit"}')
+    trace.write_text('{"kvmpfn": 1, "mmu": "tdp", "guest": {"paging": "none"}}\n' + "\n".join(body) + "\n")
+    calls = []
+    replay_file(str(trace), progress=lambda seq, note: calls.append((seq, note)))
+    assert calls == [(3, "full audit at line 5"), (PROGRESS_EVERY - 1, "")]

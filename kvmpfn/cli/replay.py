@@ -77,7 +77,7 @@ def replay(
     else:
         report_stream = "stdout"
     with progress("replaying", unit="events") as update, contextlib.ExitStack() as stack:
-        tick = (lambda seq: update(seq, "")) if sys.stderr.isatty() else None
+        tick = update if sys.stderr.isatty() else None
         tracker = None
         if html or timeline:
             from kvmpfn.inspect.series import Tracker
