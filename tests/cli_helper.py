@@ -57,3 +57,23 @@ def check_input_error(proc: subprocess.CompletedProcess, where: str, field: str 
         assert f'field "{field}"' in message, message
     assert words in message, message
     return message
+
+
+def interrupt(*args: str, after: float = 2.5) -> tuple[int, bytes, bytes]:
+    """``python -m kvmpfn ARGS``, sent SIGINT (a user's Ctrl-C) after ``after`` seconds: status, stdout, stderr.
+    SIGINT is restored to its default in the child (a background job may have inherited it ignored)."""
+    import signal
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvmpfn", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=TIMEOUT)
+    return proc.returncode, out, err

@@ -8,15 +8,13 @@ import gzip
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import zstandard
-from cli_helper import REPO, check_input_error, run_kvmpfn
+from cli_helper import REPO, check_input_error, interrupt, run_kvmpfn
 from click.testing import CliRunner
 
 from kvmpfn.cli import main
@@ -246,18 +244,8 @@ def test_closed_standard_streams_are_one_line_errors(tmp_path: Path):
 def test_sigint_stops_a_replay_with_its_partial_report(tmp_path: Path):
     trace = tmp_path / "long.jsonl"
     assert invoke("synth", "--workload", "steady", "--events", "2000000", "-o", str(trace)).exit_code == 0
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvmpfn", "replay", str(trace), "--format", "json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    time.sleep(2.5)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    status, out, err = interrupt("replay", str(trace), "--format", "json")
+    assert status == 130, err
     doc = json.loads(out)
     assert doc["interrupted"] is True and 0 < doc["events"] < 2_000_000
     assert err.decode() == f"kvmpfn: interrupted at event {doc['events']}\n"

@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +20,7 @@ from kvmpfn.replay import ReplayOptions, replay_file
 from kvmpfn.report.timeline import TimelineWriter
 
 sys.path.insert(0, str(Path(__file__).parent))
+from cli_helper import interrupt
 from test_findings_traces import CASES, FINDINGS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -462,18 +459,8 @@ def long_trace(tmp_path_factory) -> Path:
 )
 def test_sigint_marks_the_partial_result_and_exits_130(long_trace, command, marked):
     """Ctrl-C: what was replayed is shown, marked as interrupted, with one line on stderr and exit 130."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvmpfn", command[0], str(long_trace), *command[1:]],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    time.sleep(2.5)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    status, out, err = interrupt(command[0], str(long_trace), *command[1:])
+    assert status == 130, err
     (line,) = err.decode().splitlines()
     n = int(line.removeprefix("kvmpfn: interrupted at event "))
     assert 0 < n < 1_500_000
