@@ -20,10 +20,11 @@ from kvmpfn.audit.checks import (
 from kvmpfn.audit.findings import CODES, Findings
 from kvmpfn.audit.incremental import IncrementalAudit
 from kvmpfn.audit.ledger import RefLedger
+from kvmpfn.kvm.vm import Kvm, Vcpu
 
 __all__ = ["CODES", "Auditor", "Findings", "RefLedger"]
 
-NO_FLIGHT: Counter = Counter()  # no reference in flight (shared, never changed)
+NO_FLIGHT: Counter[int] = Counter()  # no reference in flight (shared, never changed)
 
 
 class Auditor:
@@ -31,7 +32,7 @@ class Auditor:
     at the points asked for: :meth:`audit_point` checks what changed since the previous point when
     ``incremental`` (see :mod:`kvmpfn.audit.incremental`), else everything."""
 
-    def __init__(self, kvm, *, kernel_points: bool = False, incremental: bool = False) -> None:
+    def __init__(self, kvm: Kvm, *, kernel_points: bool = False, incremental: bool = False) -> None:
         self.kvm = kvm
         self.findings = Findings()
         self.ledger = RefLedger(kvm.host, self.findings)
@@ -52,16 +53,16 @@ class Auditor:
         I10)."""
         check_unmapped_hva(self.kvm, self.ledger, self.findings, hva, gfn)
 
-    def kvm_mmu_audit(self, vcpu, msg: str) -> None:
+    def kvm_mmu_audit(self, vcpu: Vcpu, msg: str) -> None:
         """``kvm_mmu_audit(vcpu, msg)`` at the kernel's own points. ``pre pte write`` skips the mapping check
         (guest memory already holds the new pte; v2.6.32 does the same); the ``update_pte`` reference parked
         by ``mmu_guess_page_from_pte_write`` is in flight there."""
-        in_flight: Counter = Counter()
+        in_flight: Counter[int] = Counter()
         if msg in ("pre pte write", "post pte write") and not self.kvm.api.is_error_pfn(vcpu.update_pte_pfn):
             in_flight[vcpu.update_pte_pfn] += 1
         self.audit_point(msg, in_flight, mappings=msg != "pre pte write")
 
-    def audit_point(self, point: str, in_flight: Counter | None = None, mappings: bool = True) -> None:
+    def audit_point(self, point: str, in_flight: Counter[int] | None = None, mappings: bool = True) -> None:
         """An audit point: what changed since the previous one, or everything when not incremental."""
         if self.incremental is None:
             self.full_audit(point, in_flight, mappings)

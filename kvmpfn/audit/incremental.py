@@ -30,6 +30,7 @@ from collections import Counter
 
 from kvmpfn.audit.checks import (
     GuestView,
+    MappingEntry,
     audit_mapping,
     audit_mappings,
     audit_mappings_page,
@@ -48,8 +49,11 @@ from kvmpfn.audit.checks import (
     live_leaf,
     mapping_roots,
 )
+from kvmpfn.audit.findings import Findings
+from kvmpfn.audit.ledger import RefLedger
 from kvmpfn.kvm.rmap import rmap_entries
 from kvmpfn.kvm.spte import NOTRAP, TRAP, spte_to_pfn
+from kvmpfn.kvm.vm import Kvm, KvmMmuPage, Sptep, Vcpu
 from kvmpfn.x86 import KVM_PAGES_PER_HPAGE, PAGE_SHIFT, PT_PAGE_SIZE_MASK
 
 _set = list.__setitem__
@@ -77,12 +81,12 @@ class TrackedParents(list):
 
     __slots__ = ("sp", "changes")
 
-    def append(self, parent_pte) -> None:
+    def append(self, parent_pte: Sptep) -> None:
         self.changes.parent_pages.add(self.sp)
         self.changes.parent_links.add(parent_pte)
         list.append(self, parent_pte)
 
-    def remove(self, parent_pte) -> None:
+    def remove(self, parent_pte: Sptep) -> None:
         self.changes.parent_pages.add(self.sp)
         self.changes.parent_links.add(parent_pte)
         list.remove(self, parent_pte)
@@ -139,7 +143,7 @@ class Changes:
         """The guest stored ``nbytes`` at ``gpa``."""
         self.stored.add((gpa, nbytes))
 
-    def new_page(self, sp) -> None:
+    def new_page(self, sp: KvmMmuPage) -> None:
         """``kvm_mmu_alloc_page``: track the new page's sptes and parent links."""
         spt = TrackedSpt(sp.spt)
         spt.sp, spt.changes = sp, self
@@ -149,17 +153,17 @@ class Changes:
         sp.parent_ptes = parents
         self.pages.add(sp)
 
-    def zap_page(self, sp) -> None:
+    def zap_page(self, sp: KvmMmuPage) -> None:
         self.pages.add(sp)
 
-    def rmap_changed(self, sptep: tuple) -> None:
+    def rmap_changed(self, sptep: Sptep) -> None:
         self.rmapped.add(sptep)
         gfn = sptep[0].gfns[sptep[1]]
         self.rmap_keys.add((0, gfn))
         self.rmap_keys.add((1, gfn // KVM_PAGES_PER_HPAGE))
 
 
-def attach(kvm, ledger) -> Changes:
+def attach(kvm: Kvm, ledger: RefLedger) -> Changes:
     """Install the change hooks on ``kvm`` (before any shadow page exists) around the ledger's."""
     changes = Changes()
     hook, rmap_add, rmap_remove = ledger.hook, ledger.rmap_add, ledger.rmap_remove
@@ -169,12 +173,12 @@ def attach(kvm, ledger) -> Changes:
             changes.pfns.add(pfn)
         hook(op, pfn, function, caller)
 
-    def on_rmap_add(sptep: tuple, pfn: int) -> None:
+    def on_rmap_add(sptep: Sptep, pfn: int) -> None:
         changes.pfns.add(pfn)
         changes.rmap_changed(sptep)
         rmap_add(sptep, pfn)
 
-    def on_rmap_remove(sptep: tuple, pfn: int, spte: int) -> None:
+    def on_rmap_remove(sptep: Sptep, pfn: int, spte: int) -> None:
         changes.pfns.add(pfn)
         changes.rmap_changed(sptep)
         rmap_remove(sptep, pfn, spte)
@@ -199,7 +203,7 @@ def _is_pointer(ent: int, level: int) -> bool:
 class IncrementalAudit:
     """The audit points of one VM: :meth:`audit` checks what :class:`Changes` recorded."""
 
-    def __init__(self, kvm, ledger, findings, full_audit) -> None:
+    def __init__(self, kvm: Kvm, ledger: RefLedger, findings: Findings, full_audit) -> None:
         self.kvm = kvm
         self.full_audit = full_audit  # Auditor.full_audit(point, in_flight, mappings, reads)
         self.ledger = ledger
@@ -262,7 +266,7 @@ class IncrementalAudit:
 
     # -- the audit point ---------------------------------------------------------------------------------------
 
-    def audit(self, in_flight: Counter, mappings: bool, point: str) -> None:
+    def audit(self, in_flight: Counter[int], mappings: bool, point: str) -> None:
         """One audit point: a full audit the first time and after a VM-wide change, else what changed."""
         kvm = self.kvm
         roots = [(v.vcpu_id, v.root_hpa, v.cpu.cr3, *v.pae_root) for v in kvm.vcpus.values()]
@@ -299,7 +303,9 @@ class IncrementalAudit:
         self.counters = (kvm.n_alloc_mmu_pages, kvm.n_free_mmu_pages)
         self.write_counts = [(s.slot, dict(s.write_count)) for s in kvm.slots.values()]
 
-    def _incremental(self, ch: Changes, moved: set, in_flight: Counter, flight: set, mappings: bool, roots) -> None:
+    def _incremental(
+        self, ch: Changes, moved: set, in_flight: Counter[int], flight: set, mappings: bool, roots
+    ) -> None:
         kvm, f, ledger = self.kvm, self.findings, self.ledger
         active, page_header = kvm.active_mmu_pages, kvm.page_header
         dead = [sp for sp in ch.pages if active.get(sp.id) is not sp]
@@ -409,7 +415,7 @@ class IncrementalAudit:
         for sp, index in leaves:
             check_leaf_dirty(kvm, f, sp, index, _get(sp.spt, index))
 
-    def _ident(self, key: tuple, vcpu) -> tuple:
+    def _ident(self, key: tuple, vcpu: Vcpu) -> tuple:
         """What identifies a root's audit: its key and the vcpu whose view audits it (under TDP, where no guest
         view is used, the root alone)."""
         return key[3:] if self.kvm.tdp_enabled else (key, vcpu.vcpu_id)
@@ -459,7 +465,7 @@ class IncrementalAudit:
         memo: dict = {}
         reads = self.reads
 
-        def positions(sp) -> list[tuple]:
+        def positions(sp: KvmMmuPage) -> list[tuple]:
             """``(vcpu, va, level)`` where ``audit_mappings`` reaches ``sp`` from ``roots`` now."""
             out = memo.get(sp)
             if out is not None:
@@ -528,7 +534,7 @@ class IncrementalAudit:
                 reads.setdefault(key, set()).update(unseen)
 
 
-def _view(views: dict, kvm, vcpu, reads: dict) -> GuestView:
+def _view(views: dict, kvm: Kvm, vcpu: Vcpu, reads: dict[int, set[MappingEntry]]) -> GuestView:
     """The audit point's guest view of ``vcpu`` (one per vcpu: its walks are memoised)."""
     view = views.get(vcpu.vcpu_id)
     if view is None:
@@ -536,7 +542,7 @@ def _view(views: dict, kvm, vcpu, reads: dict) -> GuestView:
     return view
 
 
-def shadow_indices(sp, offset: int, nbytes: int) -> range:
+def shadow_indices(sp: KvmMmuPage, offset: int, nbytes: int) -> range:
     """The entries of ``sp`` that shadow the guest ptes a store of ``nbytes`` at ``offset`` in its guest table
     touched (a 32-bit guest's table in quadrants: see :func:`guest_entry_present`)."""
     if sp.glevels != 2:
@@ -549,11 +555,11 @@ def shadow_indices(sp, offset: int, nbytes: int) -> range:
     return range(max(2 * (first - base), 0), min(2 * (last - base) + 1, 511) + 1)
 
 
-def _sptep_order(sptep: tuple) -> tuple[int, int]:
+def _sptep_order(sptep: Sptep) -> tuple[int, int]:
     return sptep[0].id, sptep[1]
 
 
-def _page_order(sp) -> int:
+def _page_order(sp: KvmMmuPage) -> int:
     return sp.id
 
 

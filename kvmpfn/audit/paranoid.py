@@ -8,11 +8,11 @@ from collections import Counter
 
 from kvmpfn.kvm.mmu import PAE_ROOT_HPA
 from kvmpfn.kvm.rmap import RMAP_EXT
-from kvmpfn.kvm.vm import role_word
+from kvmpfn.kvm.vm import Kvm, KvmMmuPage, role_word
 from kvmpfn.x86 import INVALID_PAGE, PAGE_SHIFT, PT64_BASE_ADDR_MASK, PT_PRESENT_MASK
 
 
-def check_mmu_structures(kvm, changed=None) -> list[str]:
+def check_mmu_structures(kvm: Kvm, changed=None) -> list[str]:
     """Every inconsistency found, as one-line descriptions (empty when the structures agree). ``changed``
     (an incremental audit's :class:`~kvmpfn.audit.incremental.Changes`) limits the per-page and per-rmap checks
     to the pages and rmap heads that changed since the previous check."""
@@ -43,7 +43,7 @@ def check_mmu_structures(kvm, changed=None) -> list[str]:
     return problems
 
 
-def _check_changed(kvm, changed) -> list[str]:
+def _check_changed(kvm: Kvm, changed) -> list[str]:
     """The checks of :func:`check_mmu_structures` for the pages and rmap heads in ``changed`` (a page's hash
     bucket is the one of its gfn), and the VM-wide ones that cost O(1) or O(vcpus)."""
     problems: list[str] = []
@@ -70,7 +70,7 @@ def _check_changed(kvm, changed) -> list[str]:
     return problems
 
 
-def _check_page(kvm, sp, problems: list[str]) -> None:
+def _check_page(kvm: Kvm, sp: KvmMmuPage, problems: list[str]) -> None:
     active = kvm.active_mmu_pages
     if kvm.page_header.get(sp.hpa) is not sp:
         problems.append(f"{sp!r} has no page header")
@@ -99,7 +99,7 @@ def _check_head(name: str, key: int, head, problems: list[str]) -> None:
         problems.append(f"{name}[{key:#x}] lists an spte twice")
 
 
-def _check_roots(kvm, problems: list[str]) -> None:
+def _check_roots(kvm: Kvm, problems: list[str]) -> None:
     """Each vcpu's roots are live pages whose root_count covers the vcpus using them."""
     active = kvm.active_mmu_pages
     roots = Counter()

@@ -229,7 +229,9 @@ class RecordedChecks:
             self._close(key)
 
     # -- reporting --------------------------------------------------------------------------------------
-    def _report(self, at: _Where, code: str, message: str, subject: tuple, prov: list[_Where], **fields) -> None:
+    def _report(
+        self, at: _Where, code: str, message: str, subject: tuple[object, ...], prov: list[_Where], **fields: Any
+    ) -> None:
         f = self.findings
         saved = f.seq, f.line, f.point
         f.seq, f.line, f.point = at.seq, at.line, "recorded"
@@ -242,7 +244,7 @@ class RecordedChecks:
     def _run_key(self, vkey: Any, addr: int) -> Any:
         return addr if self.mmu == "tdp" else (vkey, addr)
 
-    def _page_fault(self, rec: dict, where: _Where) -> None:
+    def _page_fault(self, rec: dict[str, Any], where: _Where) -> None:
         addr = _int(rec.get("address"))
         err = _int(rec.get("error_code"))
         if addr is None:
@@ -312,7 +314,7 @@ class RecordedChecks:
             elif same_pid is not None and same_pid in run.pids:
                 self._close(key)
 
-    def _zap(self, rec: dict, where: _Where) -> None:
+    def _zap(self, rec: dict[str, Any], where: _Where) -> None:
         gfn, level = _int(rec.get("gfn")), _int(rec.get("level"))
         if gfn is None or level is None or rec.get("direct") is not True:
             for key in list(self._runs):
@@ -323,7 +325,7 @@ class RecordedChecks:
             if run.gfn is None or gfn <= run.gfn < end:
                 self._close(key)
 
-    def _fast_page_fault(self, rec: dict, where: _Where) -> None:
+    def _fast_page_fault(self, rec: dict[str, Any], where: _Where) -> None:
         gva, vcpu = _int(rec.get("gva")), _ident(rec.get("vcpu"))
         if gva is None:
             return
@@ -345,12 +347,12 @@ class RecordedChecks:
         run.last = where
 
     # -- recorded-spte-mismatch -------------------------------------------------------------------------
-    def _spte_requested(self, rec: dict, where: _Where) -> None:
+    def _spte_requested(self, rec: dict[str, Any], where: _Where) -> None:
         gfn, pfn = _int(rec.get("gfn")), _int(rec.get("pfn"))
         if gfn is not None and pfn is not None:
             self._requested[_ident(rec.get("pid"))] = (gfn, pfn, where)
 
-    def _set_spte(self, rec: dict, where: _Where) -> None:
+    def _set_spte(self, rec: dict[str, Any], where: _Where) -> None:
         gfn, spte, level = _int(rec.get("gfn")), _int(rec.get("spte")), _int(rec.get("level"))
         if gfn is None or spte is None:
             return
@@ -382,7 +384,7 @@ class RecordedChecks:
         )
 
     # -- recorded-spte-pfn-change -----------------------------------------------------------------------
-    def _spte_changed(self, rec: dict, where: _Where) -> None:
+    def _spte_changed(self, rec: dict[str, Any], where: _Where) -> None:
         gfn, level = _int(rec.get("gfn")), _int(rec.get("level"))
         old, new = _int(rec.get("old_spte")), _int(rec.get("new_spte"))
         if gfn is None or level is None or old is None or new is None:
