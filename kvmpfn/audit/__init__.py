@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 from kvmpfn.audit.checks import (
+    MappingEntry,
     audit_mappings,
     audit_rmap,
     audit_write_protection,
@@ -46,7 +47,7 @@ class Auditor:
             kvm.audit_point = self.kvm_mmu_audit
         self.incremental = IncrementalAudit(kvm, self.ledger, self.findings, self.full_audit) if incremental else None
         #: what changed since the last audit point (the replayer reports guest stores and VM-wide changes here)
-        self.changes = self.incremental.changes if incremental else None
+        self.changes = self.incremental.changes if self.incremental is not None else None
 
     def unmapped_hva(self, hva: int, gfn: int) -> None:
         """After each ``kvm_unmap_hva``: no present leaf maps the gfn behind hva any more (docs/kernel.md, Invariants:
@@ -74,7 +75,11 @@ class Auditor:
         f.point = saved
 
     def full_audit(
-        self, point: str, in_flight: Counter | None = None, mappings: bool = True, reads: dict | None = None
+        self,
+        point: str,
+        in_flight: Counter[int] | None = None,
+        mappings: bool = True,
+        reads: dict[int, set[MappingEntry]] | None = None,
     ) -> None:
         """Every check of docs/kernel.md, Invariants over the current state (``reads``: see :func:`audit_mappings`)."""
         kvm, f = self.kvm, self.findings

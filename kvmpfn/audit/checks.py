@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from kvmpfn.audit.findings import Findings
 from kvmpfn.audit.ledger import RefLedger
@@ -66,6 +66,8 @@ def spte_provenance(findings: Findings, sp: KvmMmuPage, index: int, spte: int) -
 
 #: a mapping check: (sp, index, vcpu_id, addr, level) of the entry checked
 MappingEntry = tuple[KvmMmuPage, int, int, int, int]
+#: what makes two vcpus' mapping audits the same: paging, CR3, CR0.WP, root_hpa, pae_root
+RootKey = tuple[str, int, bool, int, tuple[int, ...]]
 
 
 class GuestView:
@@ -112,11 +114,11 @@ class GuestView:
         return w.gfn << PAGE_SHIFT | (va & 0xFFF)
 
 
-def mapping_roots(kvm: Kvm) -> list[tuple[Vcpu, KvmMmuPage | None, int]]:
+def mapping_roots(kvm: Kvm) -> list[tuple[RootKey, Vcpu, KvmMmuPage, int, int]]:
     """Where ``audit_mappings`` starts: ``(key, vcpu, root page, va, level)`` for the first vcpu of each distinct
     key (paging, CR3, CR0.WP, roots); a PAE root is its four present PDPT entries."""
-    out = []
-    seen: set[tuple] = set()
+    out: list[tuple[RootKey, Vcpu, KvmMmuPage, int, int]] = []
+    seen: set[RootKey] = set()
     for vcpu in kvm.vcpus.values():
         if vcpu.root_hpa == INVALID_PAGE:
             continue
@@ -172,8 +174,16 @@ def audit_mappings_page(kvm: Kvm, findings: Findings, view: GuestView, sp: KvmMm
 
 
 def audit_mapping(
-    kvm: Kvm, findings: Findings, view: GuestView, sp: KvmMmuPage, index: int, ent: int, addr: int, level: int, table
-):
+    kvm: Kvm,
+    findings: Findings,
+    view: GuestView,
+    sp: KvmMmuPage,
+    index: int,
+    ent: int,
+    addr: int,
+    level: int,
+    table: bytes | None,
+) -> KvmMmuPage | None:
     """One entry of ``audit_mappings_page``, reached at ``addr`` and ``level``: check a leaf
     (``spte-hpa-mismatch``, ``spte-pfn-truncated``, ``notrap-valid-gva``, ``spte-permission``) or a notrap
     pointer (``notrap-nonleaf`` where the guest entry it shadows is present); a pointer returns its child page
@@ -257,8 +267,8 @@ def guest_entry_present(
     if not sp.metaphysical:
         if sp.glevels == 2:
             guest_index = (sp.quadrant << 9) + index if sp.level == 1 else (sp.quadrant << 8) + index // 2
-            return bool(table[4 * guest_index] & PT_PRESENT_MASK)
-        return bool(table[8 * index] & PT_PRESENT_MASK)
+            return bool(cast(bytes, table)[4 * guest_index] & PT_PRESENT_MASK)
+        return bool(cast(bytes, table)[8 * index] & PT_PRESENT_MASK)
     ok, w = view.walk(addr)
     if w is None:
         return False
@@ -277,7 +287,7 @@ def check_permission(
     ok, w = view.walk(addr)
     if not ok:
         return  # the mappings check reports a leaf over an unmapped gva
-    allowed = w.pte_access
+    allowed = cast(GuestWalker, w).pte_access  # a guest walk ran: paging on, not TDP (the caller's test)
     excess = []
     if spte & PT_WRITABLE_MASK and not allowed & ACC_WRITE_MASK:
         if sp.cr0_wp or spte & PT_USER_MASK:
@@ -305,7 +315,7 @@ def audit_rmap(kvm: Kvm, findings: Findings) -> None:
     Differs from the 2008 code, which compared the number of 4K rmap entries with the number of *writable*
     level-1 sptes (written when only writable sptes were rmapped, so it fired on every read-only leaf).
     """
-    counts: Counter[int] = Counter()
+    counts: Counter[Sptep] = Counter()
     for table, large in ((kvm.rmap, 0), (kvm.rmap_pde, 1)):
         for key in list(table):
             for sptep in rmap_entries(table, key):
@@ -448,7 +458,7 @@ def check_write_count(kvm: Kvm, findings: Findings) -> None:
     """I8: each 2 MiB region's ``write_count`` equals the live shadow pages of guest tables in it (not
     invalid ones under ``notifier``, v2.6.27), plus one for a region the slot covers only partly."""
     for slot in kvm.slots.values():
-        want: Counter = Counter(slot_edge_write_counts(slot.base_gfn, slot.npages))
+        want: Counter[int] = Counter(slot_edge_write_counts(slot.base_gfn, slot.npages))
         end = slot.base_gfn + slot.npages
         for sp in kvm.active_mmu_pages.values():
             if sp.metaphysical or (sp.invalid and kvm.notifiers):
@@ -518,10 +528,9 @@ def check_unmapped_hva(kvm: Kvm, ledger: RefLedger, findings: Findings, hva: int
     page: O(references on two frames) per call.
     """
     large_gfn = gfn & ~(KVM_PAGES_PER_HPAGE - 1)
-    pfns = {kvm.host.peek_pfn(gfn), kvm.host.peek_pfn(large_gfn)} - {None}
-    owned = [ref for pfn in sorted(pfns) for ref in ledger.refs.get(pfn, ()) if ref.owner is not None]
-    for ref in owned:
-        sp, index = ref.owner
+    pfns = {pfn for pfn in (kvm.host.peek_pfn(gfn), kvm.host.peek_pfn(large_gfn)) if pfn is not None}
+    owned = [(ref, ref.owner) for pfn in sorted(pfns) for ref in ledger.refs.get(pfn, ()) if ref.owner is not None]
+    for ref, (sp, index) in owned:
         spte = sp.spt[index]
         leaf_gfn = gfn if sp.level == 1 else large_gfn
         live = kvm.active_mmu_pages.get(sp.id) is sp
@@ -554,7 +563,7 @@ def check_refcount(kvm: Kvm, ledger: RefLedger, findings: Findings, pfn: int, al
     """I1 for one frame: each reference has its own owner, a present leaf mapping the frame, or is one of
     ``allowance`` references in flight."""
     leaked = []
-    seen_owners: set = set()
+    seen_owners: set[Sptep] = set()
     for ref in ledger.refs.get(pfn, ()):
         owner = ref.owner
         if owner is None:

@@ -66,6 +66,7 @@ Records that lack a field a check needs are ignored by that check: annotations a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,8 +157,8 @@ class _Run:
     last: _Where
     count: int = 1
     errs: list[int] = field(default_factory=list)
-    vcpus: list = field(default_factory=list)  # the vcpu keys that faulted here, in order
-    pids: set = field(default_factory=set)
+    vcpus: list[Any] = field(default_factory=list)  # the vcpu keys that faulted here, in order
+    pids: set[Any] = field(default_factory=set)
     spurious: int = 0
 
 
@@ -305,7 +306,7 @@ class RecordedChecks:
             t_last=t_last,
         )
 
-    def _close_where(self, covers, same_pid: Any = None) -> None:
+    def _close_where(self, covers: Callable[[int], bool], same_pid: Any = None) -> None:
         """Close the runs whose gfn ``covers(gfn)``; runs of unknown gfn (shadow) only on ``same_pid``."""
         for key, run in list(self._runs.items()):
             if run.gfn is not None:

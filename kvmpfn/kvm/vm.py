@@ -226,7 +226,7 @@ class Kvm:
         # kvm_unmap_hva: called with (hva, gfn) after each call, so the auditor can check docs/kernel.md, Invariants:
         # I10
         self.on_unmap_hva: Callable[[int, int], None] | None = None
-        self.audit_point: Callable[[Vcpu | None, str], None] | None = (
+        self.audit_point: Callable[[Vcpu, str], None] | None = (
             None  # kvm_mmu_audit(vcpu, msg) at the kernel's audit points
         )
         # the incremental audit's change tracking: a page allocated (before its first parent link), a page zapped
