@@ -42,6 +42,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check kvmpfn tests bench
 	$(BIN)/ruff format --check kvmpfn tests bench
+	$(BIN)/mypy
 
 fuzz: $(STAMP)
 	$(BIN)/pytest -q -m fuzz -n auto --dist worksteal

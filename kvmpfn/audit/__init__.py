@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 from kvmpfn.audit.checks import (
+    MappingEntry,
     audit_mappings,
     audit_rmap,
     audit_write_protection,
@@ -20,10 +21,11 @@ from kvmpfn.audit.checks import (
 from kvmpfn.audit.findings import CODES, Findings
 from kvmpfn.audit.incremental import IncrementalAudit
 from kvmpfn.audit.ledger import RefLedger
+from kvmpfn.kvm.vm import Kvm, Vcpu
 
 __all__ = ["CODES", "Auditor", "Findings", "RefLedger"]
 
-NO_FLIGHT: Counter = Counter()  # no reference in flight (shared, never changed)
+NO_FLIGHT: Counter[int] = Counter()  # no reference in flight (shared, never changed)
 
 
 class Auditor:
@@ -31,7 +33,7 @@ class Auditor:
     at the points asked for: :meth:`audit_point` checks what changed since the previous point when
     ``incremental`` (see :mod:`kvmpfn.audit.incremental`), else everything."""
 
-    def __init__(self, kvm, *, kernel_points: bool = False, incremental: bool = False) -> None:
+    def __init__(self, kvm: Kvm, *, kernel_points: bool = False, incremental: bool = False) -> None:
         self.kvm = kvm
         self.findings = Findings()
         self.ledger = RefLedger(kvm.host, self.findings)
@@ -45,23 +47,23 @@ class Auditor:
             kvm.audit_point = self.kvm_mmu_audit
         self.incremental = IncrementalAudit(kvm, self.ledger, self.findings, self.full_audit) if incremental else None
         #: what changed since the last audit point (the replayer reports guest stores and VM-wide changes here)
-        self.changes = self.incremental.changes if incremental else None
+        self.changes = self.incremental.changes if self.incremental is not None else None
 
     def unmapped_hva(self, hva: int, gfn: int) -> None:
         """After each ``kvm_unmap_hva``: no present leaf maps the gfn behind hva any more (docs/kernel.md, Invariants:
         I10)."""
         check_unmapped_hva(self.kvm, self.ledger, self.findings, hva, gfn)
 
-    def kvm_mmu_audit(self, vcpu, msg: str) -> None:
+    def kvm_mmu_audit(self, vcpu: Vcpu, msg: str) -> None:
         """``kvm_mmu_audit(vcpu, msg)`` at the kernel's own points. ``pre pte write`` skips the mapping check
         (guest memory already holds the new pte; v2.6.32 does the same); the ``update_pte`` reference parked
         by ``mmu_guess_page_from_pte_write`` is in flight there."""
-        in_flight: Counter = Counter()
+        in_flight: Counter[int] = Counter()
         if msg in ("pre pte write", "post pte write") and not self.kvm.api.is_error_pfn(vcpu.update_pte_pfn):
             in_flight[vcpu.update_pte_pfn] += 1
         self.audit_point(msg, in_flight, mappings=msg != "pre pte write")
 
-    def audit_point(self, point: str, in_flight: Counter | None = None, mappings: bool = True) -> None:
+    def audit_point(self, point: str, in_flight: Counter[int] | None = None, mappings: bool = True) -> None:
         """An audit point: what changed since the previous one, or everything when not incremental."""
         if self.incremental is None:
             self.full_audit(point, in_flight, mappings)
@@ -73,7 +75,11 @@ class Auditor:
         f.point = saved
 
     def full_audit(
-        self, point: str, in_flight: Counter | None = None, mappings: bool = True, reads: dict | None = None
+        self,
+        point: str,
+        in_flight: Counter[int] | None = None,
+        mappings: bool = True,
+        reads: dict[int, set[MappingEntry]] | None = None,
     ) -> None:
         """Every check of docs/kernel.md, Invariants over the current state (``reads``: see :func:`audit_mappings`)."""
         kvm, f = self.kvm, self.findings

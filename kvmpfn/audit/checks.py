@@ -9,11 +9,16 @@ docstring starts with the invariant it checks (I1 … I14, each defined in docs/
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from typing import Any, cast
 
+from kvmpfn.audit.findings import Findings
+from kvmpfn.audit.ledger import RefLedger
 from kvmpfn.kvm.mmu import gfn_to_kvm_slot, slot_edge_write_counts, slot_largepage_idx
 from kvmpfn.kvm.rmap import gfn_to_rmap, rmap_entries
 from kvmpfn.kvm.spte import NOTRAP, TRAP, is_last_spte, is_shadow_present_pte, spte_to_pfn
-from kvmpfn.kvm.walker import walk_addr
+from kvmpfn.kvm.vm import Kvm, KvmMmuPage, Sptep, Vcpu
+from kvmpfn.kvm.walker import GuestWalker, walk_addr
 from kvmpfn.x86 import (
     ACC_EXEC_MASK,
     ACC_USER_MASK,
@@ -39,7 +44,7 @@ def canonicalize(va: int) -> int:
     return va | ~((1 << 48) - 1) & ((1 << 64) - 1) if va & (1 << 47) else va
 
 
-def live_leaves(kvm):
+def live_leaves(kvm: Kvm) -> Iterator[tuple[KvmMmuPage, int, int]]:
     """Every present leaf of every live shadow page: ``(sp, index, spte)``."""
     for sp in kvm.active_mmu_pages.values():
         level = sp.level
@@ -48,7 +53,7 @@ def live_leaves(kvm):
                 yield sp, index, spte
 
 
-def spte_provenance(findings, sp, index: int, spte: int) -> list[dict]:
+def spte_provenance(findings: Findings, sp: KvmMmuPage, index: int, spte: int) -> list[dict[str, Any]]:
     """Where the reference a present leaf owns was taken (from the ledger), as finding provenance."""
     ledger = findings.ledger
     if ledger is None or not is_shadow_present_pte(spte):
@@ -59,20 +64,26 @@ def spte_provenance(findings, sp, index: int, spte: int) -> list[dict]:
     return []
 
 
+#: a mapping check: (sp, index, vcpu_id, addr, level) of the entry checked
+MappingEntry = tuple[KvmMmuPage, int, int, int, int]
+#: what makes two vcpus' mapping audits the same: paging, CR3, CR0.WP, root_hpa, pae_root
+RootKey = tuple[str, int, bool, int, tuple[int, ...]]
+
+
 class GuestView:
     """The guest translation as the auditor needs it: a side-effect-free walk (no A/D writes, no references),
     memoised per (vcpu state, page) for one audit."""
 
-    def __init__(self, kvm, vcpu, reads: dict | None = None) -> None:
+    def __init__(self, kvm: Kvm, vcpu: Vcpu, reads: dict[int, set[MappingEntry]] | None = None) -> None:
         self.kvm = kvm
         self.vcpu = vcpu
-        self.cache: dict[int, object] = {}
+        self.cache: dict[int, tuple[bool, GuestWalker | None]] = {}
         # gpa of a guest pte -> entries whose check walked through it (the incremental audit's index); a notrap
         # entry of a page shadowing a guest table reads only its own guest pte, found from the page instead
         self.reads = reads
-        self.entry: tuple | None = None  # the entry being checked, recorded in ``reads``
+        self.entry: MappingEntry | None = None  # the entry being checked, recorded in ``reads``
 
-    def walk(self, va: int):
+    def walk(self, va: int) -> tuple[bool, GuestWalker | None]:
         page = va >> PAGE_SHIFT
         hit = self.cache.get(page)
         if hit is None:
@@ -103,11 +114,11 @@ class GuestView:
         return w.gfn << PAGE_SHIFT | (va & 0xFFF)
 
 
-def mapping_roots(kvm) -> list[tuple]:
+def mapping_roots(kvm: Kvm) -> list[tuple[RootKey, Vcpu, KvmMmuPage, int, int]]:
     """Where ``audit_mappings`` starts: ``(key, vcpu, root page, va, level)`` for the first vcpu of each distinct
     key (paging, CR3, CR0.WP, roots); a PAE root is its four present PDPT entries."""
-    out = []
-    seen: set[tuple] = set()
+    out: list[tuple[RootKey, Vcpu, KvmMmuPage, int, int]] = []
+    seen: set[RootKey] = set()
     for vcpu in kvm.vcpus.values():
         if vcpu.root_hpa == INVALID_PAGE:
             continue
@@ -125,7 +136,7 @@ def mapping_roots(kvm) -> list[tuple]:
     return out
 
 
-def audit_mappings(kvm, findings, reads: dict | None = None) -> None:
+def audit_mappings(kvm: Kvm, findings: Findings, reads: dict[int, set[MappingEntry]] | None = None) -> None:
     """``audit_mappings``: from every vcpu's roots, each present leaf against the current guest translation.
     ``reads`` (pte gpa -> entries) collects the guest ptes each check's walk read, for the incremental audit.
 
@@ -142,14 +153,14 @@ def audit_mappings(kvm, findings, reads: dict | None = None) -> None:
         audit_mappings_page(kvm, findings, view, sp, va, level)
 
 
-def guest_table(kvm, sp) -> bytes | None:
+def guest_table(kvm: Kvm, sp: KvmMmuPage) -> bytes | None:
     """The guest table a non-metaphysical page shadows, read once for all its notrap entries."""
     if sp.metaphysical or kvm.tdp_enabled:
         return None
     return kvm.host.read_bytes(sp.gfn << PAGE_SHIFT, 1 << PAGE_SHIFT)
 
 
-def audit_mappings_page(kvm, findings, view: GuestView, sp, va: int, level: int) -> None:
+def audit_mappings_page(kvm: Kvm, findings: Findings, view: GuestView, sp: KvmMmuPage, va: int, level: int) -> None:
     """``audit_mappings_page``: each entry of ``sp`` (:func:`audit_mapping`), recursing through pointers."""
     shift = PAGE_SHIFT + 9 * (level - 1)
     table = guest_table(kvm, sp)
@@ -162,7 +173,17 @@ def audit_mappings_page(kvm, findings, view: GuestView, sp, va: int, level: int)
             audit_mappings_page(kvm, findings, view, child, addr, level - 1)
 
 
-def audit_mapping(kvm, findings, view: GuestView, sp, index: int, ent: int, addr: int, level: int, table):
+def audit_mapping(
+    kvm: Kvm,
+    findings: Findings,
+    view: GuestView,
+    sp: KvmMmuPage,
+    index: int,
+    ent: int,
+    addr: int,
+    level: int,
+    table: bytes | None,
+) -> KvmMmuPage | None:
     """One entry of ``audit_mappings_page``, reached at ``addr`` and ``level``: check a leaf
     (``spte-hpa-mismatch``, ``spte-pfn-truncated``, ``notrap-valid-gva``, ``spte-permission``) or a notrap
     pointer (``notrap-nonleaf`` where the guest entry it shadows is present); a pointer returns its child page
@@ -236,7 +257,9 @@ def audit_mapping(kvm, findings, view: GuestView, sp, index: int, ent: int, addr
     return None
 
 
-def guest_entry_present(view: GuestView, sp, index: int, addr: int, level: int, table: bytes | None) -> bool:
+def guest_entry_present(
+    view: GuestView, sp: KvmMmuPage, index: int, addr: int, level: int, table: bytes | None
+) -> bool:
     """Whether the guest entry that entry ``index`` of ``sp`` shadows is present (docs/kernel.md, Invariants: I6). A
     page that shadows a guest table reads that entry directly from ``table``, the table's bytes (a 32-bit guest's tables
     in quadrants: 512 ptes of 1024 per level-1 page, one 4-byte pde per two 2 MiB shadow pdes); elsewhere the
@@ -244,8 +267,8 @@ def guest_entry_present(view: GuestView, sp, index: int, addr: int, level: int, 
     if not sp.metaphysical:
         if sp.glevels == 2:
             guest_index = (sp.quadrant << 9) + index if sp.level == 1 else (sp.quadrant << 8) + index // 2
-            return bool(table[4 * guest_index] & PT_PRESENT_MASK)
-        return bool(table[8 * index] & PT_PRESENT_MASK)
+            return bool(cast(bytes, table)[4 * guest_index] & PT_PRESENT_MASK)
+        return bool(cast(bytes, table)[8 * index] & PT_PRESENT_MASK)
     ok, w = view.walk(addr)
     if w is None:
         return False
@@ -254,7 +277,9 @@ def guest_entry_present(view: GuestView, sp, index: int, addr: int, level: int, 
     return w.level < level or (w.level == level and bool(w.error_code & PFERR_PRESENT_MASK))
 
 
-def check_permission(kvm, findings, view: GuestView, sp, index: int, addr: int, level: int, spte: int) -> None:
+def check_permission(
+    kvm: Kvm, findings: Findings, view: GuestView, sp: KvmMmuPage, index: int, addr: int, level: int, spte: int
+) -> None:
     """I11: a leaf never grants more than the guest translation (W, U, NX), judged with the CR0.WP of its
     shadow page's role: a W spte over a read-only translation is legal only for CR0.WP=0 supervisor
     writes, and then without U (the v2.6.35 rule; violated in 2008, docs/kernel.md, Historical bugs:
@@ -262,7 +287,7 @@ def check_permission(kvm, findings, view: GuestView, sp, index: int, addr: int, 
     ok, w = view.walk(addr)
     if not ok:
         return  # the mappings check reports a leaf over an unmapped gva
-    allowed = w.pte_access
+    allowed = cast(GuestWalker, w).pte_access  # a guest walk ran: paging on, not TDP (the caller's test)
     excess = []
     if spte & PT_WRITABLE_MASK and not allowed & ACC_WRITE_MASK:
         if sp.cr0_wp or spte & PT_USER_MASK:
@@ -283,14 +308,14 @@ def check_permission(kvm, findings, view: GuestView, sp, index: int, addr: int, 
         )
 
 
-def audit_rmap(kvm, findings) -> None:
+def audit_rmap(kvm: Kvm, findings: Findings) -> None:
     """``audit_rmap``: every present leaf is in exactly one rmap (its gfn's, or its region's when large) and
     every rmap entry is a present leaf of a live shadow page.
 
     Differs from the 2008 code, which compared the number of 4K rmap entries with the number of *writable*
     level-1 sptes (written when only writable sptes were rmapped, so it fired on every read-only leaf).
     """
-    counts: Counter = Counter()
+    counts: Counter[Sptep] = Counter()
     for table, large in ((kvm.rmap, 0), (kvm.rmap_pde, 1)):
         for key in list(table):
             for sptep in rmap_entries(table, key):
@@ -300,7 +325,7 @@ def audit_rmap(kvm, findings) -> None:
         check_rmap_count(findings, sp, index, counts.get((sp, index), 0))
 
 
-def check_rmap_entry(kvm, findings, large: int, key: int, sptep: tuple) -> None:
+def check_rmap_entry(kvm: Kvm, findings: Findings, large: int, key: int, sptep: Sptep) -> None:
     """One entry of rmap head ``key`` (of ``rmap_pde`` when ``large``): a present leaf of a live page whose
     gfn's head is this one."""
     sp, index = sptep
@@ -327,7 +352,7 @@ def check_rmap_entry(kvm, findings, large: int, key: int, sptep: tuple) -> None:
         )
 
 
-def check_rmap_count(findings, sp, index: int, n: int) -> None:
+def check_rmap_count(findings: Findings, sp: KvmMmuPage, index: int, n: int) -> None:
     """A present leaf is in exactly one rmap (``n``: the entries that name it)."""
     if n != 1:
         findings.report(
@@ -339,7 +364,7 @@ def check_rmap_count(findings, sp, index: int, n: int) -> None:
         )
 
 
-def audit_write_protection(kvm, findings) -> None:
+def audit_write_protection(kvm: Kvm, findings: Findings) -> None:
     """``audit_write_protection``: no writable leaf maps, and no writable large leaf covers, a gfn that a live
     valid shadow page shadows.
 
@@ -350,7 +375,7 @@ def audit_write_protection(kvm, findings) -> None:
         check_write_protected(kvm, findings, sp)
 
 
-def check_write_protected(kvm, findings, sp) -> None:
+def check_write_protected(kvm: Kvm, findings: Findings, sp: KvmMmuPage) -> None:
     """No writable leaf maps or covers the gfn of ``sp`` if it is a valid page shadowing a guest table."""
     if sp.metaphysical or sp.invalid:
         return
@@ -369,7 +394,7 @@ def check_write_protected(kvm, findings, sp) -> None:
                 )
 
 
-def check_parent_links(kvm, findings) -> None:
+def check_parent_links(kvm: Kvm, findings: Findings) -> None:
     """I3: every present pointer spte points at a live page that lists it as a parent, and every parent
     entry points back."""
     for sp in kvm.active_mmu_pages.values():
@@ -380,7 +405,7 @@ def check_parent_links(kvm, findings) -> None:
             check_parent_entry(kvm, findings, sp, psp, pindex)
 
 
-def check_parent_pointer(kvm, findings, sp, index: int, ent: int) -> None:
+def check_parent_pointer(kvm: Kvm, findings: Findings, sp: KvmMmuPage, index: int, ent: int) -> None:
     """A present pointer ``sp.spt[index]`` (``ent``) of a live page is in its child's parent list."""
     if not is_shadow_present_pte(ent) or is_last_spte(ent, sp.level):
         return
@@ -395,7 +420,7 @@ def check_parent_pointer(kvm, findings, sp, index: int, ent: int) -> None:
         )
 
 
-def check_parent_entry(kvm, findings, sp, psp, pindex: int) -> None:
+def check_parent_entry(kvm: Kvm, findings: Findings, sp: KvmMmuPage, psp: KvmMmuPage, pindex: int) -> None:
     """An entry ``(psp, pindex)`` of live page ``sp``'s parent list points at ``sp`` from a live page."""
     ent = psp.spt[pindex]
     if kvm.active_mmu_pages.get(psp.id) is not psp or not is_shadow_present_pte(ent) or spte_to_pfn(ent) != sp.hpa:
@@ -409,13 +434,13 @@ def check_parent_entry(kvm, findings, sp, psp, pindex: int) -> None:
         )
 
 
-def check_memslots(kvm, findings) -> None:
+def check_memslots(kvm: Kvm, findings: Findings) -> None:
     """I7: every present leaf maps a gfn that a memslot holds."""
     for sp, index, spte in live_leaves(kvm):
         check_leaf_memslot(kvm, findings, sp, index, spte)
 
 
-def check_leaf_memslot(kvm, findings, sp, index: int, spte: int) -> None:
+def check_leaf_memslot(kvm: Kvm, findings: Findings, sp: KvmMmuPage, index: int, spte: int) -> None:
     """I7 for one present leaf."""
     gfn = sp.gfns[index]
     if gfn_to_kvm_slot(kvm, gfn) is None:
@@ -429,11 +454,11 @@ def check_leaf_memslot(kvm, findings, sp, index: int, spte: int) -> None:
         )
 
 
-def check_write_count(kvm, findings) -> None:
+def check_write_count(kvm: Kvm, findings: Findings) -> None:
     """I8: each 2 MiB region's ``write_count`` equals the live shadow pages of guest tables in it (not
     invalid ones under ``notifier``, v2.6.27), plus one for a region the slot covers only partly."""
     for slot in kvm.slots.values():
-        want: Counter = Counter(slot_edge_write_counts(slot.base_gfn, slot.npages))
+        want: Counter[int] = Counter(slot_edge_write_counts(slot.base_gfn, slot.npages))
         end = slot.base_gfn + slot.npages
         for sp in kvm.active_mmu_pages.values():
             if sp.metaphysical or (sp.invalid and kvm.notifiers):
@@ -453,7 +478,7 @@ def check_write_count(kvm, findings) -> None:
                 )
 
 
-def check_accounting(kvm, findings) -> None:
+def check_accounting(kvm: Kvm, findings: Findings) -> None:
     """I13: ``n_alloc - n_free`` equals the live pages, and the hash holds exactly the live pages."""
     live = len(kvm.active_mmu_pages)
     hashed = sum(len(bucket) for bucket in kvm.mmu_page_hash.values())
@@ -466,13 +491,13 @@ def check_accounting(kvm, findings) -> None:
         )
 
 
-def check_dirty_log(kvm, findings) -> None:
+def check_dirty_log(kvm: Kvm, findings: Findings) -> None:
     """I14 (dirty logging): in a logging slot every gfn a writable leaf maps is in the dirty bitmap."""
     for sp, index, spte in live_leaves(kvm):
         check_leaf_dirty(kvm, findings, sp, index, spte)
 
 
-def check_leaf_dirty(kvm, findings, sp, index: int, spte: int) -> None:
+def check_leaf_dirty(kvm: Kvm, findings: Findings, sp: KvmMmuPage, index: int, spte: int) -> None:
     """I14 (dirty logging) for one present leaf."""
     if not spte & PT_WRITABLE_MASK:
         return
@@ -489,7 +514,7 @@ def check_leaf_dirty(kvm, findings, sp, index: int, spte: int) -> None:
         )
 
 
-def check_unmapped_hva(kvm, ledger, findings, hva: int, gfn: int) -> None:
+def check_unmapped_hva(kvm: Kvm, ledger: RefLedger, findings: Findings, hva: int, gfn: int) -> None:
     """I10, after each ``kvm_unmap_hva(hva)`` (all of ``invalidate_page``, one page of
     ``invalidate_range_start``): no present leaf, 4K or large, maps ``gfn``, the gfn behind hva, whose frame
     the host is about to free. Guards ``kvm_unmap_hva`` / ``kvm_handle_hva`` (docs/kernel.md, MMU notifiers;
@@ -503,10 +528,9 @@ def check_unmapped_hva(kvm, ledger, findings, hva: int, gfn: int) -> None:
     page: O(references on two frames) per call.
     """
     large_gfn = gfn & ~(KVM_PAGES_PER_HPAGE - 1)
-    pfns = {kvm.host.peek_pfn(gfn), kvm.host.peek_pfn(large_gfn)} - {None}
-    owned = [ref for pfn in sorted(pfns) for ref in ledger.refs.get(pfn, ()) if ref.owner is not None]
-    for ref in owned:
-        sp, index = ref.owner
+    pfns = {pfn for pfn in (kvm.host.peek_pfn(gfn), kvm.host.peek_pfn(large_gfn)) if pfn is not None}
+    owned = [(ref, ref.owner) for pfn in sorted(pfns) for ref in ledger.refs.get(pfn, ()) if ref.owner is not None]
+    for ref, (sp, index) in owned:
         spte = sp.spt[index]
         leaf_gfn = gfn if sp.level == 1 else large_gfn
         live = kvm.active_mmu_pages.get(sp.id) is sp
@@ -522,24 +546,24 @@ def check_unmapped_hva(kvm, ledger, findings, hva: int, gfn: int) -> None:
             )
 
 
-def check_refcounts(kvm, ledger, findings, in_flight: Counter) -> None:
+def check_refcounts(kvm: Kvm, ledger: RefLedger, findings: Findings, in_flight: Counter[int]) -> None:
     """I1: every reference KVM holds is owned by a present leaf mapping that frame, or is in flight at this
     audit point (``in_flight``: frame -> references allowed without an owner)."""
     for pfn in sorted(ledger.refs):
         check_refcount(kvm, ledger, findings, pfn, in_flight.get(pfn, 0))
 
 
-def live_leaf(kvm, sp, index: int) -> bool:
+def live_leaf(kvm: Kvm, sp: KvmMmuPage, index: int) -> bool:
     """Whether ``sp.spt[index]`` is a present leaf of a live page (what :func:`live_leaves` yields)."""
     spte = sp.spt[index]
     return spte != TRAP and spte != NOTRAP and is_last_spte(spte, sp.level) and kvm.active_mmu_pages.get(sp.id) is sp
 
 
-def check_refcount(kvm, ledger, findings, pfn: int, allowance: int) -> None:
+def check_refcount(kvm: Kvm, ledger: RefLedger, findings: Findings, pfn: int, allowance: int) -> None:
     """I1 for one frame: each reference has its own owner, a present leaf mapping the frame, or is one of
     ``allowance`` references in flight."""
     leaked = []
-    seen_owners: set = set()
+    seen_owners: set[Sptep] = set()
     for ref in ledger.refs.get(pfn, ()):
         owner = ref.owner
         if owner is None:

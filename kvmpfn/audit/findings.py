@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvmpfn import vocab
+from kvmpfn.audit.ledger import RefLedger
 
 CODES = tuple(vocab.CODES)
 
@@ -24,13 +25,20 @@ class Findings:
 
     def __init__(self) -> None:
         self.items: list[dict[str, Any]] = []
-        self._seen: set[tuple] = set()
+        self._seen: set[tuple[object, ...]] = set()
         self.seq = -1
         self.line = 0
         self.point = "setup"
-        self.ledger = None  # the RefLedger, for the provenance of spte findings
+        self.ledger: RefLedger | None = None  # the RefLedger, for the provenance of spte findings
 
-    def report(self, code: str, message: str, subject: tuple, provenance: list | None = None, **fields) -> bool:
+    def report(
+        self,
+        code: str,
+        message: str,
+        subject: tuple[object, ...],
+        provenance: list[dict[str, Any]] | None = None,
+        **fields: Any,
+    ) -> bool:
         """Record a finding unless the same code on the same subject was reported before."""
         key = (code, *subject)
         if key in self._seen:

@@ -27,9 +27,13 @@ name each spte), and which entries' checks read which guest table.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
+from typing import cast
 
 from kvmpfn.audit.checks import (
     GuestView,
+    MappingEntry,
+    RootKey,
     audit_mapping,
     audit_mappings,
     audit_mappings_page,
@@ -48,21 +52,36 @@ from kvmpfn.audit.checks import (
     live_leaf,
     mapping_roots,
 )
+from kvmpfn.audit.findings import Findings
+from kvmpfn.audit.ledger import RefLedger
 from kvmpfn.kvm.rmap import rmap_entries
 from kvmpfn.kvm.spte import NOTRAP, TRAP, spte_to_pfn
+from kvmpfn.kvm.vm import Kvm, KvmMmuPage, Sptep, Vcpu
 from kvmpfn.x86 import KVM_PAGES_PER_HPAGE, PAGE_SHIFT, PT_PAGE_SIZE_MASK
+
+#: an rmap head: (large, key)
+RmapKey = tuple[int, int]
+#: what identifies a root's mappings audit (:meth:`IncrementalAudit._ident`)
+Ident = tuple[int, tuple[int, ...]] | tuple[RootKey, int]
+#: where ``audit_mappings`` starts: (vcpu, root page, va, level)
+Root = tuple[Vcpu, KvmMmuPage, int, int]
+#: the value each changed spte held at the previous audit point
+Stores = dict[Sptep, int]
 
 _set = list.__setitem__
 _get = list.__getitem__
 
 
-class TrackedSpt(list):
+class TrackedSpt(list[int]):
     """``sp.spt`` that records each store changing an entry: ``changes.stores[(sp, index)]`` is the value
     the first store since the last audit point replaced."""
 
     __slots__ = ("sp", "changes")
+    sp: KvmMmuPage
+    changes: Changes
 
-    def __setitem__(self, index, value) -> None:
+    # the MMU stores one entry at a time, never a slice
+    def __setitem__(self, index: int, value: int) -> None:  # type: ignore[override]
         old = _get(self, index)
         if old != value:
             key = (self.sp, index)
@@ -72,17 +91,19 @@ class TrackedSpt(list):
             _set(self, index, value)
 
 
-class TrackedParents(list):
+class TrackedParents(list[Sptep]):
     """``sp.parent_ptes`` that records the parent links added and removed."""
 
     __slots__ = ("sp", "changes")
+    sp: KvmMmuPage
+    changes: Changes
 
-    def append(self, parent_pte) -> None:
+    def append(self, parent_pte: Sptep) -> None:
         self.changes.parent_pages.add(self.sp)
         self.changes.parent_links.add(parent_pte)
         list.append(self, parent_pte)
 
-    def remove(self, parent_pte) -> None:
+    def remove(self, parent_pte: Sptep) -> None:
         self.changes.parent_pages.add(self.sp)
         self.changes.parent_links.add(parent_pte)
         list.remove(self, parent_pte)
@@ -105,13 +126,13 @@ class Changes:
 
     def __init__(self) -> None:
         self.everything = True  # the first point is a full audit
-        self.stores: dict[tuple, int] = {}
-        self.pages: set = set()  # created or zapped
-        self.parent_pages: set = set()  # parent list changed
-        self.parent_links: set[tuple] = set()  # (psp, index) added to or removed from a parent list
+        self.stores: dict[Sptep, int] = {}
+        self.pages: set[KvmMmuPage] = set()  # created or zapped
+        self.parent_pages: set[KvmMmuPage] = set()  # parent list changed
+        self.parent_links: set[Sptep] = set()  # (psp, index) added to or removed from a parent list
         self.pfns: set[int] = set()  # references taken, released, bound or unbound
         self.rmap_keys: set[tuple[int, int]] = set()  # (large, key) heads that may have changed
-        self.rmapped: set[tuple] = set()  # sptes rmap_add or rmap_remove handled
+        self.rmapped: set[Sptep] = set()  # sptes rmap_add or rmap_remove handled
         self.stored: set[tuple[int, int]] = set()  # (gpa, bytes) of each guest store
 
     def any(self) -> bool:
@@ -139,7 +160,7 @@ class Changes:
         """The guest stored ``nbytes`` at ``gpa``."""
         self.stored.add((gpa, nbytes))
 
-    def new_page(self, sp) -> None:
+    def new_page(self, sp: KvmMmuPage) -> None:
         """``kvm_mmu_alloc_page``: track the new page's sptes and parent links."""
         spt = TrackedSpt(sp.spt)
         spt.sp, spt.changes = sp, self
@@ -149,17 +170,17 @@ class Changes:
         sp.parent_ptes = parents
         self.pages.add(sp)
 
-    def zap_page(self, sp) -> None:
+    def zap_page(self, sp: KvmMmuPage) -> None:
         self.pages.add(sp)
 
-    def rmap_changed(self, sptep: tuple) -> None:
+    def rmap_changed(self, sptep: Sptep) -> None:
         self.rmapped.add(sptep)
         gfn = sptep[0].gfns[sptep[1]]
         self.rmap_keys.add((0, gfn))
         self.rmap_keys.add((1, gfn // KVM_PAGES_PER_HPAGE))
 
 
-def attach(kvm, ledger) -> Changes:
+def attach(kvm: Kvm, ledger: RefLedger) -> Changes:
     """Install the change hooks on ``kvm`` (before any shadow page exists) around the ledger's."""
     changes = Changes()
     hook, rmap_add, rmap_remove = ledger.hook, ledger.rmap_add, ledger.rmap_remove
@@ -169,12 +190,12 @@ def attach(kvm, ledger) -> Changes:
             changes.pfns.add(pfn)
         hook(op, pfn, function, caller)
 
-    def on_rmap_add(sptep: tuple, pfn: int) -> None:
+    def on_rmap_add(sptep: Sptep, pfn: int) -> None:
         changes.pfns.add(pfn)
         changes.rmap_changed(sptep)
         rmap_add(sptep, pfn)
 
-    def on_rmap_remove(sptep: tuple, pfn: int, spte: int) -> None:
+    def on_rmap_remove(sptep: Sptep, pfn: int, spte: int) -> None:
         changes.pfns.add(pfn)
         changes.rmap_changed(sptep)
         rmap_remove(sptep, pfn, spte)
@@ -199,29 +220,36 @@ def _is_pointer(ent: int, level: int) -> bool:
 class IncrementalAudit:
     """The audit points of one VM: :meth:`audit` checks what :class:`Changes` recorded."""
 
-    def __init__(self, kvm, ledger, findings, full_audit) -> None:
+    def __init__(
+        self,
+        kvm: Kvm,
+        ledger: RefLedger,
+        findings: Findings,
+        full_audit: Callable[[str, Counter[int] | None, bool, dict[int, set[MappingEntry]] | None], None],
+    ) -> None:
         self.kvm = kvm
         self.full_audit = full_audit  # Auditor.full_audit(point, in_flight, mappings, reads)
         self.ledger = ledger
         self.findings = findings
         self.changes = attach(kvm, ledger)
-        self.pointed_by: dict[int, set[tuple]] = {}  # shadow page hpa -> (sp, index) entries whose value names it
-        self.rmap_mirror: dict[tuple[int, int], tuple] = {}  # (large, key) -> the head's entries
-        self.rmap_where: dict[tuple, Counter] = {}  # sptep -> (large, key) -> times it is listed there
-        self.reads: dict[int, set[tuple]] = {}  # guest pte gpa -> mapping checks whose walk read that pte
-        self.roots: list | None = None  # the vcpus' roots and CR3 at the last audit point
-        self.idents: set | None = None  # the roots the last mappings check audited (None: audit them all)
-        self.absent: dict[tuple, tuple] = {}  # roots audited before and gone since: what changed meanwhile
+        self.pointed_by: dict[int, set[Sptep]] = {}  # shadow page hpa -> (sp, index) entries whose value names it
+        self.rmap_mirror: dict[RmapKey, tuple[Sptep, ...]] = {}  # (large, key) -> the head's entries
+        self.rmap_where: dict[Sptep, Counter[RmapKey]] = {}  # sptep -> (large, key) -> times it is listed there
+        self.reads: dict[int, set[MappingEntry]] = {}  # guest pte gpa -> mapping checks whose walk read that pte
+        self.roots: list[tuple[int, ...]] | None = None  # the vcpus' roots and CR3 at the last audit point
+        self.idents: set[Ident] | None = None  # the roots the last mappings check audited (None: audit them all)
+        # roots audited before and gone since: what changed meanwhile
+        self.absent: dict[Ident, tuple[Stores, set[tuple[int, int]]]] = {}
         self.structural = Changes()  # pages and rmap heads changed since the last structure_changes()
-        self.deferred: dict[tuple, int] = {}  # stores not yet seen by a mappings check ("pre pte write")
+        self.deferred: Stores = {}  # stores not yet seen by a mappings check ("pre pte write")
         self.deferred_stored: set[tuple[int, int]] = set()
-        self.in_flight: set[int] = set()  # frames with an allowance at the previous point
-        self.counters: tuple | None = None
-        self.write_counts: list | None = None
+        self.in_flight: set[int] | frozenset[int] = set()  # frames with an allowance at the previous point
+        self.counters: tuple[int, int] | None = None
+        self.write_counts: list[tuple[int, dict[int, int]]] | None = None
 
     # -- indexes -----------------------------------------------------------------------------------------------
 
-    def _index(self, ch: Changes) -> set[tuple]:
+    def _index(self, ch: Changes) -> set[Sptep]:
         """Bring the indexes up to date with ``ch``; returns the sptes whose rmap heads changed."""
         pointed_by = self.pointed_by
         page_header = self.kvm.page_header
@@ -234,7 +262,7 @@ class IncrementalAudit:
             new = _get(sp.spt, index)
             if new != TRAP and new != NOTRAP and spte_to_pfn(new) in page_header:
                 pointed_by.setdefault(spte_to_pfn(new), set()).add(sptep)
-        moved: set[tuple] = set()
+        moved: set[Sptep] = set()
         mirror, where = self.rmap_mirror, self.rmap_where
         tables = (self.kvm.rmap, self.kvm.rmap_pde)
         for head in ch.rmap_keys:
@@ -262,7 +290,7 @@ class IncrementalAudit:
 
     # -- the audit point ---------------------------------------------------------------------------------------
 
-    def audit(self, in_flight: Counter, mappings: bool, point: str) -> None:
+    def audit(self, in_flight: Counter[int], mappings: bool, point: str) -> None:
         """One audit point: a full audit the first time and after a VM-wide change, else what changed."""
         kvm = self.kvm
         roots = [(v.vcpu_id, v.root_hpa, v.cpu.cr3, *v.pae_root) for v in kvm.vcpus.values()]
@@ -289,7 +317,7 @@ class IncrementalAudit:
         self.structural.everything = False
         return out
 
-    def _after_full(self, mappings: bool, roots: list, flight: set[int] | frozenset[int]) -> None:
+    def _after_full(self, mappings: bool, roots: list[tuple[int, ...]], flight: set[int] | frozenset[int]) -> None:
         self.roots = roots
         self.in_flight = flight
         self.idents = {self._ident(r[0], r[1]) for r in mapping_roots(self.kvm)} if mappings else None
@@ -299,21 +327,29 @@ class IncrementalAudit:
         self.counters = (kvm.n_alloc_mmu_pages, kvm.n_free_mmu_pages)
         self.write_counts = [(s.slot, dict(s.write_count)) for s in kvm.slots.values()]
 
-    def _incremental(self, ch: Changes, moved: set, in_flight: Counter, flight: set, mappings: bool, roots) -> None:
+    def _incremental(
+        self,
+        ch: Changes,
+        moved: set[Sptep],
+        in_flight: Counter[int],
+        flight: set[int] | frozenset[int],
+        mappings: bool,
+        roots: list[tuple[int, ...]],
+    ) -> None:
         kvm, f, ledger = self.kvm, self.findings, self.ledger
         active, page_header = kvm.active_mmu_pages, kvm.page_header
         dead = [sp for sp in ch.pages if active.get(sp.id) is not sp]
         # the sptes whose value, rmap heads or page liveness changed
-        dirty: set[tuple] = set(ch.stores) | moved | ch.rmapped
+        dirty: set[Sptep] = set(ch.stores) | moved | ch.rmapped
         pfns = set(ch.pfns) | flight | self.in_flight
-        children: set = set()  # pages a changed pointer named before or names now
+        children: set[KvmMmuPage | None] = set()  # pages a changed pointer named before or names now
         for (sp, index), old in ch.stores.items():
             pfns.add(spte_to_pfn(old))
             new = _get(sp.spt, index)
             pfns.add(spte_to_pfn(new))
             children.add(page_header.get(spte_to_pfn(old)))
             children.add(page_header.get(spte_to_pfn(new)))
-        pointers_into_dead: set[tuple] = set()
+        pointers_into_dead: set[Sptep] = set()
         for sp in dead:
             for index, ent in enumerate(sp.spt):
                 if ent != TRAP and ent != NOTRAP:
@@ -331,7 +367,7 @@ class IncrementalAudit:
 
         # rmaps: the entries of changed heads and of changed sptes, then the count of each changed leaf
         where = self.rmap_where
-        entries: set[tuple] = set()
+        entries: set[tuple[RmapKey, Sptep]] = set()
         for head in ch.rmap_keys:
             for sptep in self.rmap_mirror.get(head, ()):
                 entries.add((head, sptep))
@@ -350,7 +386,7 @@ class IncrementalAudit:
         for sptep in dirty:
             heads.update(where.get(sptep, ()))
         gfns = {sp.gfn for sp in ch.pages}
-        regions = set()
+        regions: set[int] = set()
         for large, key in heads:
             if large:
                 regions.add(key)
@@ -386,7 +422,7 @@ class IncrementalAudit:
         children |= ch.parent_pages
         children |= ch.pages
         children.discard(None)
-        for sp in sorted(children, key=_page_order):
+        for sp in sorted(cast("set[KvmMmuPage]", children), key=_page_order):  # None discarded above
             if active.get(sp.id) is sp:
                 for psp, pindex in sp.parent_ptes:
                     check_parent_entry(kvm, f, sp, psp, pindex)
@@ -409,22 +445,23 @@ class IncrementalAudit:
         for sp, index in leaves:
             check_leaf_dirty(kvm, f, sp, index, _get(sp.spt, index))
 
-    def _ident(self, key: tuple, vcpu) -> tuple:
+    def _ident(self, key: RootKey, vcpu: Vcpu) -> Ident:
         """What identifies a root's audit: its key and the vcpu whose view audits it (under TDP, where no guest
         view is used, the root alone)."""
         return key[3:] if self.kvm.tdp_enabled else (key, vcpu.vcpu_id)
 
-    def _mappings(self, stores: dict, stored: set[tuple[int, int]]) -> None:
+    def _mappings(self, stores: Stores, stored: set[tuple[int, int]]) -> None:
         """``audit_mappings`` for what changed: the roots audited at the previous point (:meth:`_recheck`), a
         root audited before a CR3 switch took it away, with what changed while it was away (up to
         ``MAX_ABSENT`` roots are remembered), and the whole tree of any other root."""
         kvm, f = self.kvm, self.findings
+        idents = cast("set[Ident]", self.idents)  # the caller's test
         all_roots = mapping_roots(kvm)
-        by_ident: dict[tuple, list] = {}
+        by_ident: dict[Ident, list[Root]] = {}
         for key, vcpu, sp, va, level in all_roots:
             by_ident.setdefault(self._ident(key, vcpu), []).append((vcpu, sp, va, level))
         absent = self.absent
-        for ident in self.idents - by_ident.keys():
+        for ident in idents - by_ident.keys():
             absent[ident] = ({}, set())
             if len(absent) > MAX_ABSENT:
                 del absent[next(iter(absent))]
@@ -434,10 +471,10 @@ class IncrementalAudit:
                     a_stores.setdefault(sptep, old)
                 a_stored |= stored
         views: dict[int, GuestView] = {}
-        kept = [root for ident, roots in by_ident.items() if ident in self.idents for root in roots]
+        kept = [root for ident, roots in by_ident.items() if ident in idents for root in roots]
         self._recheck(views, kept, stores, stored)
         for ident, roots in by_ident.items():
-            if ident in self.idents:
+            if ident in idents:
                 continue
             away = absent.pop(ident, None)
             if away is not None:
@@ -450,16 +487,18 @@ class IncrementalAudit:
                     audit_mappings_page(kvm, f, _view(views, kvm, vcpu, self.reads), sp, va, level)
         self.idents = set(by_ident)
 
-    def _recheck(self, views: dict, roots: list, stores: dict, stored: set) -> None:
+    def _recheck(
+        self, views: dict[int, GuestView], roots: list[Root], stores: Stores, stored: set[tuple[int, int]]
+    ) -> None:
         """``audit_mappings`` from ``roots`` for the changed entries (and the subtrees a changed pointer now
         reaches), the entries shadowing a guest pte stored to, and the entries whose last check walked through
         a guest pte stored to since."""
         kvm, f = self.kvm, self.findings
         page_header = kvm.page_header
-        memo: dict = {}
+        memo: dict[KvmMmuPage, list[tuple[Vcpu, int, int]]] = {}
         reads = self.reads
 
-        def positions(sp) -> list[tuple]:
+        def positions(sp: KvmMmuPage) -> list[tuple[Vcpu, int, int]]:
             """``(vcpu, va, level)`` where ``audit_mappings`` reaches ``sp`` from ``roots`` now."""
             out = memo.get(sp)
             if out is not None:
@@ -491,7 +530,7 @@ class IncrementalAudit:
                     if before is not child:
                         audit_mappings_page(kvm, f, view, child, addr, level - 1)
         # the entries shadowing a guest pte that was stored to (a notrap entry's check reads that pte)
-        shadowed: dict[tuple, None] = {}
+        shadowed: dict[Sptep, None] = {}
         for gpa, nbytes in sorted(stored):
             for sp in kvm.mmu_page_hash.get(gpa >> PAGE_SHIFT, ()):
                 if not sp.metaphysical and kvm.active_mmu_pages.get(sp.id) is sp:
@@ -507,7 +546,7 @@ class IncrementalAudit:
         # a walk reads 4- or 8-byte ptes: every pte a store overlapped
         for key in sorted({k for gpa, nbytes in stored for k in range(gpa & ~7, gpa + nbytes, 4)}):
             entries = reads.pop(key, ())
-            unseen = []  # reached from no root here: kept for a root that may come back
+            unseen: list[MappingEntry] = []  # reached from no root here: kept for a root that may come back
             for entry in sorted(entries, key=_read_order):
                 sp, index, vcpu_id, addr, level = entry
                 ent = _get(sp.spt, index)
@@ -528,7 +567,7 @@ class IncrementalAudit:
                 reads.setdefault(key, set()).update(unseen)
 
 
-def _view(views: dict, kvm, vcpu, reads: dict) -> GuestView:
+def _view(views: dict[int, GuestView], kvm: Kvm, vcpu: Vcpu, reads: dict[int, set[MappingEntry]]) -> GuestView:
     """The audit point's guest view of ``vcpu`` (one per vcpu: its walks are memoised)."""
     view = views.get(vcpu.vcpu_id)
     if view is None:
@@ -536,7 +575,7 @@ def _view(views: dict, kvm, vcpu, reads: dict) -> GuestView:
     return view
 
 
-def shadow_indices(sp, offset: int, nbytes: int) -> range:
+def shadow_indices(sp: KvmMmuPage, offset: int, nbytes: int) -> range:
     """The entries of ``sp`` that shadow the guest ptes a store of ``nbytes`` at ``offset`` in its guest table
     touched (a 32-bit guest's table in quadrants: see :func:`guest_entry_present`)."""
     if sp.glevels != 2:
@@ -549,22 +588,22 @@ def shadow_indices(sp, offset: int, nbytes: int) -> range:
     return range(max(2 * (first - base), 0), min(2 * (last - base) + 1, 511) + 1)
 
 
-def _sptep_order(sptep: tuple) -> tuple[int, int]:
+def _sptep_order(sptep: Sptep) -> tuple[int, int]:
     return sptep[0].id, sptep[1]
 
 
-def _page_order(sp) -> int:
+def _page_order(sp: KvmMmuPage) -> int:
     return sp.id
 
 
-def _entry_order(entry: tuple) -> tuple:
+def _entry_order(entry: tuple[RmapKey, Sptep]) -> tuple[int, int, int, int]:
     (large, key), (sp, index) = entry
     return large, key, sp.id, index
 
 
-def _store_order(item: tuple) -> tuple[int, int]:
+def _store_order(item: tuple[Sptep, int]) -> tuple[int, int]:
     return item[0][0].id, item[0][1]
 
 
-def _read_order(entry: tuple) -> tuple:
+def _read_order(entry: MappingEntry) -> tuple[int, int, int, int, int]:
     return entry[0].id, entry[1], entry[2], entry[3], entry[4]

@@ -5,7 +5,27 @@ so a leak or an underflow is known without walking the sptes (docs/kernel.md, In
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
+from kvmpfn.host import Host
+from kvmpfn.kvm.vm import Sptep
 from kvmpfn.x86 import PT_WRITABLE_MASK
+
+
+class Reporter(Protocol):
+    """What the ledger needs of :class:`kvmpfn.audit.findings.Findings` (which imports this module)."""
+
+    seq: int
+    line: int
+
+    def report(
+        self,
+        code: str,
+        message: str,
+        subject: tuple[object, ...],
+        provenance: list[dict[str, Any]] | None = None,
+        **fields: Any,
+    ) -> bool: ...
 
 
 class Ref:
@@ -19,10 +39,10 @@ class Ref:
         self.line = line
         self.function = function
         self.caller = caller
-        self.owner: tuple | None = None
+        self.owner: Sptep | None = None
 
-    def provenance(self) -> dict:
-        out = {"seq": self.seq, "line": self.line, "function": self.function, "caller": self.caller}
+    def provenance(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"seq": self.seq, "line": self.line, "function": self.function, "caller": self.caller}
         if self.owner is not None:
             sp, index = self.owner
             out["owner"] = f"spte {index} of shadow page gfn {sp.gfn:#x} level {sp.level}"
@@ -34,11 +54,11 @@ class RefLedger:
     which, else the newest reference still in flight, else the newest owned one; past zero it is an
     underflow."""
 
-    def __init__(self, host, findings) -> None:
+    def __init__(self, host: Host, findings: Reporter) -> None:
         self.host = host
         self.findings = findings
         self.refs: dict[int, list[Ref]] = {}
-        self._removing: dict[int, tuple] = {}  # pfn -> sptep whose reference the next put releases
+        self._removing: dict[int, Sptep] = {}  # pfn -> sptep whose reference the next put releases
         self._removed_writable: dict[int, bool] = {}
         self._dirtied: set[int] = set()  # frames marked dirty since rmap_write_protect began
 
@@ -97,14 +117,14 @@ class RefLedger:
 
     # -- rmap hooks: ownership -------------------------------------------------------------------------------
 
-    def rmap_add(self, sptep: tuple, pfn: int) -> None:
+    def rmap_add(self, sptep: Sptep, pfn: int) -> None:
         """The spte now owns the newest in-flight reference on its frame."""
         for ref in reversed(self.refs.get(pfn, ())):
             if ref.owner is None:
                 ref.owner = sptep
                 return
 
-    def rmap_remove(self, sptep: tuple, pfn: int, spte: int) -> None:
+    def rmap_remove(self, sptep: Sptep, pfn: int, spte: int) -> None:
         """The next put on pfn releases the reference this spte owns (dirty expected if it was writable)."""
         if pfn not in self.refs:
             return  # a frame KVM does not refcount (pfn-io device memory), or an underflow to come

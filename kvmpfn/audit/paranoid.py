@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from collections import Counter
 
+from kvmpfn.audit.incremental import Changes
 from kvmpfn.kvm.mmu import PAE_ROOT_HPA
 from kvmpfn.kvm.rmap import RMAP_EXT
-from kvmpfn.kvm.vm import role_word
+from kvmpfn.kvm.vm import Kvm, KvmMmuPage, role_word
 from kvmpfn.x86 import INVALID_PAGE, PAGE_SHIFT, PT64_BASE_ADDR_MASK, PT_PRESENT_MASK
 
 
-def check_mmu_structures(kvm, changed=None) -> list[str]:
+def check_mmu_structures(kvm: Kvm, changed: Changes | None = None) -> list[str]:
     """Every inconsistency found, as one-line descriptions (empty when the structures agree). ``changed``
     (an incremental audit's :class:`~kvmpfn.audit.incremental.Changes`) limits the per-page and per-rmap checks
     to the pages and rmap heads that changed since the previous check."""
@@ -20,7 +21,7 @@ def check_mmu_structures(kvm, changed=None) -> list[str]:
         return _check_changed(kvm, changed)
     problems: list[str] = []
     active = kvm.active_mmu_pages
-    hashed = Counter()
+    hashed: Counter[int] = Counter()
     for gfn, bucket in kvm.mmu_page_hash.items():
         if not bucket:
             problems.append(f"empty hash bucket for gfn {gfn:#x}")
@@ -43,7 +44,7 @@ def check_mmu_structures(kvm, changed=None) -> list[str]:
     return problems
 
 
-def _check_changed(kvm, changed) -> list[str]:
+def _check_changed(kvm: Kvm, changed: Changes) -> list[str]:
     """The checks of :func:`check_mmu_structures` for the pages and rmap heads in ``changed`` (a page's hash
     bucket is the one of its gfn), and the VM-wide ones that cost O(1) or O(vcpus)."""
     problems: list[str] = []
@@ -70,7 +71,7 @@ def _check_changed(kvm, changed) -> list[str]:
     return problems
 
 
-def _check_page(kvm, sp, problems: list[str]) -> None:
+def _check_page(kvm: Kvm, sp: KvmMmuPage, problems: list[str]) -> None:
     active = kvm.active_mmu_pages
     if kvm.page_header.get(sp.hpa) is not sp:
         problems.append(f"{sp!r} has no page header")
@@ -86,7 +87,7 @@ def _check_page(kvm, sp, problems: list[str]) -> None:
             problems.append(f"{sp!r} has a parent in freed page {psp!r}")
 
 
-def _check_head(name: str, key: int, head, problems: list[str]) -> None:
+def _check_head(name: str, key: int, head: object, problems: list[str]) -> None:
     if type(head) is tuple:
         return
     if type(head) is not list or not head:
@@ -99,10 +100,10 @@ def _check_head(name: str, key: int, head, problems: list[str]) -> None:
         problems.append(f"{name}[{key:#x}] lists an spte twice")
 
 
-def _check_roots(kvm, problems: list[str]) -> None:
+def _check_roots(kvm: Kvm, problems: list[str]) -> None:
     """Each vcpu's roots are live pages whose root_count covers the vcpus using them."""
     active = kvm.active_mmu_pages
-    roots = Counter()
+    roots: Counter[int] = Counter()
     for vcpu in kvm.vcpus.values():
         if vcpu.root_hpa == INVALID_PAGE:
             continue

@@ -66,6 +66,7 @@ Records that lack a field a check needs are ignored by that check: annotations a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,8 +157,8 @@ class _Run:
     last: _Where
     count: int = 1
     errs: list[int] = field(default_factory=list)
-    vcpus: list = field(default_factory=list)  # the vcpu keys that faulted here, in order
-    pids: set = field(default_factory=set)
+    vcpus: list[Any] = field(default_factory=list)  # the vcpu keys that faulted here, in order
+    pids: set[Any] = field(default_factory=set)
     spurious: int = 0
 
 
@@ -229,7 +230,9 @@ class RecordedChecks:
             self._close(key)
 
     # -- reporting --------------------------------------------------------------------------------------
-    def _report(self, at: _Where, code: str, message: str, subject: tuple, prov: list[_Where], **fields) -> None:
+    def _report(
+        self, at: _Where, code: str, message: str, subject: tuple[object, ...], prov: list[_Where], **fields: Any
+    ) -> None:
         f = self.findings
         saved = f.seq, f.line, f.point
         f.seq, f.line, f.point = at.seq, at.line, "recorded"
@@ -242,7 +245,7 @@ class RecordedChecks:
     def _run_key(self, vkey: Any, addr: int) -> Any:
         return addr if self.mmu == "tdp" else (vkey, addr)
 
-    def _page_fault(self, rec: dict, where: _Where) -> None:
+    def _page_fault(self, rec: dict[str, Any], where: _Where) -> None:
         addr = _int(rec.get("address"))
         err = _int(rec.get("error_code"))
         if addr is None:
@@ -303,7 +306,7 @@ class RecordedChecks:
             t_last=t_last,
         )
 
-    def _close_where(self, covers, same_pid: Any = None) -> None:
+    def _close_where(self, covers: Callable[[int], bool], same_pid: Any = None) -> None:
         """Close the runs whose gfn ``covers(gfn)``; runs of unknown gfn (shadow) only on ``same_pid``."""
         for key, run in list(self._runs.items()):
             if run.gfn is not None:
@@ -312,7 +315,7 @@ class RecordedChecks:
             elif same_pid is not None and same_pid in run.pids:
                 self._close(key)
 
-    def _zap(self, rec: dict, where: _Where) -> None:
+    def _zap(self, rec: dict[str, Any], where: _Where) -> None:
         gfn, level = _int(rec.get("gfn")), _int(rec.get("level"))
         if gfn is None or level is None or rec.get("direct") is not True:
             for key in list(self._runs):
@@ -323,7 +326,7 @@ class RecordedChecks:
             if run.gfn is None or gfn <= run.gfn < end:
                 self._close(key)
 
-    def _fast_page_fault(self, rec: dict, where: _Where) -> None:
+    def _fast_page_fault(self, rec: dict[str, Any], where: _Where) -> None:
         gva, vcpu = _int(rec.get("gva")), _ident(rec.get("vcpu"))
         if gva is None:
             return
@@ -345,12 +348,12 @@ class RecordedChecks:
         run.last = where
 
     # -- recorded-spte-mismatch -------------------------------------------------------------------------
-    def _spte_requested(self, rec: dict, where: _Where) -> None:
+    def _spte_requested(self, rec: dict[str, Any], where: _Where) -> None:
         gfn, pfn = _int(rec.get("gfn")), _int(rec.get("pfn"))
         if gfn is not None and pfn is not None:
             self._requested[_ident(rec.get("pid"))] = (gfn, pfn, where)
 
-    def _set_spte(self, rec: dict, where: _Where) -> None:
+    def _set_spte(self, rec: dict[str, Any], where: _Where) -> None:
         gfn, spte, level = _int(rec.get("gfn")), _int(rec.get("spte")), _int(rec.get("level"))
         if gfn is None or spte is None:
             return
@@ -382,7 +385,7 @@ class RecordedChecks:
         )
 
     # -- recorded-spte-pfn-change -----------------------------------------------------------------------
-    def _spte_changed(self, rec: dict, where: _Where) -> None:
+    def _spte_changed(self, rec: dict[str, Any], where: _Where) -> None:
         gfn, level = _int(rec.get("gfn")), _int(rec.get("level"))
         old, new = _int(rec.get("old_spte")), _int(rec.get("new_spte"))
         if gfn is None or level is None or old is None or new is None:

@@ -17,7 +17,7 @@ What a trace can make the host hold (the costs ``kvmpfn.limits`` counts against 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from kvmpfn.host.errors import HostError
@@ -72,13 +72,13 @@ class Host:
         #: guest pte -> the memoised walks that read it, keyed by its gpa (an 8-byte pte) or gpa | 1 (a 4-byte
         #: one): a store there that does more than set A/D bits passes those walks to ``on_watched_write``
         #: (they are dropped) first
-        self.watched: dict[int, set] = {}
+        self.watched: dict[int, set[tuple[int, int]]] = {}
         #: upper-level guest ptes the memoised walks read (same keys): a store there passes None (every walk)
         self.watched_upper: set[int] = set()
         #: gfn -> the page's contents, for reads (a page that reads as zeros is not kept): dropped per gfn when
         #: a frame is installed behind it, and wholly when memslots change or a vma is unmapped
         self._page_data: dict[int, bytes | bytearray] = {}
-        self.on_watched_write: Callable[[set | None], None] | None = None
+        self.on_watched_write: Callable[[set[tuple[int, int]] | None], None] | None = None
         # kvm_init: bad_page = alloc_page(GFP_KERNEL | __GFP_ZERO); the allocation's reference is the host's.
         self.bad_pfn = BAD_PFN
         self.frames[BAD_PFN] = Frame(BAD_PFN, host_mapped=True)
@@ -251,7 +251,7 @@ class Host:
     def _unmap_window(self, w: HvaWindow) -> None:
         """munmap: drop the host's mapping reference of every frame in the window."""
         self._page_data.clear()
-        pfns = w.pages.values()
+        pfns: Iterable[int] = w.pages.values()
         if w.backing == "hugetlb":
             blocks = {first >> 9 for first in pfns}
             self.huge_blocks -= blocks
@@ -308,12 +308,12 @@ class Host:
         self.huge_blocks.discard(old_first >> 9)
         self._install_block(w, block, first)
         for i in range(KVM_PAGES_PER_HPAGE):
-            old = self.frames.get(old_first + i)
-            if old is not None:  # a frame with state; the others were never used
-                if old.data is not None and old.data != _ZERO_PAGE:
-                    self._set_data(self.frame(first + i), old.data)
-                old.host_mapped = False
-                self.free_if_unused(old.pfn)
+            stale = self.frames.get(old_first + i)
+            if stale is not None:  # a frame with state; the others were never used
+                if stale.data is not None and stale.data != _ZERO_PAGE:
+                    self._set_data(self.frame(first + i), stale.data)
+                stale.host_mapped = False
+                self.free_if_unused(stale.pfn)
         return old_pfn, first + (off - block)
 
     # -- guest-physical memory contents ------------------------------------------------------------------
@@ -352,6 +352,7 @@ class Host:
             return None
         w = ms.window
         off = gfn - ms.window_gfn
+        f: Frame | None
         if w.dev_base is not None:
             f = self.frame(w.dev_base + off)
         else:

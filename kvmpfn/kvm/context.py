@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import islice
+from typing import cast
 
 from kvmpfn.errors import KernelBug
 from kvmpfn.kvm.mmu import (
@@ -22,8 +23,9 @@ from kvmpfn.kvm.mmu import (
 from kvmpfn.kvm.paging import paging_page_fault, prefetch_page
 from kvmpfn.kvm.pte_write import kvm_mmu_pte_write
 from kvmpfn.kvm.spte import NOTRAP, TRAP, spte_to_pfn
-from kvmpfn.kvm.vm import Kvm, Vcpu
+from kvmpfn.kvm.vm import Kvm, KvmMmuPage, Sptep, Vcpu, WalkMemo
 from kvmpfn.kvm.walker import GuestCpu, load_pdptrs, permission_fault, walk_addr
+from kvmpfn.trace.events import Guest
 from kvmpfn.x86 import (
     ACC_ALL,
     INVALID_PAGE,
@@ -134,7 +136,7 @@ def kvm_mmu_reload(vcpu: Vcpu, kvm: Kvm) -> int:
     return 0
 
 
-def new_vcpu(kvm: Kvm, vcpu_id: int, guest) -> Vcpu:
+def new_vcpu(kvm: Kvm, vcpu_id: int, guest: Guest) -> Vcpu:
     """``kvm_arch_vcpu_create`` + ``kvm_mmu_setup``: the guest state from the header, a fresh context.
 
     The first vcpu sets ``n_free_mmu_pages = n_alloc`` (``alloc_mmu_pages``); later ones leave it alone,
@@ -143,13 +145,13 @@ def new_vcpu(kvm: Kvm, vcpu_id: int, guest) -> Vcpu:
     cpu = GuestCpu(
         paging=guest.paging,
         cr3=guest.cr3,
-        cr0_wp=guest.cr0_wp,
-        efer_nx=guest.efer_nx,
-        cr4_pse=guest.cr4_pse,
-        cr4_smep=guest.cr4_smep,
-        cr4_smap=guest.cr4_smap,
+        cr0_wp=bool(guest.cr0_wp),
+        efer_nx=bool(guest.efer_nx),
+        cr4_pse=bool(guest.cr4_pse),
+        cr4_smep=bool(guest.cr4_smep),
+        cr4_smap=bool(guest.cr4_smap),
         maxphyaddr=guest.maxphyaddr,
-        gbpages=guest.gbpages,
+        gbpages=bool(guest.gbpages),
     )
     if cpu.paging == "pae":
         cpu.pdptrs = load_pdptrs(cpu.cr3, kvm.host, cpu.maxphyaddr) or [0, 0, 0, 0]
@@ -171,7 +173,7 @@ class FaultOutcome:
     result: str  # mapped | mmio | emulated | guest_fault | error
     gpa: int | None = None
     err: int | None = None
-    set_accessed: list | None = None
+    set_accessed: list[int] | None = None
     set_dirty: int | None = None
     livelock: bool = False  # the guest walk's cmpxchg_gpte never succeeded (the kernel would spin forever)
 
@@ -203,7 +205,7 @@ def kvm_mmu_page_fault(vcpu: Vcpu, kvm: Kvm, cr2: int, error_code: int, pte_len:
         out.result = "mmio"
     elif r == 1:
         out.result = "emulated"
-        gpa = out.gpa & ~(pte_len - 1)
+        gpa = cast(int, out.gpa) & ~(pte_len - 1)  # a walk that succeeded set fault_gpa
         kvm_mmu_pte_write(vcpu, kvm, gpa, kvm.host.read_guest(gpa, pte_len), pte_len)
     return out
 
@@ -223,7 +225,7 @@ def guest_error_code(cpu: GuestCpu, present: bool, write: bool, user: bool, fetc
     return err
 
 
-def shadow_walk(vcpu: Vcpu, kvm: Kvm, addr: int) -> tuple[list[tuple], int]:
+def shadow_walk(vcpu: Vcpu, kvm: Kvm, addr: int) -> tuple[list[Sptep], int]:
     """The hardware walk of the shadow (or TDP) tables from the vcpu's root: the present entries used, in
     order, and the value that ended the walk (a leaf, trap, or notrap; NOTRAP for an absent PAE root).
     The hot path of every ``access``: kept flat."""
@@ -237,7 +239,7 @@ def shadow_walk(vcpu: Vcpu, kvm: Kvm, addr: int) -> tuple[list[tuple], int]:
     else:
         sp = headers[(vcpu.root_hpa & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT]
         shift = 3 + 9 * vcpu.shadow_root_level
-    path: list[tuple] = []
+    path: list[Sptep] = []
     while True:
         index = (addr >> shift) & 511
         ent = sp.spt[index]
@@ -246,9 +248,10 @@ def shadow_walk(vcpu: Vcpu, kvm: Kvm, addr: int) -> tuple[list[tuple], int]:
         path.append((sp, index))
         if shift == PAGE_SHIFT or ent & PT_PAGE_SIZE_MASK:
             return path, ent
-        sp = headers.get((ent & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT)
-        if sp is None:
+        table = headers.get((ent & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT)
+        if table is None:
             raise KernelBug(f"shadow walk: entry {ent:#x} is not a table", ent)
+        sp = table
         shift -= 9
 
 
@@ -266,7 +269,7 @@ def rights_allow(cpu: GuestCpu, both: int, nx: int, write: bool, user: bool, fet
     return True
 
 
-def leaf_allows(cpu: GuestCpu, path: list[tuple], write: bool, user: bool, fetch: bool, ac: bool) -> bool:
+def leaf_allows(cpu: GuestCpu, path: list[Sptep], write: bool, user: bool, fetch: bool, ac: bool) -> bool:
     """:func:`rights_allow` over the sptes of a :func:`shadow_walk` path."""
     both = PT_WRITABLE_MASK | PT_USER_MASK
     nx = 0
@@ -277,7 +280,9 @@ def leaf_allows(cpu: GuestCpu, path: list[tuple], write: bool, user: bool, fetch
     return rights_allow(cpu, both, nx, write, user, fetch, ac)
 
 
-def host_cpu_hit(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool):
+def host_cpu_hit(
+    vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool
+) -> tuple[KvmMmuPage, int, int] | None:
     """The host CPU's walk of the shadow (or TDP) tables for an access that completes without an exit: the
     leaf's ``(sp, index, spte)``, A set in every spte used (not in EPT tables: the era's EPT has no A bits);
     None when the walk ends on a trap, notrap or absent root, or the sptes deny the access (:func:`guest_access`
@@ -323,7 +328,7 @@ def host_cpu_hit(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch
     return sp, index, ent
 
 
-def tdp_allows(path: list[tuple], write: bool) -> bool:
+def tdp_allows(path: list[Sptep], write: bool) -> bool:
     """The TDP walk's check: direct-map sptes are ACC_ALL, only W can be missing (write protection, dirty
     logging)."""
     if not write:
@@ -343,7 +348,7 @@ class AccessOutcome:
     pfn: int | None = None
     spte: int | None = None
     err: int | None = None
-    set_accessed: list | None = None
+    set_accessed: list[int] | None = None
     set_dirty: int | None = None
     looped: bool = False  # the fault was fixed RETRIES times and the access still exits
     livelock: bool = False  # KVM's guest walk restarted without end (FaultOutcome.livelock)
@@ -353,7 +358,7 @@ class AccessOutcome:
 HIT = AccessOutcome("hit")
 
 
-def leaf_of(sp, index: int, addr: int) -> tuple[int, int, int]:
+def leaf_of(sp: KvmMmuPage, index: int, addr: int) -> tuple[int, int, int]:
     """(gpa, pfn, spte) of the leaf ``sp.spt[index]`` a walk for ``addr`` ended on: the leaf's gfn plus the
     offset, and the 4K frame reached (for a large spte, its base frame plus the 4K index within)."""
     spte = sp.spt[index]
@@ -365,7 +370,9 @@ def leaf_of(sp, index: int, addr: int) -> tuple[int, int, int]:
     )
 
 
-def hardware_walk(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool):
+def hardware_walk(
+    vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool
+) -> tuple[bool, int, list[int], int | None]:
     """The TDP CPU's walk of the guest's own tables when its memo cannot answer (:func:`guest_access` asks
     the memo first): (ok, gfn or error code, set_accessed, set_dirty).
 
@@ -389,7 +396,9 @@ def hardware_walk(vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetc
     return ok, value, list(w.set_accessed), w.set_dirty
 
 
-def walk_memo_answer(cpu: GuestCpu, hit: tuple, write: bool, user: bool, fetch: bool, ac: bool):
+def walk_memo_answer(
+    cpu: GuestCpu, hit: WalkMemo, write: bool, user: bool, fetch: bool, ac: bool
+) -> tuple[bool, int] | None:
     """What ``walk_addr`` would answer for this access from a memoised walk ``(gfn, pte_access, dirty,
     fault bits or None, last pte read)``: (True, gfn), (False, error code), or None when the walk would write D
     (a write to a clean leaf) and must run."""
@@ -403,7 +412,9 @@ def walk_memo_answer(cpu: GuestCpu, hit: tuple, write: bool, user: bool, fetch: 
     return True, gfn
 
 
-def remember_walk(vcpu: Vcpu, kvm: Kvm, page: int, found: tuple, pte_gpas: list[int]) -> None:
+def remember_walk(
+    vcpu: Vcpu, kvm: Kvm, page: int, found: tuple[int, int, int, int | None], pte_gpas: list[int]
+) -> None:
     """Memoise ``found`` for gva ``page`` and watch the guest ptes the walk read, ``pte_gpas`` from the last
     one up (see :func:`hardware_walk`): the last one per walk (``Host.watched``), the upper ones, which many
     walks share and the guest seldom rewrites, all together (``Host.watched_upper``: a store there forgets
@@ -440,7 +451,7 @@ def guest_access(
     ``detail=False``: a hit's outcome carries its result only (no outcome record will be written).
     """
     cpu = vcpu.cpu
-    set_accessed: list = []
+    set_accessed: list[int] = []
     set_dirty = None
     tdp_addr = addr
     if kvm.tdp_enabled and cpu.paging != "none":
@@ -506,11 +517,11 @@ def guest_access(
             return AccessOutcome(out.result, out.gpa, set_accessed=set_accessed, set_dirty=set_dirty)
         result, gpa = "mapped", out.gpa
     # every attempt exited and was "fixed", yet the access still cannot complete: the guest would loop
-    out = AccessOutcome("mapped", gpa, set_accessed=set_accessed, set_dirty=set_dirty, looped=True)
+    looped = AccessOutcome("mapped", gpa, set_accessed=set_accessed, set_dirty=set_dirty, looped=True)
     path, end = shadow_walk(vcpu, kvm, tdp_addr)
     if path and end not in (TRAP, NOTRAP):
-        _, out.pfn, out.spte = leaf_of(*path[-1], tdp_addr)
-    return out
+        _, looped.pfn, looped.spte = leaf_of(*path[-1], tdp_addr)
+    return looped
 
 
 def recorded_fault(vcpu: Vcpu, kvm: Kvm, addr: int, err: int) -> AccessOutcome:

@@ -6,7 +6,10 @@ nonpaging_map to Teardown).
 
 from __future__ import annotations
 
+from typing import cast
+
 from kvmpfn.errors import KernelBug
+from kvmpfn.host.memslots import Memslot
 from kvmpfn.kvm.rmap import (
     gfn_to_rmap,
     kvm_unmap_rmapp,
@@ -22,7 +25,7 @@ from kvmpfn.kvm.spte import (
     is_writeble_pte,
     spte_to_pfn,
 )
-from kvmpfn.kvm.vm import EPT_FAKE_DIRTY_MASK, SHADOW_PAGE_FIRST_PFN, Kvm, KvmMmuPage, KvmSlot, Vcpu, role_word
+from kvmpfn.kvm.vm import EPT_FAKE_DIRTY_MASK, SHADOW_PAGE_FIRST_PFN, Kvm, KvmMmuPage, KvmSlot, Sptep, Vcpu, role_word
 from kvmpfn.x86 import (
     ACC_ALL,
     ACC_EXEC_MASK,
@@ -163,7 +166,7 @@ def kvm_mmu_audit(vcpu: Vcpu, kvm: Kvm, msg: str) -> None:
 # --- shadow pages ------------------------------------------------------------------------------------------
 
 
-def kvm_mmu_alloc_page(kvm: Kvm, parent_pte: tuple | None) -> KvmMmuPage:
+def kvm_mmu_alloc_page(kvm: Kvm, parent_pte: Sptep | None) -> KvmMmuPage:
     """``kvm_mmu_alloc_page``: a new page at the head of the active list; ``n_free_mmu_pages--``."""
     sp_id = kvm.next_sp_id
     kvm.next_sp_id += 1
@@ -193,13 +196,13 @@ def page_header(kvm: Kvm, hpa: int) -> KvmMmuPage:
     return sp
 
 
-def mmu_page_add_parent_pte(sp: KvmMmuPage, parent_pte: tuple | None) -> None:
+def mmu_page_add_parent_pte(sp: KvmMmuPage, parent_pte: Sptep | None) -> None:
     """``mmu_page_add_parent_pte`` (a NULL parent, i.e. a root, is ignored)."""
     if parent_pte is not None:
         sp.parent_ptes.append(parent_pte)
 
 
-def mmu_page_remove_parent_pte(sp: KvmMmuPage, parent_pte: tuple) -> None:
+def mmu_page_remove_parent_pte(sp: KvmMmuPage, parent_pte: Sptep) -> None:
     """``mmu_page_remove_parent_pte`` (BUG when not found)."""
     try:
         sp.parent_ptes.remove(parent_pte)
@@ -207,7 +210,7 @@ def mmu_page_remove_parent_pte(sp: KvmMmuPage, parent_pte: tuple) -> None:
         raise KernelBug(f"mmu_page_remove_parent_pte: {parent_pte!r} not a parent of {sp!r}") from None
 
 
-def kvm_mmu_put_page(sp: KvmMmuPage, parent_pte: tuple) -> None:
+def kvm_mmu_put_page(sp: KvmMmuPage, parent_pte: Sptep) -> None:
     """``kvm_mmu_put_page``."""
     mmu_page_remove_parent_pte(sp, parent_pte)
 
@@ -245,7 +248,7 @@ def context_role_bits(vcpu: Vcpu, kvm: Kvm) -> tuple[int, int]:
 
 
 def kvm_mmu_get_page(
-    vcpu: Vcpu, kvm: Kvm, gfn: int, gaddr: int, level: int, metaphysical: int, access: int, parent_pte
+    vcpu: Vcpu, kvm: Kvm, gfn: int, gaddr: int, level: int, metaphysical: int, access: int, parent_pte: Sptep | None
 ) -> KvmMmuPage:
     """``kvm_mmu_get_page``: find the page for (gfn, role) or create it: hash it, write-protect the guest
     table it shadows (``rmap_write_protect``, which accounts it) and prefetch its entries.
@@ -437,7 +440,7 @@ def kvm_mmu_zap_all(kvm: Kvm) -> None:
 def mmu_set_spte(
     vcpu: Vcpu,
     kvm: Kvm,
-    sptep: tuple,
+    sptep: Sptep,
     pt_access: int,
     pte_access: int,
     user_fault: int,
@@ -604,12 +607,12 @@ def __direct_map(vcpu: Vcpu, kvm: Kvm, v: int, write: int, largepage: int, gfn: 
             child = kvm_mmu_get_page(vcpu, kvm, pseudo_gfn, v, level - 1, 1, ACC_ALL, (sp, index))
             sp.spt[index] = child.hpa << PAGE_SHIFT | PT_PRESENT_MASK | PT_WRITABLE_MASK | PT_USER_MASK
             ent = sp.spt[index]
-        child = kvm.page_header.get((ent & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT)
-        if child is None:
+        table = kvm.page_header.get((ent & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT)
+        if table is None:
             # --bug direct-map-into-large: the large spte's frame is not a shadow page; the kernel scribbles on guest
             # memory
             raise KernelBug(f"__direct_map: entry {ent:#x} at level {level} is not a table", ent)
-        sp = child
+        sp = table
         level -= 1
 
 
@@ -786,7 +789,7 @@ def kvm_unmap_hva(kvm: Kvm, hva: int) -> bool:
     gfn = kvm.host.hva_to_gfn(hva)
     if gfn is None:
         return False
-    ms = kvm.host.gfn_to_memslot(gfn)
+    ms = cast(Memslot, kvm.host.gfn_to_memslot(gfn))  # hva_to_gfn found its slot
     table, key = gfn_to_rmap(kvm, gfn, 0)
     flush = kvm_unmap_rmapp(kvm, table, key)
     if ms.base_gfn % KVM_PAGES_PER_HPAGE and "handle-hva-unaligned" in kvm.bugs:  # only an unaligned slot differs

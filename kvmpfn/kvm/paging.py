@@ -24,7 +24,8 @@ from kvmpfn.kvm.mmu import (
 )
 from kvmpfn.kvm.rmap import rmap_remove
 from kvmpfn.kvm.spte import NOTRAP, TRAP, is_large_pte, is_shadow_present_pte
-from kvmpfn.kvm.walker import _rsvd_masks, walk_addr
+from kvmpfn.kvm.vm import Kvm, KvmMmuPage, Sptep, Vcpu
+from kvmpfn.kvm.walker import GuestCpu, GuestWalker, _rsvd_masks, walk_addr
 from kvmpfn.x86 import (
     ACC_EXEC_MASK,
     ACC_USER_MASK,
@@ -54,7 +55,7 @@ def gpte_to_gfn(gpte: int, glevels: int) -> int:
     return (gpte & mask) >> PAGE_SHIFT
 
 
-def gpte_access(cpu, gpte: int, glevels: int) -> int:
+def gpte_access(cpu: GuestCpu, gpte: int, glevels: int) -> int:
     """``FNAME(gpte_access)``: W and U from the gpte, EXEC unless NX (PTTYPE 64 with EFER.NX)."""
     access = (gpte & (PT_WRITABLE_MASK | PT_USER_MASK)) | ACC_EXEC_MASK
     if glevels != PT32_ROOT_LEVEL and cpu.efer_nx and gpte & PT64_NX_MASK:
@@ -69,7 +70,7 @@ def pte_size(glevels: int) -> int:
 GLEVELS_PAGING = {2: "32", 3: "pae", 4: "64"}
 
 
-def is_rsvd_bits_set(cpu, gpte: int, level: int, glevels: int) -> bool:
+def is_rsvd_bits_set(cpu: GuestCpu, gpte: int, level: int, glevels: int) -> bool:
     """``is_rsvd_bits_set`` (a later kernel's): reserved bits of a guest entry at ``level`` in the paging mode
     of ``glevels``, with the vcpu's EFER.NX, CR4.PSE, MAXPHYADDR and 1 GiB support."""
     nonleaf, large = _rsvd_masks(GLEVELS_PAGING[glevels], cpu.maxphyaddr, cpu.efer_nx, cpu.cr4_pse, cpu.gbpages)[
@@ -87,7 +88,7 @@ class GuestMemory:
 
     __slots__ = ("kvm",)
 
-    def __init__(self, kvm) -> None:
+    def __init__(self, kvm: Kvm) -> None:
         self.kvm = kvm
 
     def read_guest(self, gpa: int, size: int) -> int:
@@ -106,7 +107,9 @@ class GuestMemory:
         return ok
 
 
-def paging_walk(vcpu, kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool = False):
+def paging_walk(
+    vcpu: Vcpu, kvm: Kvm, addr: int, write: bool, user: bool, fetch: bool, ac: bool = False
+) -> tuple[bool, GuestWalker]:
     """``FNAME(walk_addr)`` as KVM runs it: A/D updates through ``cmpxchg_gpte``, ``mark_page_dirty`` on the
     table, and the ``kvm_mmu_pte_write`` resync after setting D. ``--bug walk-read-unchecked``: v2.6.26's
     ignored ``kvm_read_guest`` return (:func:`walker.walk_addr`)."""
@@ -128,7 +131,7 @@ def paging_walk(vcpu, kvm, addr: int, write: bool, user: bool, fetch: bool, ac: 
     )
 
 
-def paging_page_fault(vcpu, kvm, addr: int, error_code: int) -> int:
+def paging_page_fault(vcpu: Vcpu, kvm: Kvm, addr: int, error_code: int) -> int:
     """``FNAME(page_fault)``: walk the guest tables (a failed walk injects #PF with the walker's error code),
     choose a large spte when the guest pde is large and the host backs it, R(pfn) from ``gfn_to_pfn`` (error
     pfn: release, return 1 = MMIO), then ``FNAME(fetch)``; returns ``*ptwrite`` (1 = emulate the write)."""
@@ -168,7 +171,7 @@ def paging_page_fault(vcpu, kvm, addr: int, error_code: int) -> int:
     return write_pt
 
 
-def cr0_wp0_supervisor_write(vcpu, walker, user_fault: bool, write_fault: bool) -> None:
+def cr0_wp0_supervisor_write(vcpu: Vcpu, walker: GuestWalker, user_fault: bool, write_fault: bool) -> None:
     """The CR0.WP=0 branch of later kernels' ``FNAME(page_fault)`` (commit c22885050e65, "KVM: MMU: fix
     Dirty bit missed if CR0.WP = 0", v3.9), run after the pfn is known and before ``FNAME(fetch)``: a
     supervisor write the guest translation does not allow (legal with CR0.WP=0) turns the walker's
@@ -197,7 +200,17 @@ def cr0_wp0_supervisor_write(vcpu, walker, user_fault: bool, write_fault: bool) 
     walker.access_at[leaf] = (walker.access_at[leaf] | ACC_WRITE_MASK) & ~drop
 
 
-def fetch(vcpu, kvm, addr: int, walker, user_fault: bool, write_fault: bool, largepage: int, gfn: int, pfn: int) -> int:
+def fetch(
+    vcpu: Vcpu,
+    kvm: Kvm,
+    addr: int,
+    walker: GuestWalker,
+    user_fault: bool,
+    write_fault: bool,
+    largepage: int,
+    gfn: int,
+    pfn: int,
+) -> int:
     """``FNAME(fetch)``: walk the shadow from the root by ``addr``, creating the shadow page of each guest
     table on the way (``kvm_mmu_get_page``: write-protects it), re-reading the guest entry after protecting
     its table and bailing out if it changed (R released), then ``mmu_set_spte`` at the leaf. Returns
@@ -293,7 +306,7 @@ def fetch(vcpu, kvm, addr: int, walker, user_fault: bool, write_fault: bool, lar
     return pt_write
 
 
-def prefetch_page(vcpu, kvm, sp) -> None:
+def prefetch_page(vcpu: Vcpu, kvm: Kvm, sp: KvmMmuPage) -> None:
     """``FNAME(prefetch_page)``: metaphysical pages, and 32-bit-guest pages above level 1, stay all trap;
     otherwise an entry is notrap where the guest pte is not present (the guest takes that #PF without an
     exit) and trap where it is."""
@@ -309,7 +322,7 @@ def prefetch_page(vcpu, kvm, sp) -> None:
         spt[i] = TRAP if read(base + i * size, size) & PT_PRESENT_MASK else NOTRAP
 
 
-def update_pte(vcpu, kvm, sp, sptep: tuple, gpte: int) -> None:
+def update_pte(vcpu: Vcpu, kvm: Kvm, sp: KvmMmuPage, sptep: Sptep, gpte: int) -> None:
     """``FNAME(update_pte)``: after a guest pte write, install the new translation speculatively if it is
     present and accessed and matches the gfn ``mmu_guess_page_from_pte_write`` resolved; takes its own
     reference (``kvm_get_pfn``, +1) for the new spte. A non-present gpte makes the spte notrap.

@@ -16,6 +16,7 @@ from kvmpfn.kvm.mmu import (
 from kvmpfn.kvm.paging import update_pte
 from kvmpfn.kvm.rmap import rmap_remove
 from kvmpfn.kvm.spte import TRAP, is_large_pte, is_shadow_present_pte
+from kvmpfn.kvm.vm import Kvm, KvmMmuPage, Sptep, Vcpu
 from kvmpfn.x86 import (
     KVM_PAGES_PER_HPAGE,
     PAGE_SHIFT,
@@ -29,7 +30,7 @@ from kvmpfn.x86 import (
 )
 
 
-def mmu_guess_page_from_pte_write(vcpu, kvm, gpa: int, new: int, nbytes: int) -> None:
+def mmu_guess_page_from_pte_write(vcpu: Vcpu, kvm: Kvm, gpa: int, new: int, nbytes: int) -> None:
     """``mmu_guess_page_from_pte_write``: assume the write is a pte of the current paging mode; if it is
     present, park R(pfn) of its frame in ``vcpu.update_pte`` (+1; released at the end of the pte write)."""
     vcpu.update_pte_largepage = 0
@@ -61,7 +62,7 @@ def mmu_guess_page_from_pte_write(vcpu, kvm, gpa: int, new: int, nbytes: int) ->
     vcpu.update_pte_pfn = pfn
 
 
-def mmu_pte_write_zap_pte(vcpu, kvm, sp, sptep: tuple) -> None:
+def mmu_pte_write_zap_pte(vcpu: Vcpu, kvm: Kvm, sp: KvmMmuPage, sptep: Sptep) -> None:
     """``mmu_pte_write_zap_pte``: a leaf or large spte is ``rmap_remove``d (−1), a pointer unlinks its child;
     the entry becomes trap."""
     index = sptep[1]
@@ -76,7 +77,7 @@ def mmu_pte_write_zap_pte(vcpu, kvm, sp, sptep: tuple) -> None:
         kvm.stat["lpages"] -= 1
 
 
-def mmu_pte_write_new_pte(vcpu, kvm, sp, sptep: tuple, new: int) -> None:
+def mmu_pte_write_new_pte(vcpu: Vcpu, kvm: Kvm, sp: KvmMmuPage, sptep: Sptep, new: int) -> None:
     """``mmu_pte_write_new_pte``: directory entries are only zapped, except a large guest pde backed large
     (v2.6.26: never for 32-bit guests, whose 4 MiB pde maps two shadow pdes; ``--bug pse32-double-update``
     drops that rule); level-1 entries go through ``FNAME(update_pte)``.
@@ -93,7 +94,7 @@ def mmu_pte_write_new_pte(vcpu, kvm, sp, sptep: tuple, new: int) -> None:
     update_pte(vcpu, kvm, sp, sptep, new)
 
 
-def role_matches_context(vcpu, kvm, sp) -> bool:
+def role_matches_context(vcpu: Vcpu, kvm: Kvm, sp: KvmMmuPage) -> bool:
     """Whether ``sp`` reads a guest pte the way the vcpu's current context does: same guest paging format
     (``glevels``) and the same CR0.WP, EFER.NX, CR4.PSE and SMEP/SMAP role bits (``context_role_bits``).
 
@@ -124,7 +125,7 @@ def need_remote_flush(old: int, new: int) -> bool:
     return (old & ~new & PT64_PERM_MASK) != 0
 
 
-def kvm_mmu_access_page(vcpu, kvm, gfn: int) -> None:
+def kvm_mmu_access_page(vcpu: Vcpu, kvm: Kvm, gfn: int) -> None:
     """``kvm_mmu_access_page`` (v2.6.27): an emulated write to the gfn of the last speculative spte counts as
     an access of it (its A bit is set), so the flood detector spares a page really in use."""
     sptep = vcpu.last_pte_updated
@@ -135,13 +136,13 @@ def kvm_mmu_access_page(vcpu, kvm, gfn: int) -> None:
             sp.spt[index] = spte | PT_ACCESSED_MASK
 
 
-def last_updated_pte_accessed(vcpu) -> bool:
+def last_updated_pte_accessed(vcpu: Vcpu) -> bool:
     """``last_updated_pte_accessed``."""
     sptep = vcpu.last_pte_updated
     return sptep is not None and bool(sptep[0].spt[sptep[1]] & PT_ACCESSED_MASK)
 
 
-def kvm_mmu_pte_write(vcpu, kvm, gpa: int, new: int, nbytes: int) -> None:
+def kvm_mmu_pte_write(vcpu: Vcpu, kvm: Kvm, gpa: int, new: int, nbytes: int) -> None:
     """``kvm_mmu_pte_write``: guest memory already holds the new bytes. Guess and park the new frame
     (``mmu_guess_page_from_pte_write``), run the fork/flood detector, then for every shadow page of the gfn:
     zap it if the write is misaligned or flooded, else zap the affected spte(s) and, in a page of the vcpu's

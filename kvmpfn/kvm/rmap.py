@@ -10,14 +10,17 @@ shrinks until its last entry goes, then the head becomes 0 (v2.6.26's ``rmap_des
 
 from __future__ import annotations
 
+from typing import cast
+
 from kvmpfn.errors import KernelBug
 from kvmpfn.kvm.spte import TRAP, is_large_pte, is_rmap_pte, is_writeble_pte, spte_to_pfn
+from kvmpfn.kvm.vm import Kvm, RmapHead, Sptep, Vcpu
 from kvmpfn.x86 import KVM_PAGES_PER_HPAGE, PT_WRITABLE_MASK
 
 RMAP_EXT = 4
 
 
-def gfn_to_rmap(kvm, gfn: int, lpage: int) -> tuple[dict, int]:
+def gfn_to_rmap(kvm: Kvm, gfn: int, lpage: int) -> tuple[dict[int, RmapHead], int]:
     """``gfn_to_rmap``: the rmap head of a 4K gfn, or of the 2 MiB region holding it (``lpage_info.rmap_pde``).
 
     Differs from the kernel: heads are kept by gfn (and region) rather than in per-slot arrays, so that a
@@ -28,7 +31,7 @@ def gfn_to_rmap(kvm, gfn: int, lpage: int) -> tuple[dict, int]:
     return kvm.rmap, gfn
 
 
-def rmap_add(vcpu, kvm, sptep: tuple, gfn: int, lpage: int) -> None:
+def rmap_add(vcpu: Vcpu, kvm: Kvm, sptep: Sptep, gfn: int, lpage: int) -> None:
     """``rmap_add``: record that ``sptep`` maps ``gfn`` (0→1: pointer; 1→many: desc; many→many: append).
 
     Sets ``sp->gfns[index]``; the reference the caller holds is now owned by the spte.
@@ -41,7 +44,7 @@ def rmap_add(vcpu, kvm, sptep: tuple, gfn: int, lpage: int) -> None:
     head = table.get(key)
     if head is None:
         table[key] = sptep
-    elif type(head) is tuple:
+    elif isinstance(head, tuple):
         table[key] = [[head, sptep]]
     else:
         # many->many: the first desc whose last slot is free, else a new desc at the end
@@ -55,7 +58,7 @@ def rmap_add(vcpu, kvm, sptep: tuple, gfn: int, lpage: int) -> None:
         kvm.on_rmap_add(sptep, spte_to_pfn(sp.spt[index]))
 
 
-def rmap_desc_remove_entry(table: dict, key: int, descs: list, d: int, i: int) -> None:
+def rmap_desc_remove_entry(table: dict[int, RmapHead], key: int, descs: list[list[Sptep]], d: int, i: int) -> None:
     """``rmap_desc_remove_entry``: move the last used slot of the desc into the hole; free an empty desc."""
     desc = descs[d]
     last = desc.pop()
@@ -68,7 +71,7 @@ def rmap_desc_remove_entry(table: dict, key: int, descs: list, d: int, i: int) -
         del table[key]
 
 
-def rmap_remove(kvm, sptep: tuple) -> None:
+def rmap_remove(kvm: Kvm, sptep: Sptep) -> None:
     """``rmap_remove``: drop the reference a present leaf owns, then unlink it from its rmap.
 
     Refcount: ``kvm_set_pfn_accessed`` if ``shadow_accessed_mask`` is set in the spte (never for EPT: v2.6.26's
@@ -93,7 +96,7 @@ def rmap_remove(kvm, sptep: tuple) -> None:
     head = table.get(key)
     if head is None:
         raise KernelBug(f"rmap_remove: {sp!r}[{index}] {spte:#x} 0->BUG", spte)
-    if type(head) is tuple:
+    if isinstance(head, tuple):
         if head != sptep:
             raise KernelBug(f"rmap_remove: {sp!r}[{index}] {spte:#x} 1->BUG", spte)
         del table[key]
@@ -106,13 +109,13 @@ def rmap_remove(kvm, sptep: tuple) -> None:
     raise KernelBug(f"rmap_remove: {sp!r}[{index}] {spte:#x} many->BUG", spte)
 
 
-def rmap_next(table: dict, key: int, sptep: tuple | None) -> tuple | None:
+def rmap_next(table: dict[int, RmapHead], key: int, sptep: Sptep | None) -> Sptep | None:
     """``rmap_next``: the entry after ``sptep`` (the first for None). In desc form the successor is found by
     searching for ``sptep``, so a removed ``sptep`` ends the walk (the root of ``--bug rmap-wp-hugepage-iter``)."""
     head = table.get(key)
     if head is None:
         return None
-    if type(head) is tuple:
+    if isinstance(head, tuple):
         return head if sptep is None else None
     prev = None
     for desc in head:
@@ -123,17 +126,17 @@ def rmap_next(table: dict, key: int, sptep: tuple | None) -> tuple | None:
     return None
 
 
-def rmap_entries(table: dict, key: int) -> list[tuple]:
+def rmap_entries(table: dict[int, RmapHead], key: int) -> list[Sptep]:
     """Every sptep of one rmap head, in ``rmap_next`` order."""
     head = table.get(key)
     if head is None:
         return []
-    if type(head) is tuple:
+    if isinstance(head, tuple):
         return [head]
     return [entry for desc in head for entry in desc]
 
 
-def rmap_write_protect(kvm, gfn: int) -> None:
+def rmap_write_protect(kvm: Kvm, gfn: int) -> None:
     """``rmap_write_protect`` (6597ca09 form): clear W in every 4K spte of ``gfn`` (``kvm_set_pfn_dirty`` on
     the first one's frame if any was writable), drop writable large sptes covering it (``rmap_remove``,
     trap, restart the iteration), then ``account_shadowed``. Read-only large sptes stay.
@@ -157,7 +160,7 @@ def rmap_write_protect(kvm, gfn: int) -> None:
             write_protected = True
         sptep = rmap_next(table, key, sptep)
     if write_protected:
-        sp, index = rmap_next(table, key, None)
+        sp, index = cast(Sptep, rmap_next(table, key, None))  # the loop above found a writable one
         api.kvm_set_pfn_dirty(spte_to_pfn(sp.spt[index]), "rmap_write_protect")
     if kvm.on_write_protect is not None:
         kvm.on_write_protect(cleared)
@@ -179,7 +182,7 @@ def rmap_write_protect(kvm, gfn: int) -> None:
     account_shadowed(kvm, gfn)
 
 
-def kvm_unmap_rmapp(kvm, table: dict, key: int) -> bool:
+def kvm_unmap_rmapp(kvm: Kvm, table: dict[int, RmapHead], key: int) -> bool:
     """``kvm_unmap_rmapp`` (v2.6.27): remove every spte of one rmap head (``rmap_remove``, then trap)."""
     flush = False
     while (sptep := rmap_next(table, key, None)) is not None:

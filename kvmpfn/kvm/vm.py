@@ -7,7 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NoReturn
 
+from kvmpfn.errors import InternalError
+from kvmpfn.host import Host
+from kvmpfn.kvm.pfn import PfnApi
+from kvmpfn.kvm.walker import GuestCpu, GuestWalker
 from kvmpfn.x86 import INVALID_PAGE, PT64_ENT_PER_PAGE, PT_ACCESSED_MASK, SHADOW_TRAP_NONPRESENT_PTE
 
 # First pfn of the host pages that hold shadow page tables (``sp->spt``): kernel memory, far from the guest
@@ -90,6 +95,17 @@ class KvmMmuPage:
         return f"<sp#{self.id} gfn={self.gfn:#x} level={self.level} role={self.role:#x}>"
 
 
+#: an spte's address: the shadow page and the index of the entry in ``sp.spt``
+Sptep = tuple[KvmMmuPage, int]
+#: an rmap head: one sptep, or the ``kvm_rmap_desc`` chain as a list of descs of up to RMAP_EXT entries
+RmapHead = Sptep | list[list[Sptep]]
+#: a memoised guest walk (``Vcpu.walk_cache``): gfn, pte_access, dirty, fault bits or None, last pte's watch key
+WalkMemo = tuple[int, int, int, int | None, int]
+#: ``vcpu->arch.mmu.page_fault`` and ``prefetch_page``, ``new_cr3`` and ``free``
+PageFaultFn = Callable[["Vcpu", "Kvm", int, int], int]
+VcpuKvmFn = Callable[["Vcpu", "Kvm"], None]
+
+
 @dataclass(slots=True)
 class KvmSlot:
     """The KVM side of ``struct kvm_memory_slot``: ``lpage_info[].write_count`` and the dirty bitmap.
@@ -105,24 +121,29 @@ class KvmSlot:
     dirty_bitmap: set[int] | None = None  # gfns; None while dirty logging is off
 
 
+def no_mmu_context(*_args: object) -> NoReturn:
+    """A context hook before ``init_kvm_mmu`` ran: the kernel never calls one (``kvm_mmu_setup`` comes first)."""
+    raise InternalError("vcpu used before init_kvm_mmu")
+
+
 @dataclass(slots=True)
 class Vcpu:
     """The MMU part of ``struct kvm_vcpu`` (``vcpu->arch.mmu`` and its neighbours, docs/kernel.md, Roots and CR3)."""
 
     vcpu_id: int
-    cpu: object  # walker.GuestCpu
+    cpu: GuestCpu
     root_hpa: int = INVALID_PAGE
     root_level: int = 0
     shadow_root_level: int = 0
     pae_root: list[int] = field(default_factory=lambda: [INVALID_PAGE] * 4)
-    page_fault: Callable | None = None
-    gva_to_gpa: Callable | None = None
-    prefetch_page: Callable | None = None
-    new_cr3: Callable | None = None
-    free: Callable | None = None
+    page_fault: PageFaultFn = no_mmu_context  # init_kvm_mmu sets these
+    gva_to_gpa: Callable[..., int] | None = None
+    prefetch_page: Callable[[Vcpu, Kvm, KvmMmuPage], None] = no_mmu_context
+    new_cr3: VcpuKvmFn | None = None
+    free: VcpuKvmFn | None = None
     last_pt_write_gfn: int = -1
     last_pt_write_count: int = 0
-    last_pte_updated: tuple | None = None
+    last_pte_updated: Sptep | None = None
     last_pte_gfn: int = 0
     update_pte_gfn: int = 0
     update_pte_pfn: int = 0
@@ -133,17 +154,24 @@ class Vcpu:
     fault_mmio: bool = False
     fault_gpa: int | None = None
     fault_err: int | None = None
-    fault_walker: object = None
+    fault_walker: GuestWalker | None = None
     fault_ac: bool = False
     # the TDP hardware walk's memo, oldest first: gva page -> (gfn, rights, D, fault bits, last pte's Host.watched key)
-    walk_cache: dict = field(default_factory=dict)
+    walk_cache: dict[int, WalkMemo] = field(default_factory=dict)
 
 
 class Kvm:
     """The arch part of ``struct kvm`` for the MMU: shadow-page hash and active list, budget, rmaps, slots."""
 
     def __init__(
-        self, host, api, *, kernel: str, tdp: bool, bugs: frozenset[str] = frozenset(), tdp_flavour: str = "npt"
+        self,
+        host: Host,
+        api: PfnApi,
+        *,
+        kernel: str,
+        tdp: bool,
+        bugs: frozenset[str] = frozenset(),
+        tdp_flavour: str = "npt",
     ) -> None:
         self.host = host
         self.api = api
@@ -170,8 +198,8 @@ class Kvm:
         self.n_alloc_mmu_pages = 0
         self.n_free_mmu_pages = 0
         self.n_requested_mmu_pages = 0
-        self.rmap: dict[int, object] = {}
-        self.rmap_pde: dict[int, object] = {}
+        self.rmap: dict[int, RmapHead] = {}
+        self.rmap_pde: dict[int, RmapHead] = {}
         self.slots: dict[int, KvmSlot] = {}
         self.vcpus: dict[int, Vcpu] = {}
         self.mmu_notifier_seq = 0
@@ -191,17 +219,19 @@ class Kvm:
             "remote_tlb_flush": 0,
         }
         # observers (the auditor's ledger): called when an spte takes/drops ownership of its reference
-        self.on_rmap_add: Callable | None = None
-        self.on_rmap_remove: Callable | None = None
+        self.on_rmap_add: Callable[[Sptep, int], None] | None = None  # (sptep, pfn)
+        self.on_rmap_remove: Callable[[Sptep, int, int], None] | None = None  # (sptep, pfn, spte)
         # rmap_write_protect: called with None before its 4K loop, then with the frames whose W it cleared
-        self.on_write_protect: Callable | None = None
+        self.on_write_protect: Callable[[set[int] | None], None] | None = None
         # kvm_unmap_hva: called with (hva, gfn) after each call, so the auditor can check docs/kernel.md, Invariants:
         # I10
-        self.on_unmap_hva: Callable | None = None
-        self.audit_point: Callable | None = None  # kvm_mmu_audit(vcpu, msg) at the kernel's audit points
+        self.on_unmap_hva: Callable[[int, int], None] | None = None
+        self.audit_point: Callable[[Vcpu, str], None] | None = (
+            None  # kvm_mmu_audit(vcpu, msg) at the kernel's audit points
+        )
         # the incremental audit's change tracking: a page allocated (before its first parent link), a page zapped
-        self.on_new_page: Callable | None = None
-        self.on_zap_page: Callable | None = None
+        self.on_new_page: Callable[[KvmMmuPage], None] | None = None
+        self.on_zap_page: Callable[[KvmMmuPage], None] | None = None
         host.on_watched_write = self.drop_walks
 
     def flush_walk_caches(self) -> None:
@@ -228,7 +258,7 @@ class Kvm:
             if not walks:
                 del watched[entry[-1]]
 
-    def drop_walks(self, walks: set | None) -> None:
+    def drop_walks(self, walks: set[tuple[int, int]] | None) -> None:
         """Forget the memoised walks ``{(vcpu_id, key)}`` whose last guest pte was just stored to; None: an upper
         pte, every walk."""
         if walks is None:
