@@ -12,13 +12,12 @@ import signal
 import time
 from pathlib import Path
 
+import dask
+import distributed
 import pytest
 from proc_helper import Killer, alive, descendants, holding, slow_trace, start, wait_for
 from test_elfcore import _guest_pair
 from test_runner import FINDINGS, HEADER, finish, statuses
-
-distributed = pytest.importorskip("distributed", reason="dask.distributed is in the dev extra")
-dask = pytest.importorskip("dask")
 
 MEMORY = 4 << 30  # address space for a command that starts dask workers
 
@@ -168,7 +167,7 @@ def test_local_cluster_workers_die_with_the_command(tmp_path, slow):
     below = wait_for(lambda: holding("e0.jsonl", descendants(proc.pid)) and descendants(proc.pid))
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=10)  # EOF on both pipes: no worker holds them
-    wait_for(lambda: not alive(below), timeout=5)
+    assert below and wait_for(lambda: not alive(below), timeout=5)
 
 
 def test_missing_dask_is_one_line_exit_2(tmp_path):

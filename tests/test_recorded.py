@@ -382,13 +382,7 @@ def test_every_recorded_example_is_listed():
     assert sorted(p.name for p in RECORDED.glob("*.jsonl")) == sorted(EXPECTED)
 
 
-def _recorded_checks_are_wired() -> bool:
-    return any(f["code"] == "fault-loop" for f in replay_file(str(RECORDED / "tdp-fault-loop.jsonl")).findings)
-
-
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_replay_file_runs_the_recorded_checks(name):
-    """NEEDS THE REPLAY WIRING of RecordedChecks (see the report): skipped until replay.py runs them."""
-    if not _recorded_checks_are_wired():
-        pytest.skip("kvmpfn.replay does not run the recorded checks yet")
+    """A replay of a converted trace runs the recorded checks over its x.recorded annotations."""
     assert codes(replay_file(str(RECORDED / name)).findings) == EXPECTED[name]

@@ -86,11 +86,11 @@ def test_ddmin_finds_a_one_minimal_subset():
     needed = {3, 17, 42}
     calls = itertools.count()
 
-    def test(items):
+    def keeps(items):
         next(calls)
         return needed <= set(items)
 
-    assert ddmin(list(range(100)), test) == [3, 17, 42]
+    assert ddmin(list(range(100)), keeps) == [3, 17, 42]
     assert next(calls) < 200
 
 

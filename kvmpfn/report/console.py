@@ -9,10 +9,10 @@ from contextlib import contextmanager
 from typing import IO
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 from kvmpfn.report import ERROR, FAIL, NOT_RUN, PASS, AuditReport, TraceOutcome, counts_text, finding_text, safe
+from kvmpfn.report.progress import progress as bar
 
 LABELS = {PASS: "PASS", FAIL: "FAIL", ERROR: "ERROR", NOT_RUN: "NOT RUN"}
 STYLES = {PASS: "green", FAIL: "bold red", ERROR: "bold red", NOT_RUN: "dim"}
@@ -107,26 +107,14 @@ def show(report: AuditReport, stream: IO[str] | None = None, quiet: bool = False
 
 @contextmanager
 def progress(total: int, stream: IO[str] | None = None) -> Iterator[Callable[[str], None]]:
-    """A progress bar on ``stream`` (stderr) when it is a terminal; yields ``advance(trace)``.
-
-    The bar refreshes only when advanced (no refresh thread), so worker processes fork from a single thread.
-    """
-    stream = stream or sys.stderr
-    if total <= 0 or not stream.isatty():
-        yield lambda trace: None
-        return
-    columns = (
-        TextColumn("auditing"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-    )
-    with Progress(*columns, console=Console(file=stream), auto_refresh=False, transient=True) as bar:
-        task = bar.add_task("", total=total)
-        bar.refresh()
+    """The gate's progress (:mod:`kvmpfn.report.progress`, on a terminal only); yields ``advance(trace)``,
+    called as each trace finishes."""
+    with bar("auditing", total=total, unit="traces", stream=stream) as update:
+        done = 0
 
         def advance(trace: str) -> None:
-            bar.update(task, advance=1, description=trace, refresh=True)
+            nonlocal done
+            done += 1
+            update(done, safe(trace))
 
         yield advance
