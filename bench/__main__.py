@@ -254,7 +254,7 @@ def bench_decode_flat(n: int) -> dict:
 
 def bench_reduce_hunt(events: int, budget: float) -> dict:
     say(f"\n== reduce {events:,}-event traces; hunt every bug from an empty corpus, {budget:.0f} s budget each ==")
-    return bench_hunt.run(events, budget, say=say)
+    return bench_hunt.run_pure(events, budget, say=say)
 
 
 def profile_markdown(prof: dict, title: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -92,10 +93,21 @@ def run(events: int = 20_000, budget: float = 120.0, say=print) -> dict:
     return out
 
 
+def run_pure(events: int, budget: float, say=print) -> dict:
+    """:func:`run` in a child process on the pure-Python simulator (hunt's probe reads source lines), its
+    lines printed as they come."""
+    env = {**os.environ, "KVMPFN_PURE": "1"}
+    cmd = [sys.executable, "-m", "bench.bench_hunt", str(events), str(budget)]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) as child:
+        assert child.stdout is not None
+        lines = [line.rstrip("\n") for line in child.stdout]
+    if child.returncode:
+        raise RuntimeError(f"bench.bench_hunt exited with {child.returncode}")
+    for line in lines[:-1]:
+        say(line)
+    return json.loads(lines[-1])
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    print(
-        json.dumps(
-            run(int(args[0]) if args else 20_000, float(args[1]) if len(args) > 1 else 120.0, say=lambda s: None)
-        )
-    )
+    print(json.dumps(run(int(args[0]) if args else 20_000, float(args[1]) if len(args) > 1 else 120.0, say=print)))

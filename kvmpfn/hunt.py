@@ -28,6 +28,8 @@ from dataclasses import dataclass, field, replace
 
 from msgspec.structs import replace as evolve
 
+from kvmpfn import native
+from kvmpfn.errors import InternalError
 from kvmpfn.reduce import Reduction, keep_divergence, keep_kill, reduce_trace, replay_events, subject_kind
 from kvmpfn.replay import ReplayOptions
 from kvmpfn.trace import events as ev
@@ -374,7 +376,11 @@ def hunt(
     progress: Callable[[int, str], None] = lambda done, what: None,
     clock: Callable[[], float] = time.monotonic,
 ) -> HuntResult:
-    """Search for a trace that kills ``bug`` within ``budget`` seconds, then reduce it."""
+    """Search for a trace that kills ``bug`` within ``budget`` seconds, then reduce it. The probe
+    (:class:`ProbedBugs`) reads the caller's source line: only the pure-Python simulator has one
+    (``KVMPFN_PURE=1``; ``kvmpfn hunt`` sets it itself)."""
+    if native.MODE == "compiled":
+        raise InternalError("hunt needs the pure-Python simulator: run it with KVMPFN_PURE=1 in the environment")
     base = base or ReplayOptions()
     rng = random.Random(f"kvmpfn-hunt/{bug}/{seed}")
     gen = GuestGen(rng, mmu)

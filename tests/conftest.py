@@ -8,6 +8,10 @@ engine's dispatch, returning the outcome record), or the MMU functions are calle
 
 from __future__ import annotations
 
+import os
+
+os.environ["KVMPFN_PURE"] = "1"  # the tests run the sources; tests/test_compiled.py checks the compiled build
+
 from dataclasses import dataclass, field
 
 import pytest

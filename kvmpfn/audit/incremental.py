@@ -30,6 +30,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import cast
 
+from mypy_extensions import mypyc_attr
+
 from kvmpfn.audit.checks import (
     GuestView,
     MappingEntry,
@@ -70,43 +72,6 @@ Stores = dict[Sptep, int]
 
 _set = list.__setitem__
 _get = list.__getitem__
-
-
-class TrackedSpt(list[int]):
-    """``sp.spt`` that records each store changing an entry: ``changes.stores[(sp, index)]`` is the value
-    the first store since the last audit point replaced."""
-
-    __slots__ = ("sp", "changes")
-    sp: KvmMmuPage
-    changes: Changes
-
-    # the MMU stores one entry at a time, never a slice
-    def __setitem__(self, index: int, value: int) -> None:  # type: ignore[override]
-        old = _get(self, index)
-        if old != value:
-            key = (self.sp, index)
-            stores = self.changes.stores
-            if key not in stores:
-                stores[key] = old
-            _set(self, index, value)
-
-
-class TrackedParents(list[Sptep]):
-    """``sp.parent_ptes`` that records the parent links added and removed."""
-
-    __slots__ = ("sp", "changes")
-    sp: KvmMmuPage
-    changes: Changes
-
-    def append(self, parent_pte: Sptep) -> None:
-        self.changes.parent_pages.add(self.sp)
-        self.changes.parent_links.add(parent_pte)
-        list.append(self, parent_pte)
-
-    def remove(self, parent_pte: Sptep) -> None:
-        self.changes.parent_pages.add(self.sp)
-        self.changes.parent_links.add(parent_pte)
-        list.remove(self, parent_pte)
 
 
 class Changes:
@@ -178,6 +143,45 @@ class Changes:
         gfn = sptep[0].gfns[sptep[1]]
         self.rmap_keys.add((0, gfn))
         self.rmap_keys.add((1, gfn // KVM_PAGES_PER_HPAGE))
+
+
+@mypyc_attr(native_class=False)  # compiled, a list subclass must stay a Python class
+class TrackedSpt(list[int]):
+    """``sp.spt`` that records each store changing an entry: ``changes.stores[(sp, index)]`` is the value
+    the first store since the last audit point replaced."""
+
+    __slots__ = ("sp", "changes")
+    sp: KvmMmuPage
+    changes: Changes
+
+    # the MMU stores one entry at a time, never a slice
+    def __setitem__(self, index: int, value: int) -> None:  # type: ignore[override]
+        old = _get(self, index)
+        if old != value:
+            key = (self.sp, index)
+            stores = self.changes.stores
+            if key not in stores:
+                stores[key] = old
+            _set(self, index, value)
+
+
+@mypyc_attr(native_class=False)
+class TrackedParents(list[Sptep]):
+    """``sp.parent_ptes`` that records the parent links added and removed."""
+
+    __slots__ = ("sp", "changes")
+    sp: KvmMmuPage
+    changes: Changes
+
+    def append(self, parent_pte: Sptep) -> None:
+        self.changes.parent_pages.add(self.sp)
+        self.changes.parent_links.add(parent_pte)
+        list.append(self, parent_pte)
+
+    def remove(self, parent_pte: Sptep) -> None:
+        self.changes.parent_pages.add(self.sp)
+        self.changes.parent_links.add(parent_pte)
+        list.remove(self, parent_pte)
 
 
 def attach(kvm: Kvm, ledger: RefLedger) -> Changes:
@@ -259,7 +263,7 @@ class IncrementalAudit:
                 names = pointed_by.get(spte_to_pfn(old))
                 if names is not None:
                     names.discard(sptep)
-            new = _get(sp.spt, index)
+            new = sp.spt[index]
             if new != TRAP and new != NOTRAP and spte_to_pfn(new) in page_header:
                 pointed_by.setdefault(spte_to_pfn(new), set()).add(sptep)
         moved: set[Sptep] = set()
@@ -345,7 +349,7 @@ class IncrementalAudit:
         children: set[KvmMmuPage | None] = set()  # pages a changed pointer named before or names now
         for (sp, index), old in ch.stores.items():
             pfns.add(spte_to_pfn(old))
-            new = _get(sp.spt, index)
+            new = sp.spt[index]
             pfns.add(spte_to_pfn(new))
             children.add(page_header.get(spte_to_pfn(old)))
             children.add(page_header.get(spte_to_pfn(new)))
@@ -403,7 +407,7 @@ class IncrementalAudit:
         for sptep, old in ch.stores.items():
             self.deferred.setdefault(sptep, old)
         for sp, index in ch.rmapped:
-            self.deferred.setdefault((sp, index), _get(sp.spt, index))  # sp.gfns[index] may have changed
+            self.deferred.setdefault((sp, index), sp.spt[index])  # sp.gfns[index] may have changed
         self.deferred_stored |= ch.stored
         self.roots = roots
         if mappings:
@@ -418,7 +422,7 @@ class IncrementalAudit:
         # I3: changed pointers, pointers into zapped pages, and the parent lists of pages they name
         for sp, index in sorted(set(ch.stores) | ch.parent_links | pointers_into_dead, key=_sptep_order):
             if sp.level > 1 and active.get(sp.id) is sp:
-                check_parent_pointer(kvm, f, sp, index, _get(sp.spt, index))
+                check_parent_pointer(kvm, f, sp, index, sp.spt[index])
         children |= ch.parent_pages
         children |= ch.pages
         children.discard(None)
@@ -430,7 +434,7 @@ class IncrementalAudit:
         # I7 and I14 for the changed leaves
         leaves = [(sp, index) for sp, index in sorted(dirty, key=_sptep_order) if live_leaf(kvm, sp, index)]
         for sp, index in leaves:
-            check_leaf_memslot(kvm, f, sp, index, _get(sp.spt, index))
+            check_leaf_memslot(kvm, f, sp, index, sp.spt[index])
 
         # I8 and I13: re-checked when a page came or went, or the counts moved
         write_counts = [(s.slot, s.write_count) for s in kvm.slots.values()]
@@ -443,7 +447,7 @@ class IncrementalAudit:
             self.counters = counters
 
         for sp, index in leaves:
-            check_leaf_dirty(kvm, f, sp, index, _get(sp.spt, index))
+            check_leaf_dirty(kvm, f, sp, index, sp.spt[index])
 
     def _ident(self, key: RootKey, vcpu: Vcpu) -> Ident:
         """What identifies a root's audit: its key and the vcpu whose view audits it (under TDP, where no guest
@@ -508,7 +512,7 @@ class IncrementalAudit:
                 if root is sp:
                     out.append((vcpu, va, level))
             for psp, pindex in self.pointed_by.get(sp.hpa, ()):
-                ent = _get(psp.spt, pindex)
+                ent = psp.spt[pindex]
                 if ent == TRAP or ent == NOTRAP or page_header.get(spte_to_pfn(ent)) is not sp:
                     continue
                 for vcpu, va, level in positions(psp):
@@ -518,7 +522,7 @@ class IncrementalAudit:
             return out
 
         for (sp, index), old in sorted(stores.items(), key=_store_order):
-            ent = _get(sp.spt, index)
+            ent = sp.spt[index]
             if ent == TRAP:
                 continue
             for vcpu, va, level in positions(sp):
@@ -537,7 +541,7 @@ class IncrementalAudit:
                     for index in shadow_indices(sp, gpa & 0xFFF, nbytes):
                         shadowed[(sp, index)] = None
         for sp, index in shadowed:
-            ent = _get(sp.spt, index)
+            ent = sp.spt[index]
             if ent == TRAP:
                 continue
             for vcpu, va, level in positions(sp):
@@ -549,7 +553,7 @@ class IncrementalAudit:
             unseen: list[MappingEntry] = []  # reached from no root here: kept for a root that may come back
             for entry in sorted(entries, key=_read_order):
                 sp, index, vcpu_id, addr, level = entry
-                ent = _get(sp.spt, index)
+                ent = sp.spt[index]
                 for vcpu, va, at in positions(sp):
                     if (
                         at == level

@@ -17,8 +17,8 @@ from typing import Any
 
 import click
 
-from kvmpfn import __version__
-from kvmpfn.cli.options import suggest
+from kvmpfn import __version__, native
+from kvmpfn.cli.options import suggest, warn
 from kvmpfn.errors import KvmpfnError
 
 EXAMPLES = """
@@ -150,6 +150,8 @@ def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
 )
 def main() -> None:
     """Replay guest page-fault traces through a simulated 2008 x86 KVM MMU and audit every pfn reference."""
+    if native.STALE:
+        warn(f"{native.STALE}: running the pure-Python simulator (slower); `make install` compiles it again")
 
 
 def _register() -> None:

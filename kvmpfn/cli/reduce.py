@@ -10,6 +10,7 @@ import time
 
 import click
 
+from kvmpfn import native
 from kvmpfn.cli.options import MMUS, fail, options_text, parse_replay_options, replay_options, suggest
 from kvmpfn.replay import ReplayOptions
 
@@ -110,6 +111,8 @@ def hunt(bug: str, mmu, base: str, budget: float, seed: int, corpus_dir, output:
     Exit status: 0 a killing trace written, 1 only a blind spot or nothing found, 2 usage error (among them a
     --mmu or --base kernel the bug does not apply to).
     """
+    if native.MODE == "compiled":  # the probe reads source lines: hunt in the pure-Python simulator
+        os.execve(sys.executable, [sys.executable, "-m", "kvmpfn", *sys.argv[1:]], {**os.environ, "KVMPFN_PURE": "1"})
     from kvmpfn.hunt import hunt as run_hunt
     from kvmpfn.outputs import refuse_inputs
     from kvmpfn.reduce import describe, write_reduced

@@ -183,10 +183,7 @@ def kvm_mmu_page_fault(vcpu: Vcpu, kvm: Kvm, cr2: int, error_code: int, pte_len:
     MMIO, or a write to a shadowed guest page table, which the emulator performs as a write of the value
     already in memory at the aligned pte address through ``kvm_mmu_pte_write``; <0 = error. Before emulating
     the MMU caches are topped up again (mmu.c, v2.6.26), so an injected ``enomem`` can fail there too."""
-    vcpu.fault_mmio = False
-    vcpu.fault_err = None
-    vcpu.fault_walker = None
-    vcpu.fault_gpa = cr2 if vcpu.page_fault is not paging_page_fault else None
+    vcpu.begin_fault(cr2 if vcpu.page_fault is not paging_page_fault else None)
     r = vcpu.page_fault(vcpu, kvm, cr2, error_code)
     if r == 1 and mmu_topup_memory_caches(vcpu, kvm):
         r = ENOMEM  # the top-up before emulate_instruction failed

@@ -5,7 +5,7 @@ paging.py and pte_write.py, named after their kernel counterparts.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -81,9 +81,11 @@ class KvmMmuPage:
         self.cr0_wp = 0
         self.ext = 0
         self.invalid = 0
-        self.spt = [SHADOW_TRAP_NONPRESENT_PTE] * PT64_ENT_PER_PAGE
+        # MutableSequence, not list: the incremental audit swaps in list subclasses that record stores, and
+        # compiled code (docs/architecture.md, Compiled modules) bypasses a list subclass's methods
+        self.spt: MutableSequence[int] = [SHADOW_TRAP_NONPRESENT_PTE] * PT64_ENT_PER_PAGE
         self.gfns = [0] * PT64_ENT_PER_PAGE
-        self.parent_ptes: list[tuple[KvmMmuPage, int]] = []
+        self.parent_ptes: MutableSequence[tuple[KvmMmuPage, int]] = []
         self.root_count = 0
         self.slot_bitmap: set[int] = set()
 
@@ -158,6 +160,14 @@ class Vcpu:
     fault_ac: bool = False
     # the TDP hardware walk's memo, oldest first: gva page -> (gfn, rights, D, fault bits, last pte's Host.watched key)
     walk_cache: dict[int, WalkMemo] = field(default_factory=dict)
+
+    def begin_fault(self, gpa: int | None) -> None:
+        """Forget what the previous fault decided. A method, not four stores in ``kvm_mmu_page_fault``: there
+        mypy would narrow ``fault_walker`` to None across the page-fault call, and compiled code trusts that."""
+        self.fault_mmio = False
+        self.fault_err = None
+        self.fault_walker = None
+        self.fault_gpa = gpa
 
 
 class Kvm:

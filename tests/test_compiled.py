@@ -1,0 +1,50 @@
+"""The compiled simulator (setup.py, kvmpfn/native.py) is the one an install runs, and it behaves exactly as
+the pure-Python sources the other tests run (tests/conftest.py sets KVMPFN_PURE=1)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmpfn import native
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORD = ROOT / "kvmpfn" / "_compiled_sources.py"
+pytestmark = pytest.mark.skipif(not RECORD.exists(), reason="installed with KVMPFN_PURE_PYTHON=1: nothing was compiled")
+
+
+def _child(*args: str, pure: bool) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "KVMPFN_PURE"}
+    if pure:
+        env["KVMPFN_PURE"] = "1"
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_an_install_runs_the_compiled_simulator():
+    out = _child("-c", "import kvmpfn.native as n, kvmpfn.kvm.mmu as m; print(n.MODE, n.STALE, m.__file__)", pure=False)
+    mode, stale, path = out.split()
+    assert (mode, stale) == ("compiled", "None"), "a source changed since the build: run `make install`"
+    assert path.endswith(".so")
+
+
+def test_the_tests_run_the_sources():
+    import kvmpfn.kvm.mmu
+
+    assert native.MODE == "pure" and kvmpfn.kvm.mmu.__file__.endswith("mmu.py")
+
+
+def test_compiled_and_pure_produce_the_same_records_and_findings():
+    args = ("tests/compiled_helper.py", "12", "traces")
+    compiled, pure = _child(*args, pure=False), _child(*args, pure=True)
+    assert compiled.splitlines()[0] == '{"mode": "compiled"}' and pure.splitlines()[0] == '{"mode": "pure"}'
+    a, b = compiled.splitlines()[1:], pure.splitlines()[1:]
+    assert len(a) == len(b) > 100
+    assert any('"code"' in line for line in a)  # findings were compared, not only clean runs
+    for line_a, line_b in zip(a, b, strict=True):
+        assert line_a == line_b
