@@ -23,6 +23,8 @@ import io
 import re
 import sys
 from collections.abc import Iterator
+from itertools import chain
+from operator import length_hint
 from typing import Any, BinaryIO, Union, get_args, get_type_hints
 
 import msgspec
@@ -49,6 +51,7 @@ __all__ = ["MAX_LINE", "TraceError", "TraceReader", "open_trace"]
 MAX_LINE = 1 << 20
 
 _BUFFER = 1 << 16
+_BLOCK = 1 << 16  # bytes read at once after the header, decoded as one block of lines
 _ZSTD_FEED = 512  # compressed bytes per decompression step: bounds the output of one step
 _CONTROL = {c: f"\\x{c:02x}" for c in range(32)}
 
@@ -262,7 +265,10 @@ def _hex_event(cls: type) -> type:
     return type(cls)(f"Hex{cls.__name__}", (cls,), namespace, tag=cls.__struct_config__.tag, kw_only=True)
 
 
-_HEX_EVENT_DECODER = msgspec.json.Decoder(Union[tuple(_hex_event(c) for c in EVENT_TYPES.values())])  # noqa: UP007
+_HEX_EVENT = Union[tuple(_hex_event(c) for c in EVENT_TYPES.values())]  # noqa: UP007
+_HEX_EVENT_DECODER = msgspec.json.Decoder(_HEX_EVENT)
+#: a block of event lines as one JSON array (:meth:`TraceReader._blocks`): integers only, or hex strings too
+_BLOCK_DECODERS = (msgspec.json.Decoder(list[Event]).decode, msgspec.json.Decoder(list[_HEX_EVENT]).decode)  # type: ignore[valid-type]
 
 
 def _show(value: Any) -> str:
@@ -462,7 +468,7 @@ def _decode_line(data: bytes, header: bool = False) -> Any:
 
     :raises _LineError: (internal) the reader and writer turn it into their own errors
     """
-    if not header and b'"0x' in data:
+    if not header and data.find(b'"0x') >= 0:  # faster than `in`
         try:
             return _HEX_EVENT_DECODER.decode(data)
         except Exception:  # , S110 - the typed decoder and the slow path say what is wrong
@@ -568,6 +574,8 @@ class TraceReader:
         self._stream = stream
         self._owned = owned
         self._line_no = 0
+        self._range: Iterator[int] | None = None
+        self._range_end = 0
         self.header_line = 0
         self.header: Header = self._read_header()
 
@@ -585,7 +593,9 @@ class TraceReader:
 
     @property
     def line_no(self) -> int:
-        """The number of the last line read."""
+        """The number of the last line read: of the last event yielded, while iterating."""
+        if self._range is not None:  # a decoded block: the line of the item its iterator gave last
+            return self._range_end - length_hint(self._range)
         return self._line_no
 
     def _error(self, line: int, exc: _LineError) -> TraceError:
@@ -628,46 +638,77 @@ class TraceReader:
                 raise self._error(self._line_no, e) from None
 
     def __iter__(self) -> Iterator[tuple[int, Event]]:
-        return self._events()
+        return chain.from_iterable(self._blocks())
 
-    def _events(self) -> Iterator[tuple[int, Event]]:
-        # The hot loop: locals only, the fast decoder inline, everything unusual out of line.
-        readline = self._stream.readline
-        decode = _EVENT_DECODER.decode
-        decode_hex = _HEX_EVENT_DECODER.decode
-        limit = MAX_LINE + 2
+    def _blocks(self) -> Iterator[Iterator[tuple[int, Event]]]:
+        """The events after the header, as iterators of ``(line_no, event)``, one per block of whole lines.
+
+        A block is what one ``read1`` returned (at most :data:`_BLOCK` bytes; a pipe gives what it has), from
+        the end of the line the previous block left unfinished to the last newline. Its lines joined by
+        commas into one JSON array decode in one call: every newline becomes ``,\\n``, so a blank or comment
+        line, a line with two values or without a whole one, cannot make a valid array, and when it decodes,
+        its items are the lines in order. Anything else (the array does not decode, or a line is longer than
+        :data:`MAX_LINE`) is decoded again line by line (:meth:`_lines`), which yields every event before the
+        bad line and names it exactly as a reader of one line at a time would.
+        """
+        read = getattr(self._stream, "read1", self._stream.read)
         line_no = self._line_no
+        pending = b""  # the start of a line whose newline is not read yet
         while True:
+            self._range = None
+            self._line_no = line_no
             try:
-                data = readline(limit)
-            except Exception as e:
+                chunk = read(_BLOCK)
+            except Exception as e:  # gzip/zlib/zstd/OS errors all become input errors
                 raise _stream_error(self.path, line_no + 1, e) from None
-            if not data:
+            if not chunk:
+                if pending:  # the last line, without a newline
+                    yield self._lines(pending, line_no)
+                    self._line_no = line_no + 1
                 return
+            marked = chunk.replace(b"\n", b",\n")
+            lines = len(marked) - len(chunk)
+            if not lines:
+                pending += chunk
+                if len(pending) > MAX_LINE:
+                    raise TraceError(self.path, line_no + 1, f"line too long (over {MAX_LINE} bytes)")
+                continue
+            cut = chunk.rfind(b"\n") + 1
+            first = line_no + 1
+            line_no += lines
+            events = None
+            if len(pending) + cut <= MAX_LINE:
+                array = b"".join((b"[", pending, memoryview(marked)[: cut + lines - 2], b"]"))
+                for decode in _BLOCK_DECODERS:
+                    try:
+                        events = decode(array)
+                        break
+                    except Exception:  # , S112 - the other decoder, then line by line, say what is wrong
+                        continue
+            if events is not None and len(events) == lines:
+                self._range = numbers = iter(range(first, line_no + 1))
+                self._range_end = line_no
+                yield zip(numbers, events, strict=True)
+            else:
+                yield self._lines(pending + chunk[:cut], first - 1)
+            pending = chunk[cut:]
+
+    def _lines(self, data: bytes, line_no: int) -> Iterator[tuple[int, Event]]:
+        """Decode ``data`` (whole lines, the first after line ``line_no``) one line at a time."""
+        for raw in io.BytesIO(data):
             line_no += 1
             self._line_no = line_no
-            if len(data) > MAX_LINE and len(data) - data.endswith(b"\n") > MAX_LINE:
+            if len(raw) > MAX_LINE and len(raw) - raw.endswith(b"\n") > MAX_LINE:
                 raise TraceError(self.path, line_no, f"line too long (over {MAX_LINE} bytes)")
-            if data[0] != 123:  # not "{"
-                stripped = data.lstrip()
+            if raw[0] != 123:  # not "{"
+                stripped = raw.lstrip()
                 if not stripped or stripped[:1] == b"#":
-                    self._check_comment(data)
+                    self._check_comment(raw)
                     continue
-            if b'"0x' in data:
-                try:
-                    yield line_no, decode_hex(data)
-                    continue
-                except Exception:  # , S110 - decoded again below, for the error
-                    pass
             try:
-                event = decode(data)
-            except msgspec.ValidationError as fast:
-                try:
-                    event = _decode_slow(data, False, fast)
-                except _LineError as e:
-                    raise self._error(line_no, e) from None
-            except Exception as e:  # DecodeError, UnicodeDecodeError, RecursionError, ...
-                raise self._error(line_no, _malformed(data, e, None)) from None
+                event = _decode_line(raw)
+            except _LineError as e:
+                raise self._error(line_no, e) from None
             yield line_no, event
 
 
