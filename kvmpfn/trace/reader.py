@@ -19,9 +19,11 @@ into ints, then ``msgspec.convert``; if that fails too, the error is rewritten t
 from __future__ import annotations
 
 import gzip
+import inspect
 import io
 import re
 import sys
+import textwrap
 from collections.abc import Iterator
 from itertools import chain
 from operator import length_hint
@@ -236,7 +238,8 @@ def _hex_check(name: str, bounds: tuple[int, int] | frozenset[int]) -> str:
     return (
         f"    v = self.{name}\n"
         "    if v.__class__ is str:\n"
-        "        if v[:2] != '0x' or len(v) > 18 or not v.isascii() or not v.isalnum():\n"
+        # with v[1] == "x", an ASCII alphanumeric v that int(v, 16) takes is "0x" and hex digits
+        "        if len(v) > 18 or v[1:2] != 'x' or not v.isalnum() or not v.isascii():\n"
         "            raise ValueError(v)\n"
         "        v = int(v, 16)\n"
         f"        if {check}:\n"
@@ -245,17 +248,32 @@ def _hex_check(name: str, bounds: tuple[int, int] | frozenset[int]) -> str:
     )
 
 
+def _checks_source(cls: type) -> str:
+    """The body of ``cls.__post_init__`` (the event's own checks), to run inline after the hex fields are
+    parsed: one Python call per event instead of two. Without the source, a call of it."""
+    if not hasattr(cls, "__post_init__"):
+        return ""
+    try:
+        lines = textwrap.dedent(inspect.getsource(cls.__post_init__)).splitlines()
+    except (OSError, TypeError):
+        return "    checks(self)\n"
+    if lines[0] != "def __post_init__(self) -> None:":
+        return "    checks(self)\n"
+    return "\n".join(lines[1:]) + "\n"
+
+
 def _hex_event(cls: type) -> type:
     """A subclass of event class ``cls`` whose integer fields also accept a string: its ``__post_init__``
     (generated, one check per field: :func:`_hex_check`) parses each string, turns the object into a ``cls``
-    and runs ``cls``'s checks."""
+    and runs ``cls``'s checks (their source, compiled in the scope of ``cls``'s module)."""
     hints = get_type_hints(cls, include_extras=True)
     info = {f.encode_name: f for f in mi.type_info(cls).fields}
     fields = [(name, _hex_bounds(info[name].type)) for name, kind in _SPECS[cls].items() if kind is _INT]
     source = "def __post_init__(self):\n" + "".join(_hex_check(n, b) for n, b in fields)
-    source += "    self.__class__ = cls\n" + ("    checks(self)\n" if hasattr(cls, "__post_init__") else "")
-    scope: dict[str, Any] = {"cls": cls, "checks": getattr(cls, "__post_init__", None)}
-    exec(compile(source, f"<hex {cls.__name__}>", "exec"), scope)  # built from field names
+    source += "    self.__class__ = cls\n" + _checks_source(cls)
+    scope: dict[str, Any] = dict(vars(sys.modules[cls.__module__]))
+    scope.update(cls=cls, checks=getattr(cls, "__post_init__", None))
+    exec(compile(source, f"<hex {cls.__name__}>", "exec"), scope)  # built from field names and events.py
     __post_init__ = scope["__post_init__"]
     namespace: dict[str, Any] = {"__annotations__": {}, "__post_init__": __post_init__}
     for name, _ in fields:
