@@ -5,13 +5,16 @@
 ...     for line_no, event in reader:
 ...         ...
 
-Memory stays flat: the file is read one line at a time (at most ``MAX_LINE`` bytes), and nothing is kept
-of a line once its event is yielded. Every input error, from a missing file to a bad field, is one
+Memory stays flat: the header is read as one line, the events after it in blocks of at most ``_BLOCK`` bytes
+of whole lines (no line longer than ``MAX_LINE`` is accepted), and nothing is kept of a block once its events
+are yielded. Every input error, from a missing file to a bad field, is one
 :class:`TraceError` whose ``str`` is a single line ``PATH:LINE: CONTEXT: field "NAME": WHAT``.
 
 Decoding has a fast path, msgspec decoders built once: for event lines whose integers are JSON numbers, the
 typed decoder; for lines with ``"0x`` strings, a decoder of the same events whose integer fields also take a
 string, each such string turned into an int by one ``int(s, 16)`` in ``__post_init__`` (:func:`_hex_event`).
+A block of lines is decoded by one call, as a JSON array (:meth:`TraceReader._blocks`); a block that does not
+decode is decoded again line by line, so that errors name the same line and the events before it come first.
 A line the fast path rejects is decoded again slowly: untyped, hex/decimal strings in integer fields turned
 into ints, then ``msgspec.convert``; if that fails too, the error is rewritten to name the field and the value.
 """
