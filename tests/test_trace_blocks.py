@@ -6,11 +6,13 @@ from __future__ import annotations
 import glob
 import gzip
 import os
+from typing import Union
 
+import msgspec
 import pytest
 import zstandard
 
-from kvmpfn.trace import Access, Pf, TraceError, Write, open_trace
+from kvmpfn.trace import EVENT_TYPES, Access, Pf, TraceError, Write, open_trace
 from kvmpfn.trace import reader as trace_reader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,3 +185,46 @@ def test_the_corpus_reads_the_same_in_blocks(monkeypatch):
         assert expected[0], path
         for block in (64, trace_reader._BLOCK):
             assert in_blocks(path, monkeypatch, block) == expected, path
+
+
+HEX_LINES = [
+    b'{"op": "access", "addr": "0x7f0000001000", "write": 1, "user": false, "fetch": 0, "ac": true}',
+    b'{"op": "pf", "addr": "0xffffffffffffffff", "err": "0x1f", "vcpu": 3}',
+    b'{"op": "write", "gpa": "0x1ff8", "val": "0xffffffffffffffff", "len": 8}',
+    b'{"op": "write", "gpa": "0x1ffc", "val": "0x1", "len": 8}',  # crosses a page: the inline check rejects it
+    b'{"op": "pte_write", "gpa": "0x2000", "val": "0x10000", "len": 2}',  # val too wide
+    b'{"op": "cr3", "val": "0x1000"}',
+    b'{"op": "paging", "cr0_wp": 0, "maxphyaddr": 36}',
+    b'{"op": "invlpg", "addr": "0xfff"}',
+    b'{"op": "memslot", "slot": "0x1", "gfn": "0xfffffffff0", "npages": "0x10"}',
+    b'{"op": "memslot", "slot": "0x1", "gfn": "0xfffffffff0", "npages": "0x11"}',  # past 2**40
+    b'{"op": "dirty_log", "slot": "0x2", "stop": 1}',
+    b'{"op": "host_remap", "gfn": "0xfffffffff"}',
+    b'{"op": "inject", "fault": "enomem", "count": "0x2"}',
+]
+
+
+def test_hex_checks_inline_or_called_agree(monkeypatch):
+    """The hex events run their class's checks inline (compiled from its source); with the source missing
+    they call them: both accept and reject the same lines, with the same events."""
+    inline = msgspec.json.Decoder(trace_reader._HEX_EVENT)
+
+    def no_source(obj):
+        raise OSError("no source")
+
+    monkeypatch.setattr(trace_reader.inspect, "getsource", no_source)
+    called = msgspec.json.Decoder(
+        Union[tuple(trace_reader._hex_event(c) for c in EVENT_TYPES.values())]  # noqa: UP007
+    )
+    outcomes = []
+    for line in HEX_LINES:
+        results = []
+        for decoder in (inline, called):
+            try:
+                results.append(decoder.decode(line))
+            except msgspec.ValidationError:
+                results.append("rejected")
+        assert results[0] == results[1], line
+        assert results[0] == "rejected" or type(results[0]) is EVENT_TYPES[msgspec.json.decode(line)["op"]]
+        outcomes.append(results[0] == "rejected")
+    assert outcomes.count(True) == 3
