@@ -246,7 +246,8 @@ def bench_decode_flat(n: int) -> dict:
     say(f"\n== bare decode (bench_decode): {n:,} events ==")
     row = bench_decode.run(n)
     say(
-        f"{row['events_per_s']:,} events/s; peak RSS {row['small_peak_rss_kib'] / 1024:.1f} MiB at "
+        f"{row['events_per_s']:,} events/s; reader CPU per line: hex {row['hex_us_per_line']:.3f} µs, "
+        f"int {row['int_us_per_line']:.3f} µs; peak RSS {row['small_peak_rss_kib'] / 1024:.1f} MiB at "
         f"{row['small_events']:,}, {row['peak_rss_kib'] / 1024:.1f} MiB at {row['events']:,}"
     )
     return row

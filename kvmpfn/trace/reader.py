@@ -5,13 +5,16 @@
 ...     for line_no, event in reader:
 ...         ...
 
-Memory stays flat: the file is read one line at a time (at most ``MAX_LINE`` bytes), and nothing is kept
-of a line once its event is yielded. Every input error, from a missing file to a bad field, is one
+Memory stays flat: the header is read as one line, the events after it in blocks of at most ``_BLOCK`` bytes
+of whole lines (no line longer than ``MAX_LINE`` is accepted), and nothing is kept of a block once its events
+are yielded. Every input error, from a missing file to a bad field, is one
 :class:`TraceError` whose ``str`` is a single line ``PATH:LINE: CONTEXT: field "NAME": WHAT``.
 
 Decoding has a fast path, msgspec decoders built once: for event lines whose integers are JSON numbers, the
 typed decoder; for lines with ``"0x`` strings, a decoder of the same events whose integer fields also take a
 string, each such string turned into an int by one ``int(s, 16)`` in ``__post_init__`` (:func:`_hex_event`).
+A block of lines is decoded by one call, as a JSON array (:meth:`TraceReader._blocks`); a block that does not
+decode is decoded again line by line, so that errors name the same line and the events before it come first.
 A line the fast path rejects is decoded again slowly: untyped, hex/decimal strings in integer fields turned
 into ints, then ``msgspec.convert``; if that fails too, the error is rewritten to name the field and the value.
 """
@@ -19,10 +22,14 @@ into ints, then ``msgspec.convert``; if that fails too, the error is rewritten t
 from __future__ import annotations
 
 import gzip
+import inspect
 import io
 import re
 import sys
+import textwrap
 from collections.abc import Iterator
+from itertools import chain
+from operator import length_hint
 from typing import Any, BinaryIO, Union, get_args, get_type_hints
 
 import msgspec
@@ -49,6 +56,7 @@ __all__ = ["MAX_LINE", "TraceError", "TraceReader", "open_trace"]
 MAX_LINE = 1 << 20
 
 _BUFFER = 1 << 16
+_BLOCK = 1 << 16  # bytes read at once after the header, decoded as one block of lines
 _ZSTD_FEED = 512  # compressed bytes per decompression step: bounds the output of one step
 _CONTROL = {c: f"\\x{c:02x}" for c in range(32)}
 
@@ -233,7 +241,8 @@ def _hex_check(name: str, bounds: tuple[int, int] | frozenset[int]) -> str:
     return (
         f"    v = self.{name}\n"
         "    if v.__class__ is str:\n"
-        "        if v[:2] != '0x' or len(v) > 18 or not v.isascii() or not v.isalnum():\n"
+        # with v[1] == "x", an ASCII alphanumeric v that int(v, 16) takes is "0x" and hex digits
+        "        if len(v) > 18 or v[1:2] != 'x' or not v.isalnum() or not v.isascii():\n"
         "            raise ValueError(v)\n"
         "        v = int(v, 16)\n"
         f"        if {check}:\n"
@@ -242,17 +251,32 @@ def _hex_check(name: str, bounds: tuple[int, int] | frozenset[int]) -> str:
     )
 
 
+def _checks_source(cls: type) -> str:
+    """The body of ``cls.__post_init__`` (the event's own checks), to run inline after the hex fields are
+    parsed: one Python call per event instead of two. Without the source, a call of it."""
+    if not hasattr(cls, "__post_init__"):
+        return ""
+    try:
+        lines = textwrap.dedent(inspect.getsource(cls.__post_init__)).splitlines()
+    except (OSError, TypeError):
+        return "    checks(self)\n"
+    if lines[0] != "def __post_init__(self) -> None:":
+        return "    checks(self)\n"
+    return "\n".join(lines[1:]) + "\n"
+
+
 def _hex_event(cls: type) -> type:
     """A subclass of event class ``cls`` whose integer fields also accept a string: its ``__post_init__``
     (generated, one check per field: :func:`_hex_check`) parses each string, turns the object into a ``cls``
-    and runs ``cls``'s checks."""
+    and runs ``cls``'s checks (their source, compiled in the scope of ``cls``'s module)."""
     hints = get_type_hints(cls, include_extras=True)
     info = {f.encode_name: f for f in mi.type_info(cls).fields}
     fields = [(name, _hex_bounds(info[name].type)) for name, kind in _SPECS[cls].items() if kind is _INT]
     source = "def __post_init__(self):\n" + "".join(_hex_check(n, b) for n, b in fields)
-    source += "    self.__class__ = cls\n" + ("    checks(self)\n" if hasattr(cls, "__post_init__") else "")
-    scope: dict[str, Any] = {"cls": cls, "checks": getattr(cls, "__post_init__", None)}
-    exec(compile(source, f"<hex {cls.__name__}>", "exec"), scope)  # built from field names
+    source += "    self.__class__ = cls\n" + _checks_source(cls)
+    scope: dict[str, Any] = dict(vars(sys.modules[cls.__module__]))
+    scope.update(cls=cls, checks=getattr(cls, "__post_init__", None))
+    exec(compile(source, f"<hex {cls.__name__}>", "exec"), scope)  # built from field names and events.py
     __post_init__ = scope["__post_init__"]
     namespace: dict[str, Any] = {"__annotations__": {}, "__post_init__": __post_init__}
     for name, _ in fields:
@@ -262,7 +286,10 @@ def _hex_event(cls: type) -> type:
     return type(cls)(f"Hex{cls.__name__}", (cls,), namespace, tag=cls.__struct_config__.tag, kw_only=True)
 
 
-_HEX_EVENT_DECODER = msgspec.json.Decoder(Union[tuple(_hex_event(c) for c in EVENT_TYPES.values())])  # noqa: UP007
+_HEX_EVENT = Union[tuple(_hex_event(c) for c in EVENT_TYPES.values())]  # noqa: UP007
+_HEX_EVENT_DECODER = msgspec.json.Decoder(_HEX_EVENT)
+#: a block of event lines as one JSON array (:meth:`TraceReader._blocks`): integers only, or hex strings too
+_BLOCK_DECODERS = (msgspec.json.Decoder(list[Event]).decode, msgspec.json.Decoder(list[_HEX_EVENT]).decode)  # type: ignore[valid-type]
 
 
 def _show(value: Any) -> str:
@@ -462,7 +489,7 @@ def _decode_line(data: bytes, header: bool = False) -> Any:
 
     :raises _LineError: (internal) the reader and writer turn it into their own errors
     """
-    if not header and b'"0x' in data:
+    if not header and data.find(b'"0x') >= 0:  # faster than `in`
         try:
             return _HEX_EVENT_DECODER.decode(data)
         except Exception:  # , S110 - the typed decoder and the slow path say what is wrong
@@ -568,6 +595,8 @@ class TraceReader:
         self._stream = stream
         self._owned = owned
         self._line_no = 0
+        self._range: Iterator[int] | None = None
+        self._range_end = 0
         self.header_line = 0
         self.header: Header = self._read_header()
 
@@ -585,7 +614,9 @@ class TraceReader:
 
     @property
     def line_no(self) -> int:
-        """The number of the last line read."""
+        """The number of the last line read: of the last event yielded, while iterating."""
+        if self._range is not None:  # a decoded block: the line of the item its iterator gave last
+            return self._range_end - length_hint(self._range)
         return self._line_no
 
     def _error(self, line: int, exc: _LineError) -> TraceError:
@@ -628,46 +659,77 @@ class TraceReader:
                 raise self._error(self._line_no, e) from None
 
     def __iter__(self) -> Iterator[tuple[int, Event]]:
-        return self._events()
+        return chain.from_iterable(self._blocks())
 
-    def _events(self) -> Iterator[tuple[int, Event]]:
-        # The hot loop: locals only, the fast decoder inline, everything unusual out of line.
-        readline = self._stream.readline
-        decode = _EVENT_DECODER.decode
-        decode_hex = _HEX_EVENT_DECODER.decode
-        limit = MAX_LINE + 2
+    def _blocks(self) -> Iterator[Iterator[tuple[int, Event]]]:
+        """The events after the header, as iterators of ``(line_no, event)``, one per block of whole lines.
+
+        A block is what one ``read1`` returned (at most :data:`_BLOCK` bytes; a pipe gives what it has), from
+        the end of the line the previous block left unfinished to the last newline. Its lines joined by
+        commas into one JSON array decode in one call: every newline becomes ``,\\n``, so a blank or comment
+        line, a line with two values or without a whole one, cannot make a valid array, and when it decodes,
+        its items are the lines in order. Anything else (the array does not decode, or a line is longer than
+        :data:`MAX_LINE`) is decoded again line by line (:meth:`_lines`), which yields every event before the
+        bad line and names it exactly as a reader of one line at a time would.
+        """
+        read = getattr(self._stream, "read1", self._stream.read)
         line_no = self._line_no
+        pending = b""  # the start of a line whose newline is not read yet
         while True:
+            self._range = None
+            self._line_no = line_no
             try:
-                data = readline(limit)
-            except Exception as e:
+                chunk = read(_BLOCK)
+            except Exception as e:  # gzip/zlib/zstd/OS errors all become input errors
                 raise _stream_error(self.path, line_no + 1, e) from None
-            if not data:
+            if not chunk:
+                if pending:  # the last line, without a newline
+                    yield self._lines(pending, line_no)
+                    self._line_no = line_no + 1
                 return
+            marked = chunk.replace(b"\n", b",\n")
+            lines = len(marked) - len(chunk)
+            if not lines:
+                pending += chunk
+                if len(pending) > MAX_LINE:
+                    raise TraceError(self.path, line_no + 1, f"line too long (over {MAX_LINE} bytes)")
+                continue
+            cut = chunk.rfind(b"\n") + 1
+            first = line_no + 1
+            line_no += lines
+            events = None
+            if len(pending) + cut <= MAX_LINE:
+                array = b"".join((b"[", pending, memoryview(marked)[: cut + lines - 2], b"]"))
+                for decode in _BLOCK_DECODERS:
+                    try:
+                        events = decode(array)
+                        break
+                    except Exception:  # , S112 - the other decoder, then line by line, say what is wrong
+                        continue
+            if events is not None and len(events) == lines:
+                self._range = numbers = iter(range(first, line_no + 1))
+                self._range_end = line_no
+                yield zip(numbers, events, strict=True)
+            else:
+                yield self._lines(pending + chunk[:cut], first - 1)
+            pending = chunk[cut:]
+
+    def _lines(self, data: bytes, line_no: int) -> Iterator[tuple[int, Event]]:
+        """Decode ``data`` (whole lines, the first after line ``line_no``) one line at a time."""
+        for raw in io.BytesIO(data):
             line_no += 1
             self._line_no = line_no
-            if len(data) > MAX_LINE and len(data) - data.endswith(b"\n") > MAX_LINE:
+            if len(raw) > MAX_LINE and len(raw) - raw.endswith(b"\n") > MAX_LINE:
                 raise TraceError(self.path, line_no, f"line too long (over {MAX_LINE} bytes)")
-            if data[0] != 123:  # not "{"
-                stripped = data.lstrip()
+            if raw[0] != 123:  # not "{"
+                stripped = raw.lstrip()
                 if not stripped or stripped[:1] == b"#":
-                    self._check_comment(data)
+                    self._check_comment(raw)
                     continue
-            if b'"0x' in data:
-                try:
-                    yield line_no, decode_hex(data)
-                    continue
-                except Exception:  # , S110 - decoded again below, for the error
-                    pass
             try:
-                event = decode(data)
-            except msgspec.ValidationError as fast:
-                try:
-                    event = _decode_slow(data, False, fast)
-                except _LineError as e:
-                    raise self._error(line_no, e) from None
-            except Exception as e:  # DecodeError, UnicodeDecodeError, RecursionError, ...
-                raise self._error(line_no, _malformed(data, e, None)) from None
+                event = _decode_line(raw)
+            except _LineError as e:
+                raise self._error(line_no, e) from None
             yield line_no, event
 
 
