@@ -1,7 +1,9 @@
 """Build kvmpfn. The simulator's packages (kvm/, host/, audit/) are compiled to C extensions with mypyc, and
 each compiled source's SHA-256 is recorded in ``kvmpfn/_compiled_sources.py`` (kvmpfn/native.py imports the
-sources instead once one of them changes). ``KVMPFN_PURE_PYTHON=1`` installs without compiling
-(docs/architecture.md, "Compiled modules")."""
+sources instead once one of them changes). ``KVMPFN_PURE_PYTHON=1`` installs without compiling.
+
+See docs/architecture.md, Compiled modules.
+"""
 
 import glob
 import hashlib

@@ -1,7 +1,7 @@
 """Compiled or pure Python: which copy of the simulator's packages Python imports.
 
-An install compiles kvm/, host/ and audit/ to C extensions with mypyc (setup.py; docs/architecture.md,
-"Compiled modules") and records each source's SHA-256 in ``kvmpfn/_compiled_sources.py``. The packages are
+An install compiles kvm/, host/ and audit/ to C extensions with mypyc (setup.py) and records each source's
+SHA-256 in ``kvmpfn/_compiled_sources.py`` (docs/architecture.md, Compiled modules). The packages are
 imported from their ``.py`` sources instead when ``KVMPFN_PURE=1`` is set, or when a source changed since it was
 compiled: an edited checkout then runs the code as it reads, only slower, until it is built again.
 """

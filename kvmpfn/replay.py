@@ -279,7 +279,7 @@ class Replayer:
         return {"result": "ok"}
 
     def do_write(self, e: ev.Write) -> dict:
-        return self._guest_store(self.vcpu(e.vcpu), e.gpa, e.val, e.len, False)
+        return self._guest_store(self.kvm.vcpus.get(e.vcpu) or self.vcpu(e.vcpu), e.gpa, e.val, e.len, False)
 
     def do_pte_write(self, e: ev.PteWrite) -> dict:
         return self._guest_store(self.vcpu(e.vcpu), e.gpa, e.val, e.len, True)

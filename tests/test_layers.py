@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1] / "kvmpfn"
 
 #: Lowest first. A top-level module or package of kvmpfn belongs to exactly one layer.
 LAYERS: list[set[str]] = [
-    {"kvmpfn", "kvmpfn.x86", "kvmpfn.errors", "kvmpfn.vocab"},
+    {"kvmpfn", "kvmpfn.x86", "kvmpfn.errors", "kvmpfn.vocab", "kvmpfn.native", "kvmpfn._compiled_sources"},
     {"kvmpfn.limits"},
     {"kvmpfn.outputs"},
     {"kvmpfn.trace"},
