@@ -18,28 +18,31 @@ from kvmpfn.audit.recorded import RecordedChecks
 from kvmpfn.errors import InputError, InternalError, KernelBug
 from kvmpfn.host import Host, HostError
 from kvmpfn.host.elfcore import guest_from_core, open_header_memory
-from kvmpfn.kvm.context import guest_access, kvm_mmu_reset_context, kvm_set_cr3, new_vcpu, recorded_fault
+from kvmpfn.kvm.context import (
+    emulator_write_phys,
+    guest_access,
+    kvm_mmu_reset_context,
+    kvm_set_cr3,
+    new_vcpu,
+    recorded_fault,
+)
 from kvmpfn.kvm.mmu import (
     kvm_arch_destroy_vm,
     kvm_mmu_calculate_mmu_pages,
     kvm_mmu_change_mmu_pages,
-    kvm_mmu_lookup_page,
     kvm_mmu_notifier_invalidate_range,
     kvm_mmu_slot_remove_write_access,
     kvm_mmu_zap_all,
     kvm_slot_init,
-    mark_page_dirty,
-    mmu_topup_memory_caches,
 )
 from kvmpfn.kvm.pfn import PfnApi
-from kvmpfn.kvm.pte_write import kvm_mmu_pte_write
 from kvmpfn.kvm.spte import is_last_spte, is_shadow_present_pte
 from kvmpfn.kvm.vm import Kvm
 from kvmpfn.kvm.walker import gva_in_range, load_pdptrs
 from kvmpfn.limits import CHECK_EVERY, over_limit, resolve_max_memory
 from kvmpfn.trace import events as ev
 from kvmpfn.trace.reader import TraceError, open_trace
-from kvmpfn.x86 import KVM_MAX_VCPUS, PAGE_SHIFT
+from kvmpfn.x86 import KVM_MAX_VCPUS
 
 KVM_MEMORY_SLOTS = 32
 GUEST_STATE = ("paging", "cr0_wp", "efer_nx", "cr4_pse", "cr4_smep", "cr4_smap", "maxphyaddr", "gbpages")
@@ -47,7 +50,7 @@ STORE_OR_FAULT = frozenset({"access", "pf", "write", "pte_write"})
 #: events that change the VM as a whole (guest paging state, memory map, host pages, dirty logging)
 VM_WIDE = frozenset({"paging", "memslot", "dirty_log", "host_remap", "teardown"})
 #: what :meth:`Replayer.do_access` returns when no outcome records are written (shared: never mutated)
-RESULT_ONLY = {r: {"result": r} for r in ("hit", "mapped", "mmio", "emulated", "guest_fault", "error")}
+RESULT_ONLY = {r: {"result": r} for r in ("hit", "mapped", "mmio", "emulated", "guest_fault", "error", "ok")}
 TDP_GPA_BITS = 48  # a 4-level TDP table maps 48 bits of guest-physical address
 
 
@@ -257,32 +260,14 @@ class Replayer:
             rec["set_dirty"] = hexs(out.set_dirty)
         return rec
 
-    def _guest_store(self, vcpu, gpa: int, val: int, nbytes: int, always_emulate: bool) -> dict:
-        """A guest store. One that is emulated (``pte_write``, or a store to a shadowed gfn) comes through
-        ``kvm_mmu_page_fault``, which tops up the MMU caches before emulating (mmu.c, v2.6.26): an injected
-        ``enomem`` fails it (``error``, nothing stored). Then ``emulator_write_phys`` (x86.c): when
-        ``kvm_write_guest`` fails (no memslot) it skips ``kvm_mmu_pte_write`` and the emulator takes the MMIO
-        path (``mmio``)."""
-        kvm = self.kvm
-        emulate = always_emulate or kvm_mmu_lookup_page(kvm, gpa >> PAGE_SHIFT) is not None
-        if emulate and mmu_topup_memory_caches(vcpu, kvm):
-            return {"result": "error"}
-        stored = self.host.write_guest(gpa, val, nbytes)
-        if self.changes is not None:
-            self.changes.guest_write(gpa, nbytes)
-        mark_page_dirty(kvm, gpa >> PAGE_SHIFT)
-        if emulate:
-            if not stored:
-                return {"result": "mmio"}
-            kvm_mmu_pte_write(vcpu, kvm, gpa, val, nbytes)
-            return {"result": "emulated"}
-        return {"result": "ok"}
-
     def do_write(self, e: ev.Write) -> dict:
-        return self._guest_store(self.kvm.vcpus.get(e.vcpu) or self.vcpu(e.vcpu), e.gpa, e.val, e.len, False)
+        vcpu = self.kvm.vcpus.get(e.vcpu) or self.vcpu(e.vcpu)
+        changed = None if self.changes is None else self.changes.guest_write
+        return RESULT_ONLY[emulator_write_phys(vcpu, self.kvm, e.gpa, e.val, e.len, False, changed)]
 
     def do_pte_write(self, e: ev.PteWrite) -> dict:
-        return self._guest_store(self.vcpu(e.vcpu), e.gpa, e.val, e.len, True)
+        changed = None if self.changes is None else self.changes.guest_write
+        return RESULT_ONLY[emulator_write_phys(self.vcpu(e.vcpu), self.kvm, e.gpa, e.val, e.len, True, changed)]
 
     def do_cr3(self, e: ev.Cr3) -> dict:
         vcpu = self.vcpu(e.vcpu)

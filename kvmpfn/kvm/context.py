@@ -5,6 +5,7 @@ faults (docs/trace-format.md, The simulated CPU). docs/kernel.md, Fault paths; d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
 from typing import cast
@@ -14,6 +15,8 @@ from kvmpfn.kvm.mmu import (
     ENOMEM,
     TDP_ROOT_LEVEL,
     kvm_mmu_load,
+    kvm_mmu_lookup_page,
+    mark_page_dirty,
     mmu_free_roots,
     mmu_topup_memory_caches,
     nonpaging_page_fault,
@@ -519,6 +522,37 @@ def guest_access(
     if path and end not in (TRAP, NOTRAP):
         _, looped.pfn, looped.spte = leaf_of(*path[-1], tdp_addr)
     return looped
+
+
+def emulator_write_phys(
+    vcpu: Vcpu,
+    kvm: Kvm,
+    gpa: int,
+    val: int,
+    nbytes: int,
+    always_emulate: bool,
+    stored_hook: Callable[[int, int], None] | None = None,
+) -> str:
+    """A guest store of ``nbytes`` of ``val`` at ``gpa``; its result (``ok``, ``emulated``, ``mmio``, ``error``).
+
+    One that is emulated (``pte_write``, or a store to a shadowed gfn) comes through ``kvm_mmu_page_fault``,
+    which tops up the MMU caches before emulating (mmu.c, v2.6.26): an injected ``enomem`` fails it (``error``,
+    nothing stored). Then ``emulator_write_phys`` (x86.c): ``kvm_write_guest`` (which marks the page dirty);
+    when that fails (no memslot) it skips ``kvm_mmu_pte_write`` and the emulator takes the MMIO path
+    (``mmio``). ``stored_hook(gpa, nbytes)``: the incremental audit's record of guest stores."""
+    emulate = always_emulate or kvm_mmu_lookup_page(kvm, gpa >> PAGE_SHIFT) is not None
+    if emulate and mmu_topup_memory_caches(vcpu, kvm):
+        return "error"
+    stored = kvm.host.write_guest(gpa, val, nbytes)
+    if stored_hook is not None:
+        stored_hook(gpa, nbytes)
+    mark_page_dirty(kvm, gpa >> PAGE_SHIFT)
+    if emulate:
+        if not stored:
+            return "mmio"
+        kvm_mmu_pte_write(vcpu, kvm, gpa, val, nbytes)
+        return "emulated"
+    return "ok"
 
 
 def recorded_fault(vcpu: Vcpu, kvm: Kvm, addr: int, err: int) -> AccessOutcome:
