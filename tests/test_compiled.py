@@ -48,3 +48,33 @@ def test_compiled_and_pure_produce_the_same_records_and_findings():
     assert any('"code"' in line for line in a)  # findings were compared, not only clean runs
     for line_a, line_b in zip(a, b, strict=True):
         assert line_a == line_b
+
+
+def test_a_changed_source_sets_the_compiled_modules_aside(monkeypatch):
+    monkeypatch.delenv("KVMPFN_PURE")
+    digest = native._digest
+    monkeypatch.setattr(native, "_digest", lambda rel: "edited" if rel == "kvm/mmu.py" else digest(rel))
+    before = list(sys.meta_path)
+    try:
+        assert native._choose() == ("pure", "kvm/mmu.py changed since it was compiled")
+        finder = sys.meta_path[0]
+        assert finder not in before
+        assert finder.find_spec("kvmpfn.kvm.mmu").origin.endswith("kvm/mmu.py")
+        assert finder.find_spec("kvmpfn.audit").submodule_search_locations[0].endswith("audit")
+        assert finder.find_spec("kvmpfn.replay") is None  # not compiled: found as usual
+    finally:
+        sys.meta_path[:] = before
+    monkeypatch.undo()
+    assert native._choose() == ("pure", None) and sys.meta_path[0] is not before[0]  # KVMPFN_PURE: asked for
+    sys.meta_path[:] = before
+
+
+def test_the_cli_says_when_it_runs_an_edited_source():
+    code = (
+        "import kvmpfn.native as n; n.STALE = 'kvm/mmu.py changed since it was compiled';"
+        "from kvmpfn.cli import main; main(['codes', 'refcount-leak'])"
+    )
+    env = {**os.environ, "KVMPFN_PURE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.startswith("kvmpfn: warning: kvm/mmu.py changed since it was compiled: running the pure-Python")
