@@ -57,7 +57,7 @@ from kvmpfn.audit.ledger import RefLedger
 from kvmpfn.kvm.rmap import rmap_entries
 from kvmpfn.kvm.spte import NOTRAP, TRAP, spte_to_pfn
 from kvmpfn.kvm.vm import Kvm, KvmMmuPage, Sptep, Vcpu
-from kvmpfn.x86 import KVM_PAGES_PER_HPAGE, PAGE_SHIFT, PT_PAGE_SIZE_MASK
+from kvmpfn.x86 import KVM_PAGES_PER_HPAGE, PAGE_SHIFT, PT_ACCESSED_MASK, PT_PAGE_SIZE_MASK
 
 #: an rmap head: (large, key)
 RmapKey = tuple[int, int]
@@ -74,7 +74,9 @@ _get = list.__getitem__
 
 class TrackedSpt(list[int]):
     """``sp.spt`` that records each store changing an entry: ``changes.stores[(sp, index)]`` is the value
-    the first store since the last audit point replaced."""
+    the first store since the last audit point replaced. A store that only sets or clears the A bit of a
+    present spte (the CPU's, on every first use of an spte) is not recorded: no check reads that bit, and an
+    ``old`` value differing from the true one in A alone is read as the same (frame, flags, present)."""
 
     __slots__ = ("sp", "changes")
     sp: KvmMmuPage
@@ -84,10 +86,11 @@ class TrackedSpt(list[int]):
     def __setitem__(self, index: int, value: int) -> None:  # type: ignore[override]
         old = _get(self, index)
         if old != value:
-            key = (self.sp, index)
-            stores = self.changes.stores
-            if key not in stores:
-                stores[key] = old
+            if old ^ value != PT_ACCESSED_MASK or old == TRAP or old == NOTRAP or value == TRAP or value == NOTRAP:
+                key = (self.sp, index)
+                stores = self.changes.stores
+                if key not in stores:
+                    stores[key] = old
             _set(self, index, value)
 
 
