@@ -48,7 +48,6 @@ from kvmpfn.audit.checks import (
     check_rmap_entry,
     check_write_count,
     check_write_protected,
-    guest_table,
     live_leaf,
     mapping_roots,
 )
@@ -57,6 +56,7 @@ from kvmpfn.audit.ledger import RefLedger
 from kvmpfn.kvm.rmap import rmap_entries
 from kvmpfn.kvm.spte import NOTRAP, TRAP, spte_to_pfn
 from kvmpfn.kvm.vm import Kvm, KvmMmuPage, Sptep, Vcpu
+from kvmpfn.kvm.walker import GuestCpu, GuestWalker
 from kvmpfn.x86 import KVM_PAGES_PER_HPAGE, PAGE_SHIFT, PT_ACCESSED_MASK, PT_PAGE_SIZE_MASK
 
 #: an rmap head: (large, key)
@@ -67,6 +67,8 @@ Ident = tuple[int, tuple[int, ...]] | tuple[RootKey, int]
 Root = tuple[Vcpu, KvmMmuPage, int, int]
 #: the value each changed spte held at the previous audit point
 Stores = dict[Sptep, int]
+#: shadow page -> (vcpu, va, level) where audit_mappings reaches it from given roots
+Positions = dict[KvmMmuPage, list[tuple[Vcpu, int, int]]]
 
 _set = list.__setitem__
 _get = list.__getitem__
@@ -213,6 +215,88 @@ def attach(kvm: Kvm, ledger: RefLedger) -> Changes:
 
 NO_FRAMES: frozenset[int] = frozenset()
 MAX_ABSENT = 64  # roots remembered while a CR3 switch took them away
+MAX_WALKS = 1 << 16  # guest walks kept across audit points (all forgotten beyond)
+
+#: what a guest walk depends on besides guest memory: the vcpu's paging state (GuestCpu's fields)
+WalkKey = tuple[object, ...]
+#: a guest walk's answer, as GuestView.walk gives it
+Walk = tuple[bool, GuestWalker | None]
+
+
+def walk_key(cpu: GuestCpu) -> WalkKey:
+    """The paging state a walk of ``cpu`` reads (:func:`kvmpfn.kvm.walker.walk_addr`: CR3, the PDPTE registers,
+    CR0.WP, EFER.NX, CR4.PSE/SMEP/SMAP, MAXPHYADDR, 1 GiB pages)."""
+    pdptrs = None if cpu.pdptrs is None else tuple(cpu.pdptrs)
+    return (cpu.paging, cpu.cr3, pdptrs, cpu.cr0_wp, cpu.efer_nx, cpu.cr4_pse, cpu.cr4_smep, cpu.cr4_smap) + (
+        cpu.maxphyaddr,
+        cpu.gbpages,
+    )
+
+
+class WalkMemo:
+    """The audit's guest walks, kept across audit points: per paging state (:func:`walk_key`), page -> walk.
+    A walk is forgotten when a guest store overlaps a pte it read (:meth:`forget`; A/D bits, which the MMU's
+    walks write without a guest store, change no answer the audit uses: the gfn, the rights, where a walk
+    faulted), wholly after a VM-wide change (:meth:`clear`: paging mode, memslots, host remaps) and beyond
+    ``MAX_WALKS`` walks."""
+
+    def __init__(self) -> None:
+        self.walks: dict[WalkKey, dict[int, Walk]] = {}
+        self.watch: dict[int, set[tuple[WalkKey, int]]] = {}  # pte gpa -> (key, page) of the walks that read it
+        self.size = 0
+
+    def clear(self) -> None:
+        self.walks, self.watch, self.size = {}, {}, 0
+
+    def forget(self, gpa: int, nbytes: int) -> None:
+        """A guest store of ``nbytes`` at ``gpa``: forget every walk that read a pte it overlapped."""
+        watch, walks = self.watch, self.walks
+        for pte_gpa in range(gpa & ~7, gpa + nbytes, 4):
+            for key, page in watch.pop(pte_gpa, ()):
+                if walks[key].pop(page, None) is not None:  # a key is in walks while a watch names it
+                    self.size -= 1
+
+    def view(self, kvm: Kvm, vcpu: Vcpu, reads: dict[int, set[MappingEntry]]) -> GuestView:
+        """A guest view of ``vcpu`` that reads and fills the memo."""
+        if self.size >= MAX_WALKS:
+            self.clear()
+        key = walk_key(vcpu.cpu)
+        walks = self.walks.get(key)
+        if walks is None:
+            walks = self.walks[key] = {}
+        return KeptView(kvm, vcpu, reads, self, key, walks)
+
+
+class KeptView(GuestView):
+    """A :class:`GuestView` whose walks are kept in a :class:`WalkMemo`, each watched through the ptes it read."""
+
+    def __init__(
+        self,
+        kvm: Kvm,
+        vcpu: Vcpu,
+        reads: dict[int, set[MappingEntry]],
+        memo: WalkMemo,
+        key: WalkKey,
+        walks: dict[int, Walk],
+    ) -> None:
+        super().__init__(kvm, vcpu, reads)
+        self.cache = walks
+        self.memo, self.key = memo, key
+
+    def walk_page(self, va: int) -> Walk:
+        hit = super().walk_page(va)
+        memo = self.memo
+        memo.size += 1
+        if hit[1] is not None:
+            item = (self.key, va >> PAGE_SHIFT)
+            watch = memo.watch
+            for pte_gpa in hit[1].pte_gpa:
+                names = watch.get(pte_gpa)
+                if names is None:
+                    watch[pte_gpa] = {item}
+                else:
+                    names.add(item)
+        return hit
 
 
 def _is_pointer(ent: int, level: int) -> bool:
@@ -239,6 +323,11 @@ class IncrementalAudit:
         self.rmap_mirror: dict[RmapKey, tuple[Sptep, ...]] = {}  # (large, key) -> the head's entries
         self.rmap_where: dict[Sptep, Counter[RmapKey]] = {}  # sptep -> (large, key) -> times it is listed there
         self.reads: dict[int, set[MappingEntry]] = {}  # guest pte gpa -> mapping checks whose walk read that pte
+        self.walks = WalkMemo()  # the mapping checks' guest walks
+        # where the roots audited at consecutive points reach each page (kept while no pointer names a page
+        # differently and no page comes or goes), and those roots, as (vcpu_id, page id, va, level)
+        self.positions: Positions = {}
+        self.kept: list[tuple[int, int, int, int]] = []
         self.roots: list[tuple[int, ...]] | None = None  # the vcpus' roots and CR3 at the last audit point
         self.idents: set[Ident] | None = None  # the roots the last mappings check audited (None: audit them all)
         # roots audited before and gone since: what changed meanwhile
@@ -252,20 +341,27 @@ class IncrementalAudit:
 
     # -- indexes -----------------------------------------------------------------------------------------------
 
-    def _index(self, ch: Changes) -> set[Sptep]:
-        """Bring the indexes up to date with ``ch``; returns the sptes whose rmap heads changed."""
+    def _index(self, ch: Changes) -> tuple[set[Sptep], set[RmapKey]]:
+        """Bring the indexes up to date with ``ch``; returns the sptes whose rmap heads changed, and the heads
+        whose entries changed."""
         pointed_by = self.pointed_by
         page_header = self.kvm.page_header
+        repointed = bool(ch.pages)  # a page came or went, or an entry that names a page changed
         for (sp, index), old in ch.stores.items():
             sptep = (sp, index)
             if old != TRAP and old != NOTRAP:
                 names = pointed_by.get(spte_to_pfn(old))
-                if names is not None:
+                if names is not None and sptep in names:
                     names.discard(sptep)
+                    repointed = True
             new = _get(sp.spt, index)
             if new != TRAP and new != NOTRAP and spte_to_pfn(new) in page_header:
                 pointed_by.setdefault(spte_to_pfn(new), set()).add(sptep)
+                repointed = True
+        if repointed:
+            self.positions = {}
         moved: set[Sptep] = set()
+        changed: set[RmapKey] = set()
         mirror, where = self.rmap_mirror, self.rmap_where
         tables = (self.kvm.rmap, self.kvm.rmap_pde)
         for head in ch.rmap_keys:
@@ -274,6 +370,7 @@ class IncrementalAudit:
             old_entries = mirror.get(head, ())
             if new_entries == old_entries:
                 continue
+            changed.add(head)
             for sptep in old_entries:
                 c = where[sptep]
                 c[head] -= 1
@@ -289,7 +386,7 @@ class IncrementalAudit:
                 mirror[head] = new_entries
             else:
                 mirror.pop(head, None)
-        return moved
+        return moved, changed
 
     # -- the audit point ---------------------------------------------------------------------------------------
 
@@ -302,7 +399,13 @@ class IncrementalAudit:
         if not self.changes.any() and roots == self.roots and flight == self.in_flight and not stale:
             return
         ch = self.changes.drain()
-        moved = self._index(ch)
+        if ch.everything:
+            self.walks.clear()
+            self.positions = {}
+        else:
+            for gpa, nbytes in ch.stored:
+                self.walks.forget(gpa, nbytes)
+        moved, heads = self._index(ch)
         st = self.structural
         st.everything = st.everything or ch.everything
         st.pages |= ch.pages | ch.parent_pages | {sp for sp, _ in ch.stores} | {sp for sp, _ in ch.parent_links}
@@ -312,7 +415,7 @@ class IncrementalAudit:
             self.full_audit(point, in_flight, mappings, self.reads if mappings else None)
             self._after_full(mappings, roots, flight)
             return
-        self._incremental(ch, moved, in_flight, flight, mappings, roots)
+        self._incremental(ch, moved, heads, in_flight, flight, mappings, roots)
 
     def structure_changes(self) -> Changes:
         """The pages and rmap heads changed since the last call (``--paranoid``'s structure check)."""
@@ -334,6 +437,7 @@ class IncrementalAudit:
         self,
         ch: Changes,
         moved: set[Sptep],
+        heads: set[RmapKey],
         in_flight: Counter[int],
         flight: set[int] | frozenset[int],
         mappings: bool,
@@ -384,8 +488,8 @@ class IncrementalAudit:
                 c = where.get((sp, index))
                 check_rmap_count(f, sp, index, sum(c.values()) if c else 0)
 
-        # write protection: the gfns of changed pages and of changed heads' leaves
-        heads = set(ch.rmap_keys)
+        # write protection: the gfns of changed pages, of heads whose entries changed, and of changed sptes' heads
+        # (a head named in ch.rmap_keys whose entries and their sptes are the same judges the same)
         for sptep in dirty:
             heads.update(where.get(sptep, ()))
         gfns = {sp.gfn for sp in ch.pages}
@@ -475,7 +579,10 @@ class IncrementalAudit:
                 a_stored |= stored
         views: dict[int, GuestView] = {}
         kept = [root for ident, roots in by_ident.items() if ident in idents for root in roots]
-        self._recheck(views, kept, stores, stored)
+        signature = [(vcpu.vcpu_id, sp.id, va, level) for vcpu, sp, va, level in kept]
+        if signature != self.kept:
+            self.kept, self.positions = signature, {}
+        self._recheck(views, kept, stores, stored, self.positions)
         for ident, roots in by_ident.items():
             if ident in idents:
                 continue
@@ -487,47 +594,62 @@ class IncrementalAudit:
                 self._recheck(views, roots, a_stores, a_stored | stored)
             else:
                 for vcpu, sp, va, level in roots:
-                    audit_mappings_page(kvm, f, _view(views, kvm, vcpu, self.reads), sp, va, level)
+                    audit_mappings_page(kvm, f, self._view(views, vcpu), sp, va, level)
         self.idents = set(by_ident)
 
+    def _positions(self, sp: KvmMmuPage, roots: list[Root], cache: Positions) -> list[tuple[Vcpu, int, int]]:
+        """``(vcpu, va, level)`` where ``audit_mappings`` reaches ``sp`` from ``roots`` now, climbing the pointers
+        that name it (``pointed_by``); ``cache`` holds the answers found so far."""
+        out = cache.get(sp)
+        if out is not None:
+            return out
+        cache[sp] = out = []
+        for vcpu, root, va, level in roots:
+            if root is sp:
+                out.append((vcpu, va, level))
+        page_header = self.kvm.page_header
+        for psp, pindex in self.pointed_by.get(sp.hpa, ()):
+            ent = _get(psp.spt, pindex)
+            if ent == TRAP or ent == NOTRAP or page_header.get(spte_to_pfn(ent)) is not sp:
+                continue
+            for vcpu, va, level in self._positions(psp, roots, cache):
+                if _is_pointer(ent, level):
+                    shift = PAGE_SHIFT + 9 * (level - 1)
+                    out.append((vcpu, canonicalize(va + (pindex << shift)), level - 1))
+        return out
+
     def _recheck(
-        self, views: dict[int, GuestView], roots: list[Root], stores: Stores, stored: set[tuple[int, int]]
+        self,
+        views: dict[int, GuestView],
+        roots: list[Root],
+        stores: Stores,
+        stored: set[tuple[int, int]],
+        cache: Positions | None = None,
     ) -> None:
         """``audit_mappings`` from ``roots`` for the changed entries (and the subtrees a changed pointer now
         reaches), the entries shadowing a guest pte stored to, and the entries whose last check walked through
-        a guest pte stored to since."""
+        a guest pte stored to since. ``cache``: positions kept from earlier points for these roots."""
         kvm, f = self.kvm, self.findings
         page_header = kvm.page_header
-        memo: dict[KvmMmuPage, list[tuple[Vcpu, int, int]]] = {}
         reads = self.reads
+        found: Positions = {} if cache is None else cache
 
         def positions(sp: KvmMmuPage) -> list[tuple[Vcpu, int, int]]:
-            """``(vcpu, va, level)`` where ``audit_mappings`` reaches ``sp`` from ``roots`` now."""
-            out = memo.get(sp)
-            if out is not None:
-                return out
-            memo[sp] = out = []
-            for vcpu, root, va, level in roots:
-                if root is sp:
-                    out.append((vcpu, va, level))
-            for psp, pindex in self.pointed_by.get(sp.hpa, ()):
-                ent = _get(psp.spt, pindex)
-                if ent == TRAP or ent == NOTRAP or page_header.get(spte_to_pfn(ent)) is not sp:
-                    continue
-                for vcpu, va, level in positions(psp):
-                    if _is_pointer(ent, level):
-                        shift = PAGE_SHIFT + 9 * (level - 1)
-                        out.append((vcpu, canonicalize(va + (pindex << shift)), level - 1))
-            return out
+            return self._positions(sp, roots, found)
 
+        # the entries whose last check walked through a pte a store overlapped (a walk reads 4- or 8-byte ptes),
+        # taken out first: checking an entry records its reads again
+        stale = [(key, reads.pop(key, ())) for key in sorted({k for g, n in stored for k in range(g & ~7, g + n, 4)})]
+        done: set[MappingEntry] = set()  # each entry is checked once per point, whichever way it was reached
         for (sp, index), old in sorted(stores.items(), key=_store_order):
             ent = _get(sp.spt, index)
             if ent == TRAP:
                 continue
             for vcpu, va, level in positions(sp):
                 addr = canonicalize(va + (index << (PAGE_SHIFT + 9 * (level - 1))))
-                view = _view(views, kvm, vcpu, reads)
-                child = audit_mapping(kvm, f, view, sp, index, ent, addr, level, guest_table(kvm, sp))
+                view = self._view(views, vcpu)
+                done.add((sp, index, vcpu.vcpu_id, addr, level))
+                child = audit_mapping(kvm, f, view, sp, index, ent, addr, level, None)
                 if child is not None:
                     before = page_header.get(spte_to_pfn(old)) if _is_pointer(old, level) else None
                     if before is not child:
@@ -545,10 +667,11 @@ class IncrementalAudit:
                 continue
             for vcpu, va, level in positions(sp):
                 addr = canonicalize(va + (index << (PAGE_SHIFT + 9 * (level - 1))))
-                audit_mapping(kvm, f, _view(views, kvm, vcpu, reads), sp, index, ent, addr, level, guest_table(kvm, sp))
-        # a walk reads 4- or 8-byte ptes: every pte a store overlapped
-        for key in sorted({k for gpa, nbytes in stored for k in range(gpa & ~7, gpa + nbytes, 4)}):
-            entries = reads.pop(key, ())
+                entry = (sp, index, vcpu.vcpu_id, addr, level)
+                if entry not in done:
+                    done.add(entry)
+                    audit_mapping(kvm, f, self._view(views, vcpu), sp, index, ent, addr, level, None)
+        for key, entries in stale:
             unseen: list[MappingEntry] = []  # reached from no root here: kept for a root that may come back
             for entry in sorted(entries, key=_read_order):
                 sp, index, vcpu_id, addr, level = entry
@@ -559,9 +682,9 @@ class IncrementalAudit:
                         and vcpu.vcpu_id == vcpu_id
                         and canonicalize(va + (index << (PAGE_SHIFT + 9 * (level - 1)))) == addr
                     ):
-                        if ent != TRAP:
-                            view = _view(views, kvm, vcpu, reads)
-                            audit_mapping(kvm, f, view, sp, index, ent, addr, level, guest_table(kvm, sp))
+                        if ent != TRAP and entry not in done:
+                            done.add(entry)
+                            audit_mapping(kvm, f, self._view(views, vcpu), sp, index, ent, addr, level, None)
                         break
                 else:
                     if kvm.active_mmu_pages.get(sp.id) is sp:
@@ -569,13 +692,12 @@ class IncrementalAudit:
             if unseen:
                 reads.setdefault(key, set()).update(unseen)
 
-
-def _view(views: dict[int, GuestView], kvm: Kvm, vcpu: Vcpu, reads: dict[int, set[MappingEntry]]) -> GuestView:
-    """The audit point's guest view of ``vcpu`` (one per vcpu: its walks are memoised)."""
-    view = views.get(vcpu.vcpu_id)
-    if view is None:
-        view = views[vcpu.vcpu_id] = GuestView(kvm, vcpu, reads)
-    return view
+    def _view(self, views: dict[int, GuestView], vcpu: Vcpu) -> GuestView:
+        """The audit point's guest view of ``vcpu`` (one per vcpu, its walks kept in the memo)."""
+        view = views.get(vcpu.vcpu_id)
+        if view is None:
+            view = views[vcpu.vcpu_id] = self.walks.view(self.kvm, vcpu, self.reads)
+        return view
 
 
 def shadow_indices(sp: KvmMmuPage, offset: int, nbytes: int) -> range:
