@@ -328,6 +328,7 @@ class IncrementalAudit:
         # differently and no page comes or goes), and those roots, as (vcpu_id, page id, va, level)
         self.positions: Positions = {}
         self.kept: list[tuple[int, int, int, int]] = []
+        self.kept_roots: list[Root] = []
         self.roots: list[tuple[int, ...]] | None = None  # the vcpus' roots and CR3 at the last audit point
         self.idents: set[Ident] | None = None  # the roots the last mappings check audited (None: audit them all)
         # roots audited before and gone since: what changed meanwhile
@@ -582,6 +583,7 @@ class IncrementalAudit:
         signature = [(vcpu.vcpu_id, sp.id, va, level) for vcpu, sp, va, level in kept]
         if signature != self.kept:
             self.kept, self.positions = signature, {}
+        self.kept_roots = kept
         self._recheck(views, kept, stores, stored, self.positions)
         for ident, roots in by_ident.items():
             if ident in idents:
