@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_audit_property import as_jsonl, guest_trace
 
-from kvmpfn.audit.checks import GuestView
-from kvmpfn.audit.incremental import TrackedSpt, walk_key
+from kvmpfn.audit.checks import GuestView, mapping_roots
+from kvmpfn.audit.incremental import TrackedSpt, _mapping_state, walk_key
 from kvmpfn.errors import InternalError, KvmpfnError
 from kvmpfn.kvm.bugs import BUGS
 from kvmpfn.replay import Replayer, ReplayOptions
@@ -147,7 +147,7 @@ def _walk_answer(hit):
 
 def check_kept_state(rp: Replayer) -> None:
     """What the incremental audit keeps across points equals what it would compute afresh now: each kept guest
-    walk of a vcpu's current paging state, and each kept position of a shadow page."""
+    walk of a vcpu's current paging state, the roots it would audit, and each kept position of a shadow page."""
     inc = rp.auditor.incremental
     assert inc is not None
     kvm = rp.kvm
@@ -155,6 +155,11 @@ def check_kept_state(rp: Replayer) -> None:
         fresh = GuestView(kvm, vcpu)
         for page, hit in inc.walks.walks.get(walk_key(vcpu.cpu), {}).items():
             assert _walk_answer(hit) == _walk_answer(fresh.walk_page(page << 12)), f"stale walk of page {page:#x}"
+    if inc.idents is not None:  # every event ends with an audit point that checks mappings
+        assert inc.idents == {inc._ident(key, v) for key, v, _sp, _va, _level in mapping_roots(kvm)}
+    if inc.kept_state is not None and inc.kept_state == _mapping_state(kvm):  # _mappings takes kept_roots as is
+        roots = [(v.vcpu_id, sp.id, va, level) for _key, v, sp, va, level in mapping_roots(kvm)]
+        assert [(v.vcpu_id, sp.id, va, level) for v, sp, va, level in inc.kept_roots] == roots
     order = lambda p: (p[0].vcpu_id, p[1], p[2])  # noqa: E731
     for sp, kept in inc.positions.items():
         now = inc._positions(sp, inc.kept_roots, {})

@@ -329,6 +329,9 @@ class IncrementalAudit:
         self.positions: Positions = {}
         self.kept: list[tuple[int, int, int, int]] = []
         self.kept_roots: list[Root] = []
+        self.mapped: list[tuple[object, ...]] | None = None  # _mapping_state at the last mappings check
+        # _mapping_state when _mappings last found kept_roots (None: since then a full audit, or a page came or went)
+        self.kept_state: list[tuple[object, ...]] | None = None
         self.roots: list[tuple[int, ...]] | None = None  # the vcpus' roots and CR3 at the last audit point
         self.idents: set[Ident] | None = None  # the roots the last mappings check audited (None: audit them all)
         # roots audited before and gone since: what changed meanwhile
@@ -400,6 +403,8 @@ class IncrementalAudit:
         if not self.changes.any() and roots == self.roots and flight == self.in_flight and not stale:
             return
         ch = self.changes.drain()
+        if ch.everything or ch.pages:
+            self.kept_state = None
         if ch.everything:
             self.walks.clear()
             self.positions = {}
@@ -430,6 +435,8 @@ class IncrementalAudit:
         self.idents = {self._ident(r[0], r[1]) for r in mapping_roots(self.kvm)} if mappings else None
         if mappings:
             self.deferred, self.deferred_stored = {}, set()
+            self.mapped = _mapping_state(self.kvm)
+        self.kept_state = None
         kvm = self.kvm
         self.counters = (kvm.n_alloc_mmu_pages, kvm.n_free_mmu_pages)
         self.write_counts = [(s.slot, dict(s.write_count)) for s in kvm.slots.values()]
@@ -515,13 +522,15 @@ class IncrementalAudit:
         self.deferred_stored |= ch.stored
         self.roots = roots
         if mappings:
+            mapped = _mapping_state(kvm)
             if self.idents is None:
-                self.reads, self.absent = {}, {}
+                self.reads, self.absent, self.kept_state = {}, {}, None
                 audit_mappings(kvm, f, self.reads)
                 self.idents = {self._ident(r[0], r[1]) for r in mapping_roots(kvm)}
-            else:
-                self._mappings(self.deferred, self.deferred_stored)
+            elif self.deferred or self.deferred_stored or mapped != self.mapped:  # else nothing to check
+                self._mappings(self.deferred, self.deferred_stored, mapped)
             self.deferred, self.deferred_stored = {}, set()
+            self.mapped = mapped
 
         # I3: changed pointers, pointers into zapped pages, and the parent lists of pages they name
         for sp, index in sorted(set(ch.stores) | ch.parent_links | pointers_into_dead, key=_sptep_order):
@@ -558,17 +567,26 @@ class IncrementalAudit:
         view is used, the root alone)."""
         return key[3:] if self.kvm.tdp_enabled else (key, vcpu.vcpu_id)
 
-    def _mappings(self, stores: Stores, stored: set[tuple[int, int]]) -> None:
+    def _mappings(self, stores: Stores, stored: set[tuple[int, int]], mapped: list[tuple[object, ...]]) -> None:
         """``audit_mappings`` for what changed: the roots audited at the previous point (:meth:`_recheck`), a
         root audited before a CR3 switch took it away, with what changed while it was away (up to
-        ``MAX_ABSENT`` roots are remembered), and the whole tree of any other root."""
+        ``MAX_ABSENT`` roots are remembered), and the whole tree of any other root. ``mapped``: the
+        :func:`_mapping_state`; the same as when the roots were last found (and no page came or went since),
+        the roots are those."""
+        absent = self.absent
+        if mapped == self.kept_state:
+            for a_stores, a_stored in absent.values():
+                for sptep, old in stores.items():
+                    a_stores.setdefault(sptep, old)
+                a_stored |= stored
+            self._recheck({}, self.kept_roots, stores, stored, self.positions)
+            return
         kvm, f = self.kvm, self.findings
         idents = cast("set[Ident]", self.idents)  # the caller's test
         all_roots = mapping_roots(kvm)
         by_ident: dict[Ident, list[Root]] = {}
         for key, vcpu, sp, va, level in all_roots:
             by_ident.setdefault(self._ident(key, vcpu), []).append((vcpu, sp, va, level))
-        absent = self.absent
         for ident in idents - by_ident.keys():
             absent[ident] = ({}, set())
             if len(absent) > MAX_ABSENT:
@@ -583,7 +601,6 @@ class IncrementalAudit:
         signature = [(vcpu.vcpu_id, sp.id, va, level) for vcpu, sp, va, level in kept]
         if signature != self.kept:
             self.kept, self.positions = signature, {}
-        self.kept_roots = kept
         self._recheck(views, kept, stores, stored, self.positions)
         for ident, roots in by_ident.items():
             if ident in idents:
@@ -598,6 +615,12 @@ class IncrementalAudit:
                 for vcpu, sp, va, level in roots:
                     audit_mappings_page(kvm, f, self._view(views, vcpu), sp, va, level)
         self.idents = set(by_ident)
+        # every root found is audited now: the next point's kept roots, unless the mapping state moves
+        kept = [root for roots in by_ident.values() for root in roots]
+        signature = [(vcpu.vcpu_id, sp.id, va, level) for vcpu, sp, va, level in kept]
+        if signature != self.kept:
+            self.kept, self.positions = signature, {}
+        self.kept_roots, self.kept_state = kept, mapped
 
     def _positions(self, sp: KvmMmuPage, roots: list[Root], cache: Positions) -> list[tuple[Vcpu, int, int]]:
         """``(vcpu, va, level)`` where ``audit_mappings`` reaches ``sp`` from ``roots`` now, climbing the pointers
@@ -700,6 +723,11 @@ class IncrementalAudit:
         if view is None:
             view = views[vcpu.vcpu_id] = self.walks.view(self.kvm, vcpu, self.reads)
         return view
+
+
+def _mapping_state(kvm: Kvm) -> list[tuple[object, ...]]:
+    """What :func:`mapping_roots` derives the audited roots from: equal at two points, the same roots are audited."""
+    return [(v.vcpu_id, v.cpu.paging, v.cpu.cr3, v.cpu.cr0_wp, v.root_hpa, *v.pae_root) for v in kvm.vcpus.values()]
 
 
 def shadow_indices(sp: KvmMmuPage, offset: int, nbytes: int) -> range:
