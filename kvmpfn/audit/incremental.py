@@ -491,10 +491,10 @@ class IncrementalAudit:
                 entries.add((head, sptep))
         for (large, key), sptep in sorted(entries, key=_entry_order):
             check_rmap_entry(kvm, f, large, key, sptep)
-        for sp, index in sorted(dirty, key=_sptep_order):
-            if live_leaf(kvm, sp, index):
-                c = where.get((sp, index))
-                check_rmap_count(f, sp, index, sum(c.values()) if c else 0)
+        leaves = [(sp, index) for sp, index in sorted(dirty, key=_sptep_order) if live_leaf(kvm, sp, index)]
+        for sp, index in leaves:
+            c = where.get((sp, index))
+            check_rmap_count(f, sp, index, sum(c.values()) if c else 0)
 
         # write protection: the gfns of changed pages, of heads whose entries changed, and of changed sptes' heads
         # (a head named in ch.rmap_keys whose entries and their sptes are the same judges the same)
@@ -533,19 +533,19 @@ class IncrementalAudit:
             self.mapped = mapped
 
         # I3: changed pointers, pointers into zapped pages, and the parent lists of pages they name
-        for sp, index in sorted(set(ch.stores) | ch.parent_links | pointers_into_dead, key=_sptep_order):
+        pointers = {sptep for sptep in ch.stores if sptep[0].level > 1} | ch.parent_links | pointers_into_dead
+        for sp, index in sorted(pointers, key=_sptep_order) if pointers else ():
             if sp.level > 1 and active.get(sp.id) is sp:
                 check_parent_pointer(kvm, f, sp, index, _get(sp.spt, index))
         children |= ch.parent_pages
         children |= ch.pages
         children.discard(None)
-        for sp in sorted(cast("set[KvmMmuPage]", children), key=_page_order):  # None discarded above
+        for sp in sorted(cast("set[KvmMmuPage]", children), key=_page_order) if children else ():  # None discarded
             if active.get(sp.id) is sp:
                 for psp, pindex in sp.parent_ptes:
                     check_parent_entry(kvm, f, sp, psp, pindex)
 
-        # I7 and I14 for the changed leaves
-        leaves = [(sp, index) for sp, index in sorted(dirty, key=_sptep_order) if live_leaf(kvm, sp, index)]
+        # I7 and I14 for the changed leaves (found by the rmap check; no check changes the MMU)
         for sp, index in leaves:
             check_leaf_memslot(kvm, f, sp, index, _get(sp.spt, index))
 
