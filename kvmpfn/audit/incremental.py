@@ -117,18 +117,6 @@ class TrackedParents(list[Sptep]):
 class Changes:
     """What changed since the last audit point (see the module docstring)."""
 
-    FIELDS = (
-        "everything",
-        "stores",
-        "pages",
-        "parent_pages",
-        "parent_links",
-        "pfns",
-        "rmap_keys",
-        "rmapped",
-        "stored",
-    )
-
     def __init__(self) -> None:
         self.everything = True  # the first point is a full audit
         self.stores: dict[Sptep, int] = {}
@@ -153,9 +141,8 @@ class Changes:
 
     def drain(self) -> Changes:
         """What changed, as a new object; this one starts over empty (the tracked lists keep pointing here)."""
-        out = Changes()
-        for name in self.FIELDS:
-            setattr(out, name, getattr(self, name))
+        out = object.__new__(Changes)
+        out.__dict__.update(self.__dict__)
         self.everything = False
         self.stores, self.pages, self.parent_pages, self.parent_links = {}, set(), set(), set()
         self.pfns, self.rmap_keys, self.rmapped, self.stored = set(), set(), set(), set()
