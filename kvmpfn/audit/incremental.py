@@ -21,7 +21,9 @@ entries whose guest walk read a guest pte stored to for ``audit_mappings`` (foun
 pointers that reach each shadow page from a root), the pages and parent links for I3, the changed leaves for
 I7 and I14; write counts and page accounting are compared with their previous values and re-checked when
 they moved. Indexes kept across points: who points at each shadow page, a mirror of the rmaps (which heads
-name each spte), and which entries' checks read which guest table.
+name each spte), which entries' checks read which guest pte, the mapping checks' guest walks (:class:`WalkMemo`,
+dropped per guest pte stored) and where the kept roots reach each shadow page (dropped when an entry naming a
+shadow page changes or a page comes or goes).
 """
 
 from __future__ import annotations
