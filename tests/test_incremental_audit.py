@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_audit_property import as_jsonl, guest_trace
 
-from kvmpfn.audit.incremental import TrackedSpt
+from kvmpfn.audit.checks import GuestView, mapping_roots
+from kvmpfn.audit.incremental import TrackedSpt, _mapping_state, walk_key
 from kvmpfn.errors import InternalError, KvmpfnError
 from kvmpfn.kvm.bugs import BUGS
 from kvmpfn.replay import Replayer, ReplayOptions
@@ -137,3 +138,79 @@ def test_paranoid_checks_the_structures_of_changed_pages():
     child.parent_ptes.append(child.parent_ptes[0])
     with pytest.raises(InternalError, match="lists a parent twice"):
         rp.apply(len(events), len(events) + 2, ev.Invlpg(addr=0))
+
+
+def _walk_answer(hit):
+    ok, w = hit
+    return ok, None if w is None else (w.gfn, w.level, w.pte_access, w.error_code, list(w.pte_gpa))
+
+
+def check_kept_state(rp: Replayer) -> None:
+    """What the incremental audit keeps across points equals what it would compute afresh now: each kept guest
+    walk of a vcpu's current paging state, the roots it would audit, and each kept position of a shadow page."""
+    inc = rp.auditor.incremental
+    assert inc is not None
+    kvm = rp.kvm
+    for vcpu in kvm.vcpus.values():
+        fresh = GuestView(kvm, vcpu)
+        for page, hit in inc.walks.walks.get(walk_key(vcpu.cpu), {}).items():
+            assert _walk_answer(hit) == _walk_answer(fresh.walk_page(page << 12)), f"stale walk of page {page:#x}"
+    if inc.idents is not None:  # every event ends with an audit point that checks mappings
+        assert inc.idents == {inc._ident(key, v) for key, v, _sp, _va, _level in mapping_roots(kvm)}
+    if inc.kept_state is not None and inc.kept_state == _mapping_state(kvm):  # _mappings takes kept_roots as is
+        roots = [(v.vcpu_id, sp.id, va, level) for _key, v, sp, va, level in mapping_roots(kvm)]
+        assert [(v.vcpu_id, sp.id, va, level) for v, sp, va, level in inc.kept_roots] == roots
+    order = lambda p: (p[0].vcpu_id, p[1], p[2])  # noqa: E731
+    for sp, kept in inc.positions.items():
+        now = inc._positions(sp, inc.kept_roots, {})
+        assert sorted(kept, key=order) == sorted(now, key=order), f"stale positions of page {sp.id}"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trace=guest_trace(max_events=40), kernel_audit=st.booleans())
+def test_kept_walks_and_positions_are_never_stale(trace, kernel_audit):
+    """The walk memo (dropped per guest pte stored) and the positions cache (dropped when an entry naming a
+    shadow page changes or a page comes or goes) hold only what a fresh computation gives, after every event."""
+    header, events = trace
+    hdr = msgspec.convert({**header, "mmu": "shadow"}, ev.Header)
+    rp = Replayer(hdr, ReplayOptions(audit_every=1, kernel_audit=kernel_audit))
+    try:
+        for seq, e in enumerate(events):
+            fields = {k: v for k, v in e.items() if k != "op"}
+            rp.apply(seq, seq + 2, ev.EVENT_TYPES[e["op"]](**fields))
+            check_kept_state(rp)
+    except KvmpfnError:
+        pass
+    generated("incremental-audit-kept")
+
+
+def test_a_stored_guest_pte_drops_the_walks_that_read_it():
+    """A guest rewrites a leaf pte the audit walked: the next point walks again (the kept walk is dropped), and
+    the emulated pte write's new spte is judged against the new translation: no finding."""
+    header = msgspec.convert(
+        {
+            "kvmpfn": 1,
+            "guest": {"paging": "64", "cr3": 0x1000},
+            "memslots": [{"slot": 0, "gfn": 0, "npages": 0x200, "backing": "ram"}],
+        },
+        ev.Header,
+    )
+    rp = Replayer(header, ReplayOptions(audit_every=1))
+    events = [
+        ev.Write(gpa=0x1000, val=0x2007, len=8),
+        ev.Write(gpa=0x2000, val=0x3007, len=8),
+        ev.Write(gpa=0x3000, val=0x4007, len=8),
+        ev.Write(gpa=0x4000, val=0x10007, len=8),
+        ev.Access(addr=0, write=False, user=True, fetch=False),
+    ]
+    for seq, e in enumerate(events):
+        rp.apply(seq, seq + 2, e)
+    inc = rp.auditor.incremental
+    walks = inc.walks.walks[walk_key(rp.kvm.vcpus[0].cpu)]
+    assert walks[0][1].gfn == 0x10
+    rp.apply(5, 7, ev.Write(gpa=0x4000, val=0x11007, len=8))
+    assert 0 not in walks
+    rp.apply(6, 8, ev.Access(addr=0, write=False, user=True, fetch=False))
+    assert walks[0][1].gfn == 0x11
+    check_kept_state(rp)
+    assert not rp.findings.items

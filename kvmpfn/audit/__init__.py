@@ -58,9 +58,9 @@ class Auditor:
         """``kvm_mmu_audit(vcpu, msg)`` at the kernel's own points. ``pre pte write`` skips the mapping check
         (guest memory already holds the new pte; v2.6.32 does the same); the ``update_pte`` reference parked
         by ``mmu_guess_page_from_pte_write`` is in flight there."""
-        in_flight: Counter[int] = Counter()
+        in_flight = NO_FLIGHT
         if msg in ("pre pte write", "post pte write") and not self.kvm.api.is_error_pfn(vcpu.update_pte_pfn):
-            in_flight[vcpu.update_pte_pfn] += 1
+            in_flight = Counter({vcpu.update_pte_pfn: 1})
         self.audit_point(msg, in_flight, mappings=msg != "pre pte write")
 
     def audit_point(self, point: str, in_flight: Counter[int] | None = None, mappings: bool = True) -> None:

@@ -87,16 +87,18 @@ class GuestView:
         page = va >> PAGE_SHIFT
         hit = self.cache.get(page)
         if hit is None:
-            cpu = self.vcpu.cpu
-            if self.kvm.tdp_enabled or cpu.paging == "none":
-                hit = (True, None)
-            else:
-                # a supervisor read with EFLAGS.AC=1: SMAP must not hide user pages from the audit
-                hit = walk_addr(cpu, self.kvm.host, va, False, False, False, ac=True, set_ad=False)
-            self.cache[page] = hit
+            hit = self.cache[page] = self.walk_page(va)
         if self.reads is not None and hit[1] is not None:
             self.read(*hit[1].pte_gpa)
         return hit
+
+    def walk_page(self, va: int) -> tuple[bool, GuestWalker | None]:
+        """The walk of ``va`` (not memoised): None for the walker when no guest walk applies (TDP, paging off)."""
+        cpu = self.vcpu.cpu
+        if self.kvm.tdp_enabled or cpu.paging == "none":
+            return True, None
+        # a supervisor read with EFLAGS.AC=1: SMAP must not hide user pages from the audit
+        return walk_addr(cpu, self.kvm.host, va, False, False, False, ac=True, set_ad=False)
 
     def read(self, *pte_gpas: int) -> None:
         """The entry being checked depends on the guest ptes at these addresses."""
@@ -261,14 +263,17 @@ def guest_entry_present(
     view: GuestView, sp: KvmMmuPage, index: int, addr: int, level: int, table: bytes | None
 ) -> bool:
     """Whether the guest entry that entry ``index`` of ``sp`` shadows is present (docs/kernel.md, Invariants: I6). A
-    page that shadows a guest table reads that entry directly from ``table``, the table's bytes (a 32-bit guest's tables
-    in quadrants: 512 ptes of 1024 per level-1 page, one 4-byte pde per two 2 MiB shadow pdes); elsewhere the
-    guest walk of ``addr`` says."""
+    page that shadows a guest table reads that entry directly: from ``table``, the table's bytes, or from guest memory
+    when ``table`` is None (a 32-bit guest's tables in quadrants: 512 ptes of 1024 per level-1 page, one 4-byte
+    pde per two 2 MiB shadow pdes); elsewhere the guest walk of ``addr`` says."""
     if not sp.metaphysical:
         if sp.glevels == 2:
-            guest_index = (sp.quadrant << 9) + index if sp.level == 1 else (sp.quadrant << 8) + index // 2
-            return bool(cast(bytes, table)[4 * guest_index] & PT_PRESENT_MASK)
-        return bool(cast(bytes, table)[8 * index] & PT_PRESENT_MASK)
+            offset = 4 * ((sp.quadrant << 9) + index if sp.level == 1 else (sp.quadrant << 8) + index // 2)
+        else:
+            offset = 8 * index
+        if table is None:
+            return bool(view.kvm.host.read_guest((sp.gfn << PAGE_SHIFT) + offset, 1) & PT_PRESENT_MASK)
+        return bool(table[offset] & PT_PRESENT_MASK)
     ok, w = view.walk(addr)
     if w is None:
         return False
