@@ -105,8 +105,15 @@ class Changes:
 
     def drain(self) -> Changes:
         """What changed, as a new object; this one starts over empty (the tracked lists keep pointing here)."""
-        out = object.__new__(Changes)
-        out.__dict__.update(self.__dict__)
+        out = Changes()
+        out.everything, out.stores, out.pages, out.parent_pages = (
+            self.everything,
+            self.stores,
+            self.pages,
+            self.parent_pages,
+        )
+        out.parent_links, out.pfns, out.rmap_keys = self.parent_links, self.pfns, self.rmap_keys
+        out.rmapped, out.stored = self.rmapped, self.stored
         self.everything = False
         self.stores, self.pages, self.parent_pages, self.parent_links = {}, set(), set(), set()
         self.pfns, self.rmap_keys, self.rmapped, self.stored = set(), set(), set(), set()
