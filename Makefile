@@ -6,12 +6,13 @@ STAMP := $(VENV)/.installed
 .PHONY: install test demo bench lint fuzz clean browser
 
 # setup.py compiles kvm/, host/ and audit/ with mypyc: an edit there is built again here (until then kvmpfn
-# runs those sources as pure Python, kvmpfn/native.py)
+# runs those sources as pure Python, kvmpfn/native.py). editable_mode=compat: the extensions sit beside their
+# sources, which the default editable mode warns about.
 $(STAMP): pyproject.toml setup.py $(wildcard kvmpfn/kvm/*.py kvmpfn/host/*.py kvmpfn/audit/*.py)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	@echo "installing kvmpfn; mypyc compiles the simulator (about a minute)"
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 install: $(STAMP)
