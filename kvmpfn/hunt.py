@@ -344,7 +344,8 @@ def _mutate(rng: random.Random, gen: GuestGen, cand: Candidate, corpus: Sequence
             elif isinstance(e, ev.Write | ev.PteWrite):
                 events[i] = evolve(e, val=e.val ^ rng.choice((P, W, U, A, D, PS)))
         elif x < 0.76 and header.guest.paging == "none":
-            touched = [i for i, e in enumerate(events) if isinstance(e, ev.Access)]
+            # (an access spliced in from another trace may carry a gva beyond every gfn)
+            touched = [i for i, e in enumerate(events) if isinstance(e, ev.Access) and e.addr >> 12 < ev.GFN_LIMIT]
             if touched:
                 i = rng.choice(touched)  # the host moves a frame the guest just used
                 events.insert(i + 1, ev.HostRemap(gfn=events[i].addr >> 12))

@@ -215,3 +215,26 @@ def test_write_reduced_names_the_output_when_its_directory_is_gone(tmp_path):
     out = str(tmp_path / "gone" / "x.jsonl")
     with pytest.raises(KvmpfnError, match=re.escape(f"{out}: no such file or directory")):
         write_reduced(out, Reduction(header, events, len(events), 1), [], "comment")
+
+
+def test_hunt_mutations_never_remap_a_gfn_beyond_every_gfn():
+    """A paging-none guest may hold an access spliced in from a paging trace (a gva above 2**52): the host-remap
+    mutation must not turn it into an invalid event (it crashed hunt once)."""
+    import random
+
+    from kvmpfn.hunt import Candidate, GuestGen, _mutate
+    from kvmpfn.trace import events as ev
+
+    header = ev.Header(kvmpfn=1)
+    high = ev.Access(addr=0xFFFF800000000000, write=False, user=False, fetch=False)
+    cand = Candidate(header, [high, high])
+    for seed in range(400):  # raised FieldError (gfn out of range) before
+        rng = random.Random(seed)
+        out = _mutate(rng, GuestGen(rng), cand, [])
+        assert all(e.gfn < ev.GFN_LIMIT for e in out.events if isinstance(e, ev.HostRemap))
+    low = ev.Access(addr=0x5000, write=False, user=False, fetch=False)
+    assert any(
+        isinstance(e, ev.HostRemap) and e.gfn == 5
+        for seed in range(400)
+        for e in _mutate(random.Random(seed), GuestGen(random.Random(seed)), Candidate(header, [low]), []).events
+    )
