@@ -225,7 +225,7 @@ def test_hunt_mutations_never_remap_a_gfn_beyond_every_gfn():
     from kvmpfn.hunt import Candidate, GuestGen, _mutate
     from kvmpfn.trace import events as ev
 
-    header = ev.Header(kvmpfn=1)
+    header = ev.Header(kvmpfn=1, guest=ev.Guest(paging="none", cr3=0))
     high = ev.Access(addr=0xFFFF800000000000, write=False, user=False, fetch=False)
     cand = Candidate(header, [high, high])
     for seed in range(400):  # raised FieldError (gfn out of range) before
