@@ -43,15 +43,23 @@ def _choose() -> tuple[str, str | None]:
         from kvmpfn._compiled_sources import SOURCES
     except ImportError:
         return "pure", None  # installed without compiling (KVMPFN_PURE_PYTHON=1), or a source tree
+    packages = frozenset(rel.split("/")[0] for rel in SOURCES)
     if os.environ.get("KVMPFN_PURE"):
         why = None  # asked for
     else:
-        why = next((rel for rel, digest in SOURCES.items() if _digest(rel) != digest), None)
-        if why is None:
+        changed = [f"{rel} changed since it was compiled" for rel, digest in SOURCES.items() if _digest(rel) != digest]
+        added = [f"{rel} is new since the build" for rel in _sources(packages) if rel not in SOURCES]
+        if not changed and not added:
             return "compiled", None
-        why = f"{why} changed since it was compiled"
-    sys.meta_path.insert(0, _FromSource(frozenset(rel.split("/")[0] for rel in SOURCES)))
+        why = (changed + added)[0]
+    sys.meta_path.insert(0, _FromSource(packages))
     return "pure", why
+
+
+def _sources(packages: frozenset[str]) -> list[str]:
+    """The ``.py`` files of ``packages`` now, relative to the package (``kvm/mmu.py``)."""
+    names = ((pkg, name) for pkg in packages for name in os.listdir(os.path.join(ROOT, pkg)))
+    return sorted(f"{pkg}/{name}" for pkg, name in names if name.endswith(".py"))
 
 
 def _digest(rel: str) -> str | None:

@@ -69,6 +69,17 @@ def test_a_changed_source_sets_the_compiled_modules_aside(monkeypatch):
     sys.meta_path[:] = before
 
 
+def test_a_new_source_sets_the_compiled_modules_aside(monkeypatch):
+    monkeypatch.delenv("KVMPFN_PURE")
+    sources = native._sources
+    monkeypatch.setattr(native, "_sources", lambda packages: [*sources(packages), "kvm/new.py"])
+    before = list(sys.meta_path)
+    try:
+        assert native._choose() == ("pure", "kvm/new.py is new since the build")
+    finally:
+        sys.meta_path[:] = before
+
+
 def test_the_cli_says_when_it_runs_an_edited_source():
     code = (
         "import kvmpfn.native as n; n.STALE = 'kvm/mmu.py changed since it was compiled';"
