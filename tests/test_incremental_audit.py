@@ -111,9 +111,8 @@ def test_mutant_findings_come_out_of_the_incremental_audit():
     assert {"spte-pfn-truncated", "refcount-leak"} <= {code for (code, *_), _n in found}
 
 
-def test_paranoid_checks_the_structures_of_changed_pages():
-    """--paranoid's structure check looks at the pages that changed since the previous event: a parent listed
-    twice is an internal error at the next event."""
+def mapped_guest(options: ReplayOptions, write: bool) -> tuple[Replayer, list]:
+    """A 64-bit guest whose tables map va 0 to gfn 0x10, accessed once (``write``), replayed under ``options``."""
     header = msgspec.convert(
         {
             "kvmpfn": 1,
@@ -122,16 +121,23 @@ def test_paranoid_checks_the_structures_of_changed_pages():
         },
         ev.Header,
     )
-    rp = Replayer(header, ReplayOptions(paranoid=True))
+    rp = Replayer(header, options)
     events = [
         ev.Write(gpa=0x1000, val=0x2007, len=8),
         ev.Write(gpa=0x2000, val=0x3007, len=8),
         ev.Write(gpa=0x3000, val=0x4007, len=8),
         ev.Write(gpa=0x4000, val=0x10007, len=8),
-        ev.Access(addr=0, write=True, user=True, fetch=False),
+        ev.Access(addr=0, write=write, user=True, fetch=False),
     ]
     for seq, e in enumerate(events):
         rp.apply(seq, seq + 2, e)
+    return rp, events
+
+
+def test_paranoid_checks_the_structures_of_changed_pages():
+    """--paranoid's structure check looks at the pages that changed since the previous event: a parent listed
+    twice is an internal error at the next event."""
+    rp, events = mapped_guest(ReplayOptions(paranoid=True), write=True)
     assert rp.auditor.incremental is not None and rp.kvm.active_mmu_pages
     assert all(isinstance(sp.spt, TrackedSpt) for sp in rp.kvm.active_mmu_pages.values())
     child = next(sp for sp in rp.kvm.active_mmu_pages.values() if sp.parent_ptes)
@@ -187,24 +193,7 @@ def test_kept_walks_and_positions_are_never_stale(trace, kernel_audit):
 def test_a_stored_guest_pte_drops_the_walks_that_read_it():
     """A guest rewrites a leaf pte the audit walked: the next point walks again (the kept walk is dropped), and
     the emulated pte write's new spte is judged against the new translation: no finding."""
-    header = msgspec.convert(
-        {
-            "kvmpfn": 1,
-            "guest": {"paging": "64", "cr3": 0x1000},
-            "memslots": [{"slot": 0, "gfn": 0, "npages": 0x200, "backing": "ram"}],
-        },
-        ev.Header,
-    )
-    rp = Replayer(header, ReplayOptions(audit_every=1))
-    events = [
-        ev.Write(gpa=0x1000, val=0x2007, len=8),
-        ev.Write(gpa=0x2000, val=0x3007, len=8),
-        ev.Write(gpa=0x3000, val=0x4007, len=8),
-        ev.Write(gpa=0x4000, val=0x10007, len=8),
-        ev.Access(addr=0, write=False, user=True, fetch=False),
-    ]
-    for seq, e in enumerate(events):
-        rp.apply(seq, seq + 2, e)
+    rp, events = mapped_guest(ReplayOptions(audit_every=1), write=False)
     inc = rp.auditor.incremental
     walks = inc.walks.walks[walk_key(rp.kvm.vcpus[0].cpu)]
     assert walks[0][1].gfn == 0x10
