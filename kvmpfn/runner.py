@@ -9,7 +9,9 @@ finish in; a task the runner could not get a result for yields a :class:`Failure
 - A worker that dies (killed, out of memory) loses only its task. Local pool: the tasks that were running in
   the broken pool are run again, one at a time; a task that kills its worker alone is a :class:`Failure`.
   dask: the scheduler retries a task whose worker died (``distributed.scheduler.allowed-failures``, 1 on the
-  ``LocalCluster`` this module starts); then it is a :class:`Failure`. The other tasks still run.
+  ``LocalCluster`` this module starts); a task it gives up on is run again alone (it may only have been queued
+  on the worker that another task killed), and if that fails too it is a :class:`Failure`. The other tasks
+  still run.
 - ``timeout`` seconds per task: a :class:`Failure` naming the limit (local workers stop by an alarm; a worker
   that ignores it is killed ``GRACE`` seconds later; on dask the task is given up ``GRACE`` seconds later and
   its worker finishes the replay unobserved).
@@ -463,8 +465,10 @@ def run(
                     else:
                         suspects.append(k)
                 except Exception as exc:
-                    if _killed_worker(exc):
+                    if _killed_worker(exc) and alone:
                         finish(k, Failure(_died(tasks[k].path)))
+                    elif _killed_worker(exc):  # maybe it only ran beside the task that kills workers
+                        suspects.append(k)
                     else:
                         finish(k, Failure(f"{tasks[k].path}: internal error: {type(exc).__name__}: {exc}"))
             if broken:  # every task of the broken pool is a suspect; the pool starts afresh
