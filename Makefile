@@ -5,10 +5,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test demo bench lint fuzz clean browser
 
-# setup.py compiles kvm/, host/ and audit/ with mypyc: an edit there is built again here (until then kvmpfn
-# runs those sources as pure Python, kvmpfn/native.py). The build backend's UserWarning is hidden: an editable
+# setup.py compiles kvm/, host/ and audit/ with mypyc, and trace/_unhex.c: an edit there is built again here
+# (until then kvmpfn runs the Python sources, kvmpfn/native.py). The build backend's UserWarning is hidden: an editable
 # install with extensions warns, in a box, that a folder named kvmpfn in the working directory could shadow it.
-$(STAMP): pyproject.toml setup.py $(wildcard kvmpfn/kvm/*.py kvmpfn/host/*.py kvmpfn/audit/*.py)
+$(STAMP): pyproject.toml setup.py $(wildcard kvmpfn/kvm/*.py kvmpfn/host/*.py kvmpfn/audit/*.py kvmpfn/trace/*.c)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	@echo "installing kvmpfn; mypyc compiles the simulator (about a minute)"

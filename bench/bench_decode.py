@@ -1,7 +1,7 @@
 """Trace decode speed and memory: write an n-event trace, time a bare decode through the reader (µs of CPU per
 line, hex strings and the same trace with JSON integers), compare peak RSS at n/10 and n.
 
-Run: ``python bench/bench_decode.py [N]``. Each decode runs in its own process so that the two peak-RSS
+Run: ``python -m bench.bench_decode [N]``. Each decode runs in its own process so that the two peak-RSS
 figures are independent; if memory is flat, the decode of n events peaks no higher than that of n/10. The
 µs/line figures are the best CPU time of three passes over the file in that process.
 """

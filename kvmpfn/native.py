@@ -1,9 +1,10 @@
 """Compiled or pure Python: which copy of the simulator's packages Python imports.
 
-An install compiles kvm/, host/ and audit/ to C extensions with mypyc (setup.py) and records each source's
-SHA-256 in ``kvmpfn/_compiled_sources.py`` (docs/architecture.md, Compiled modules). The packages are
-imported from their ``.py`` sources instead when ``KVMPFN_PURE=1`` is set, or when a source changed since it was
-compiled: an edited checkout then runs the code as it reads, only slower, until it is built again.
+An install compiles kvm/, host/ and audit/ to C extensions with mypyc, and trace/_unhex.c (setup.py), and
+records each source's SHA-256 in ``kvmpfn/_compiled_sources.py`` (docs/architecture.md, Compiled modules). The
+packages are imported from their ``.py`` sources when ``KVMPFN_PURE=1`` is set, or when a source changed since
+it was compiled: an edited checkout then runs the code as it reads, only slower, until it is built again (the
+reader then also uses the Python twin of ``_unhex``, kvmpfn/trace/unhex.py).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _choose() -> tuple[str, str | None]:
         from kvmpfn._compiled_sources import SOURCES
     except ImportError:
         return "pure", None  # installed without compiling (KVMPFN_PURE_PYTHON=1), or a source tree
-    packages = frozenset(rel.split("/")[0] for rel in SOURCES)
+    packages = frozenset(rel.split("/")[0] for rel in SOURCES if rel.endswith(".py"))
     if os.environ.get("KVMPFN_PURE"):
         why = None  # asked for
     else:

@@ -33,6 +33,14 @@ def test_an_install_runs_the_compiled_simulator():
     assert path.endswith(".so")
 
 
+@pytest.mark.parametrize(("pure", "stale"), [(False, False), (True, False), (False, True)])
+def test_the_reader_rewrites_hex_in_c_unless_unhex_c_changed(pure, stale):
+    """KVMPFN_PURE runs the simulator's sources, not the Python twin of _unhex.c; an edited source does."""
+    code = "import kvmpfn.native as n;" + (" n.STALE = 'trace/_unhex.c changed';" if stale else "")
+    code += "import kvmpfn.trace.reader as r, kvmpfn.trace.unhex as u; print(r.unhex is u.unhex_py)"
+    assert _child("-c", code, pure=pure).split() == [str(stale)]
+
+
 def test_the_tests_run_the_sources():
     import kvmpfn.kvm.mmu
 
@@ -50,13 +58,14 @@ def test_compiled_and_pure_produce_the_same_records_and_findings():
         assert line_a == line_b
 
 
-def test_a_changed_source_sets_the_compiled_modules_aside(monkeypatch):
+@pytest.mark.parametrize("edited", ["kvm/mmu.py", "trace/_unhex.c"])
+def test_a_changed_source_sets_the_compiled_modules_aside(monkeypatch, edited):
     monkeypatch.delenv("KVMPFN_PURE")
     digest = native._digest
-    monkeypatch.setattr(native, "_digest", lambda rel: "edited" if rel == "kvm/mmu.py" else digest(rel))
+    monkeypatch.setattr(native, "_digest", lambda rel: "edited" if rel == edited else digest(rel))
     before = list(sys.meta_path)
     try:
-        assert native._choose() == ("pure", "kvm/mmu.py changed since it was compiled")
+        assert native._choose() == ("pure", f"{edited} changed since it was compiled")
         finder = sys.meta_path[0]
         assert finder not in before
         assert finder.find_spec("kvmpfn.kvm.mmu").origin.endswith("kvm/mmu.py")

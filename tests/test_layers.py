@@ -45,13 +45,26 @@ def is_module(name: str) -> bool:
     return path.with_suffix(".py").exists() or path.is_dir()
 
 
+def module_level(body: list[ast.stmt]) -> list[ast.stmt]:
+    """The statements run at import: ``body`` and the blocks of its ``if`` and ``try`` statements."""
+    out = []
+    for node in body:
+        out.append(node)
+        if isinstance(node, ast.If):
+            out += module_level(node.body) + module_level(node.orelse)
+        elif isinstance(node, ast.Try):
+            blocks = [node.body, node.orelse, node.finalbody, *(h.body for h in node.handlers)]
+            out += [stmt for block in blocks for stmt in module_level(block)]
+    return out
+
+
 def imports() -> list[tuple[str, str, bool]]:
     """(importer, imported, at module level) for every kvmpfn import in the package."""
     out = []
     for path in sorted(ROOT.rglob("*.py")):
         mod = module_name(path)
         tree = ast.parse(path.read_text())
-        top = set(map(id, tree.body))
+        top = set(map(id, module_level(tree.body)))
         for node in ast.walk(tree):
             names = []
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import glob
 import gzip
 import os
-from typing import Union
 
 import msgspec
 import pytest
@@ -14,6 +13,7 @@ import zstandard
 
 from kvmpfn.trace import EVENT_TYPES, Access, Pf, TraceError, Write, open_trace
 from kvmpfn.trace import reader as trace_reader
+from kvmpfn.trace.unhex import unhex
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = b'{"kvmpfn": 1}\n'
@@ -204,25 +204,19 @@ HEX_LINES = [
 ]
 
 
-def test_hex_checks_inline_or_called_agree(monkeypatch):
-    """The hex events run their class's checks inline (compiled from its source); with the source missing
-    they call them: both accept and reject the same lines, with the same events."""
-    inline = msgspec.json.Decoder(trace_reader._HEX_EVENT)
-
-    def no_source(obj):
-        raise OSError("no source")
-
-    monkeypatch.setattr(trace_reader.inspect, "getsource", no_source)
-    called = msgspec.json.Decoder(
-        Union[tuple(trace_reader._hex_event(c) for c in EVENT_TYPES.values())]  # noqa: UP007
-    )
+def test_hex_lines_decode_as_the_slow_path_does():
+    """A hex line rewritten by unhex and decoded typed gives the event the slow path (untyped, strings parsed,
+    then converted) gives, and is rejected where the slow path rejects it."""
     outcomes = []
     for line in HEX_LINES:
         results = []
-        for decoder in (inline, called):
+        for decode in (
+            lambda data: trace_reader._EVENT_DECODER.decode(unhex(data, 1, trace_reader._UNHEX_KEYS)),
+            lambda data: trace_reader._decode_slow(data, False),
+        ):
             try:
-                results.append(decoder.decode(line))
-            except msgspec.ValidationError:
+                results.append(decode(line))
+            except (msgspec.ValidationError, trace_reader._LineError):
                 results.append("rejected")
         assert results[0] == results[1], line
         assert results[0] == "rejected" or type(results[0]) is EVENT_TYPES[msgspec.json.decode(line)["op"]]

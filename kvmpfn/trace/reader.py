@@ -10,27 +10,26 @@ of whole lines (no line longer than ``MAX_LINE`` is accepted), and nothing is ke
 are yielded. Every input error, from a missing file to a bad field, is one
 :class:`TraceError` whose ``str`` is a single line ``PATH:LINE: CONTEXT: field "NAME": WHAT``.
 
-Decoding has a fast path, msgspec decoders built once: for event lines whose integers are JSON numbers, the
-typed decoder; for lines with ``"0x`` strings, a decoder of the same events whose integer fields also take a
-string, each such string turned into an int by one ``int(s, 16)`` in ``__post_init__`` (:func:`_hex_event`).
+Decoding has a fast path, msgspec's typed decoder built once. Integers may be JSON numbers or ``"0x..."``
+strings: before a line or block with ``"0x`` is decoded, :func:`kvmpfn.trace.unhex.unhex` rewrites the hex
+strings of integer fields as JSON numbers (in C when built), so both spellings cost about the same.
 A block of lines is decoded by one call, as a JSON array (:meth:`TraceReader._blocks`); a block that does not
 decode is decoded again line by line, so that errors name the same line and the events before it come first.
-A line the fast path rejects is decoded again slowly: untyped, hex/decimal strings in integer fields turned
-into ints, then ``msgspec.convert``; if that fails too, the error is rewritten to name the field and the value.
+A line the fast path rejects is decoded again, as written, slowly: untyped, hex/decimal strings in integer
+fields turned into ints, then ``msgspec.convert``; if that fails too, the error is rewritten to name the field
+and the value.
 """
 
 from __future__ import annotations
 
 import gzip
-import inspect
 import io
 import re
 import sys
-import textwrap
 from collections.abc import Iterator
 from itertools import chain
 from operator import length_hint
-from typing import Any, BinaryIO, Union, get_args, get_type_hints
+from typing import Any, BinaryIO, get_args
 
 import msgspec
 import zstandard
@@ -49,6 +48,7 @@ from kvmpfn.trace.events import (
     PagingMode,
     range_text,
 )
+from kvmpfn.trace.unhex import unhex
 
 __all__ = ["MAX_LINE", "TraceError", "TraceReader", "open_trace"]
 
@@ -215,81 +215,19 @@ def _normalize(obj: dict[str, Any], spec: dict[str, Any]) -> None:
             _normalize(value, _SPECS[kind])
 
 
-def _hex_bounds(t: mi.Type) -> tuple[int, int] | frozenset[int]:
-    """What an integer field accepts: ``(lo, limit)`` (``lo <= value < limit``), or a set of literals."""
-    for m in _members(t):
-        if isinstance(m, mi.LiteralType):
-            return frozenset(m.values)
-        if isinstance(m, mi.IntType):
-            lo = m.ge if m.ge is not None else (m.gt + 1 if m.gt is not None else -(1 << 64))
-            limit = m.lt if m.lt is not None else (m.le + 1 if m.le is not None else 1 << 64)
-            return lo, limit
-    raise TypeError(f"not an integer field: {t}")
+def _unhex_keys() -> tuple[bytes, ...]:
+    """The names of the events' integer fields (never the name of another kind of field in any event)."""
+    is_int: dict[str, set[bool]] = {}
+    for cls in EVENT_TYPES.values():
+        for f in mi.type_info(cls).fields:
+            is_int.setdefault(f.encode_name, set()).add(_SPECS[cls].get(f.encode_name) is _INT)
+    return tuple(sorted(name.encode() for name, kinds in is_int.items() if kinds == {True}))
 
 
-def _hex_check(name: str, bounds: tuple[int, int] | frozenset[int]) -> str:
-    """Source lines that turn field ``name`` of ``self``, when a string, into an int: ``0x`` and 1 to 16
-    ASCII hex digits within ``bounds``; anything else raises ``ValueError`` (the slow path then decodes the
-    line, accepting what it accepts and naming what it rejects)."""
-    if type(bounds) is frozenset:
-        check = f"v not in {set(bounds)!r}"
-    else:
-        lo, limit = bounds
-        check = (
-            " or ".join(([f"v < {lo}"] if lo > 0 else []) + ([f"v >= {limit}"] if limit < 1 << 64 else [])) or "False"
-        )
-    return (
-        f"    v = self.{name}\n"
-        "    if v.__class__ is str:\n"
-        # with v[1] == "x", an ASCII alphanumeric v that int(v, 16) takes is "0x" and hex digits
-        "        if len(v) > 18 or v[1:2] != 'x' or not v.isalnum() or not v.isascii():\n"
-        "            raise ValueError(v)\n"
-        "        v = int(v, 16)\n"
-        f"        if {check}:\n"
-        "            raise ValueError(v)\n"
-        f"        self.{name} = v\n"
-    )
-
-
-def _checks_source(cls: type) -> str:
-    """The body of ``cls.__post_init__`` (the event's own checks), to run inline after the hex fields are
-    parsed: one Python call per event instead of two. Without the source, a call of it."""
-    if not hasattr(cls, "__post_init__"):
-        return ""
-    try:
-        lines = textwrap.dedent(inspect.getsource(cls.__post_init__)).splitlines()
-    except (OSError, TypeError):
-        return "    checks(self)\n"
-    if lines[0] != "def __post_init__(self) -> None:":
-        return "    checks(self)\n"
-    return "\n".join(lines[1:]) + "\n"
-
-
-def _hex_event(cls: type) -> type:
-    """A subclass of event class ``cls`` whose integer fields also accept a string: its ``__post_init__``
-    (generated, one check per field: :func:`_hex_check`) parses each string, turns the object into a ``cls``
-    and runs ``cls``'s checks (their source, compiled in the scope of ``cls``'s module)."""
-    hints = get_type_hints(cls, include_extras=True)
-    info = {f.encode_name: f for f in mi.type_info(cls).fields}
-    fields = [(name, _hex_bounds(info[name].type)) for name, kind in _SPECS[cls].items() if kind is _INT]
-    source = "def __post_init__(self):\n" + "".join(_hex_check(n, b) for n, b in fields)
-    source += "    self.__class__ = cls\n" + _checks_source(cls)
-    scope: dict[str, Any] = dict(vars(sys.modules[cls.__module__]))
-    scope.update(cls=cls, checks=getattr(cls, "__post_init__", None))
-    exec(compile(source, f"<hex {cls.__name__}>", "exec"), scope)  # built from field names and events.py
-    __post_init__ = scope["__post_init__"]
-    namespace: dict[str, Any] = {"__annotations__": {}, "__post_init__": __post_init__}
-    for name, _ in fields:
-        namespace["__annotations__"][name] = Union[hints[name], str]  # noqa: UP007
-        if info[name].default is not msgspec.NODEFAULT:
-            namespace[name] = info[name].default
-    return type(cls)(f"Hex{cls.__name__}", (cls,), namespace, tag=cls.__struct_config__.tag, kw_only=True)
-
-
-_HEX_EVENT = Union[tuple(_hex_event(c) for c in EVENT_TYPES.values())]  # noqa: UP007
-_HEX_EVENT_DECODER = msgspec.json.Decoder(_HEX_EVENT)
-#: a block of event lines as one JSON array (:meth:`TraceReader._blocks`): integers only, or hex strings too
-_BLOCK_DECODERS = (msgspec.json.Decoder(list[Event]).decode, msgspec.json.Decoder(list[_HEX_EVENT]).decode)  # type: ignore[valid-type]
+#: the field names whose ``"0x..."`` values :func:`unhex` rewrites as JSON numbers
+_UNHEX_KEYS = _unhex_keys()
+#: a block of event lines as one JSON array (:meth:`TraceReader._blocks`)
+_BLOCK_DECODER = msgspec.json.Decoder(list[Event])
 
 
 def _show(value: Any) -> str:
@@ -491,8 +429,8 @@ def _decode_line(data: bytes, header: bool = False) -> Any:
     """
     if not header and data.find(b'"0x') >= 0:  # faster than `in`
         try:
-            return _HEX_EVENT_DECODER.decode(data)
-        except Exception:  # , S110 - the typed decoder and the slow path say what is wrong
+            return _EVENT_DECODER.decode(unhex(data, 1, _UNHEX_KEYS))
+        except Exception:  # , S110 - decoding the line as written says what is wrong
             pass
     try:
         return (_HEADER_DECODER if header else _EVENT_DECODER).decode(data)
@@ -700,12 +638,12 @@ class TraceReader:
             events = None
             if len(pending) + cut <= MAX_LINE:
                 array = b"".join((b"[", pending, memoryview(marked)[: cut + lines - 2], b"]"))
-                for decode in _BLOCK_DECODERS:
-                    try:
-                        events = decode(array)
-                        break
-                    except Exception:  # , S112 - the other decoder, then line by line, say what is wrong
-                        continue
+                if array.find(b'"0x') >= 0:
+                    array = unhex(array, 2, _UNHEX_KEYS)
+                try:
+                    events = _BLOCK_DECODER.decode(array)
+                except Exception:  # , S110 - decoding line by line says what is wrong
+                    pass
             if events is not None and len(events) == lines:
                 self._range = numbers = iter(range(first, line_no + 1))
                 self._range_end = line_no
