@@ -21,7 +21,7 @@ from kvmpfn import limits
 from kvmpfn.audit import Auditor
 from kvmpfn.errors import InputError
 from kvmpfn.limits import CHECK_EVERY, format_size, memory_use, parse_size, resolve_max_memory
-from kvmpfn.replay import Replayer, ReplayOptions, replay_file
+from kvmpfn.replay import REPLAY_GC_THRESHOLD, Replayer, ReplayOptions, replay_file
 from kvmpfn.synth import SynthSpec, write_synth
 
 REPO = Path(__file__).resolve().parents[1]
@@ -333,3 +333,38 @@ def test_a_header_alone_over_the_limit_names_the_header_line(tmp_path: Path):
     result = replay_file(str(path), ReplayOptions(max_memory=1))
     assert result.error.startswith(f"{path}:2: over the memory limit: the simulated VM holds about "), result.error
     assert result.events == 0
+
+
+class _Thresholds:
+    """An observer that notes the garbage collector's thresholds while the replay runs."""
+
+    records = False
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[int, ...]] = set()
+
+    def attach(self, rp) -> None:
+        self.seen.add(gc.get_threshold())
+
+    def event(self, seq, line, e, rec) -> bool:
+        self.seen.add(gc.get_threshold())
+        return False
+
+    def finish(self, rp) -> None:
+        pass
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_a_replay_collects_cycles_less_often_and_restores_the_thresholds(tmp_path: Path, bad):
+    path = tmp_path / "t.jsonl"
+    write_synth(str(path), SynthSpec("steady", 300, seed=1, mmu="tdp"))
+    if bad:
+        with path.open("a") as f:
+            f.write('{"op": "access", "addr": "0x1000", "write": 2}\n')
+    before = gc.get_threshold()
+    assert before != REPLAY_GC_THRESHOLD
+    observer = _Thresholds()
+    result = replay_file(str(path), ReplayOptions(), observer=observer)
+    assert (result.error is not None) == bad
+    assert observer.seen == {REPLAY_GC_THRESHOLD}
+    assert gc.get_threshold() == before
