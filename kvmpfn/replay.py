@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import gc
 import json
+import signal
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -446,6 +448,31 @@ def _fewer_collections() -> Iterator[None]:
         gc.set_threshold(*before)
 
 
+@contextmanager
+def _interrupt_between_events() -> Iterator[list[bool]]:
+    """Ctrl-C in the event loop: the first SIGINT is noted (``stop[0]``) and the loop stops before the next
+    event, so that every event counted has its outcome record and observer call, whole; a second one interrupts
+    at once. Only where Python's own handler is installed (the main thread; not a worker that ignores SIGINT)."""
+    stop = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield stop
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        if stop[0]:
+            raise KeyboardInterrupt
+        stop[0] = True
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def kernel_bug_finding(findings, bug: KernelBug) -> None:
     """A simulated ``BUG()`` is a finding (``kernel-bug``): the function that hit it and what it saw; the
     replay stops there, as the host kernel would have."""
@@ -490,43 +517,51 @@ def replay_file(
             counts = result.results
             tick = PROGRESS_EVERY
             check_at = 0  # the seq after which the memory is checked next
-            for line, e in reader:
-                seq += 1
-                if progress is not None:
-                    tick -= 1
-                    if not tick:
-                        tick = PROGRESS_EVERY
-                        progress(seq, "")
-                    elif type(e) is ev.Audit:  # a full audit can take a second or more on a large VM
-                        progress(seq, f"full audit at line {line}")
-                try:
-                    rec = rp.apply(seq, line, e)
-                except (HostError, InputError) as err:
-                    op = e.__struct_config__.tag
-                    raise TraceError(path, line, err.message, field=err.field, context=f'event "{op}"') from None
-                except InternalError as err:
-                    raise TraceError(path, line, f"internal consistency: {err}", context="paranoid") from None
-                except KernelBug as bug:
-                    kernel_bug_finding(rp.findings, bug)
+            ended = False
+            with _interrupt_between_events() as stop:
+                for line, e in reader:
+                    if stop[0]:  # Ctrl-C during the event before: stop here, nothing half done
+                        raise KeyboardInterrupt
+                    seq += 1
+                    if progress is not None:
+                        tick -= 1
+                        if not tick:
+                            tick = PROGRESS_EVERY
+                            progress(seq, "")
+                        elif type(e) is ev.Audit:  # a full audit can take a second or more on a large VM
+                            progress(seq, f"full audit at line {line}")
+                    try:
+                        rec = rp.apply(seq, line, e)
+                    except (HostError, InputError) as err:
+                        op = e.__struct_config__.tag
+                        raise TraceError(path, line, err.message, field=err.field, context=f'event "{op}"') from None
+                    except InternalError as err:
+                        raise TraceError(path, line, f"internal consistency: {err}", context="paranoid") from None
+                    except KernelBug as bug:
+                        kernel_bug_finding(rp.findings, bug)
+                        result.events = seq + 1
+                        break
+                    except (KeyboardInterrupt, MemoryError):
+                        raise
+                    except Exception as exc:  # a defect in kvmpfn itself: report it on one line, keep the findings
+                        result.exception = exc
+                        msg = f"internal error: {type(exc).__name__}: {exc} (--debug shows the traceback)"
+                        raise TraceError(path, line, msg) from None
                     result.events = seq + 1
-                    break
-                except (KeyboardInterrupt, MemoryError):
-                    raise
-                except Exception as exc:  # a defect in kvmpfn itself: report it on one line, keep the findings
-                    result.exception = exc
-                    msg = f"internal error: {type(exc).__name__}: {exc} (--debug shows the traceback)"
-                    raise TraceError(path, line, msg) from None
-                result.events = seq + 1
-                r = rec["result"]
-                counts[r] = counts.get(r, 0) + 1
-                if emit is not None:
-                    emit.write(json.dumps(rec, separators=(", ", ": ")) + "\n")
-                if observer is not None and observer.event(seq, line, e, rec):
-                    break
-                if seq == check_at:
-                    _check_memory(rp, limit, path, line)
-                    check_at += CHECK_EVERY
-            else:
+                    r = rec["result"]
+                    counts[r] = counts.get(r, 0) + 1
+                    if emit is not None:
+                        emit.write(json.dumps(rec, separators=(", ", ": ")) + "\n")
+                    if observer is not None and observer.event(seq, line, e, rec):
+                        break
+                    if seq == check_at:
+                        _check_memory(rp, limit, path, line)
+                        check_at += CHECK_EVERY
+                else:
+                    ended = True
+                if stop[0]:
+                    raise KeyboardInterrupt
+            if ended:
                 rp.recorded.finish()
                 if reader.header.teardown and not rp.torn_down:
                     _check_memory(rp, limit, path, rp.findings.line or reader.header_line)

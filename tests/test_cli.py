@@ -5,9 +5,11 @@ process matters (signals, closed descriptors)."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +162,36 @@ def test_an_output_that_is_the_trace_is_refused(tmp_path: Path, flag):
     assert trace.read_bytes() == LEAK.read_bytes()
 
 
+@pytest.mark.parametrize("header", [b'{"kvmpfn": 2}\n', b"", b"\x00\x01"])
+def test_a_trace_that_replays_nothing_leaves_no_output_files(tmp_path: Path, header):
+    trace = tmp_path / "bad.jsonl"
+    trace.write_bytes(header)
+    outputs = {
+        flag: tmp_path / name
+        for flag, name in [("--emit", "e.jsonl"), ("--timeline", "t.json"), ("--html", "r.html"), ("-o", "r.txt")]
+    }
+    res = invoke("replay", str(trace), *(word for flag, path in outputs.items() for word in (flag, str(path))))
+    assert res.exit_code == 2, res.stderr
+    assert res.stderr.startswith(f"kvmpfn: error: {trace}:") and res.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+@pytest.mark.parametrize("flags", [("--emit", "--timeline"), ("--html", "--timeline"), ("--emit", "--html")])
+def test_two_outputs_on_stdout_are_refused(flags):
+    res = invoke("replay", str(LEAK), flags[0], "-", flags[1], "-")
+    assert res.exit_code == 2 and res.stdout == ""
+    assert (
+        res.stderr
+        == f"kvmpfn: error: {flags[0]} and {flags[1]} both write to standard output (-); give one of them a file\n"
+    )
+
+
+def test_a_timeline_on_stdout_sends_the_report_to_stderr():
+    res = invoke("replay", str(LEAK), "--timeline", "-", "--format", "json", "--bug", "same-pfn-no-release")
+    assert res.exit_code == 1
+    assert json.loads(res.stdout)["traceEvents"] and json.loads(res.stderr)["summary"]
+
+
 def test_audit_convert_and_check_refuse_their_inputs(tmp_path: Path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -244,11 +276,16 @@ def test_closed_standard_streams_are_one_line_errors(tmp_path: Path):
 def test_sigint_stops_a_replay_with_its_partial_report(tmp_path: Path):
     trace = tmp_path / "long.jsonl"
     assert invoke("synth", "--workload", "steady", "--events", "2000000", "-o", str(trace)).exit_code == 0
-    status, out, err = interrupt("replay", str(trace), "--format", "json")
+    emit, timeline = tmp_path / "out.jsonl", tmp_path / "timeline.json"
+    status, out, err = interrupt(
+        "replay", str(trace), "--format", "json", "--emit", str(emit), "--timeline", str(timeline)
+    )
     assert status == 130, err
     doc = json.loads(out)
     assert doc["interrupted"] is True and 0 < doc["events"] < 2_000_000
     assert err.decode() == f"kvmpfn: interrupted at event {doc['events']}\n"
+    assert len(emit.read_bytes().splitlines()) == doc["events"]  # every event counted has its record
+    assert json.loads(timeline.read_text())["traceEvents"]
 
 
 # --- bugs ------------------------------------------------------------------------------------------------------
@@ -461,3 +498,35 @@ def test_replay_reports_progress_and_each_full_audit(tmp_path: Path):
     calls = []
     replay_file(str(trace), progress=lambda seq, note: calls.append((seq, note)))
     assert calls == [(3, "full audit at line 5"), (PROGRESS_EVERY - 1, "")]
+
+
+class _InterruptedWrites(io.StringIO):
+    """An ``--emit`` stream that receives Ctrl-C ``presses`` times while it writes record ``at``."""
+
+    def __init__(self, at: int, presses: int) -> None:
+        super().__init__()
+        self.at, self.presses, self.calls = at, presses, 0
+
+    def write(self, text: str) -> int:
+        self.calls += 1
+        if self.calls == self.at:
+            for _ in range(self.presses):
+                signal.raise_signal(signal.SIGINT)  # the handler runs here, in the middle of the write
+        return super().write(text)
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_stops_between_events_every_counted_event_has_its_record(tmp_path: Path, presses):
+    """The first Ctrl-C stops the replay before the next event, so no record is cut or lost; a second one
+    interrupts at once (here: inside the write of record 100, which then never happens)."""
+    from kvmpfn.replay import ReplayOptions, replay_file
+
+    trace = tmp_path / "t.jsonl"
+    assert invoke("synth", "--workload", "steady", "--events", "500", "-o", str(trace)).exit_code == 0
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    emit = _InterruptedWrites(at=100, presses=presses)
+    result = replay_file(str(trace), ReplayOptions(), emit)
+    assert result.interrupted and result.error is None and result.events == 100
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    lines = emit.getvalue().splitlines()
+    assert [json.loads(line)["seq"] for line in lines] == list(range(100 if presses == 1 else 99))

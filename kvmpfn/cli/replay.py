@@ -48,9 +48,15 @@ def trace_inputs(path: str) -> list[str]:
     help="Write one outcome record per event to FILE (.gz/.zst compressed; - for stdout, the report then goes "
     "to stderr).",
 )
-@click.option("--html", type=click.Path(dir_okay=False), help="Also write a self-contained HTML report to FILE.")
 @click.option(
-    "--timeline", type=click.Path(dir_okay=False), help="Also write a Chrome trace-event timeline (Perfetto) to FILE."
+    "--html",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="Also write a self-contained HTML report to FILE (- for stdout, the report then goes to stderr).",
+)
+@click.option(
+    "--timeline",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="Also write a Chrome trace-event timeline (Perfetto) to FILE (- for stdout, as --html).",
 )
 @report_options("text", "json")
 def replay(
@@ -71,7 +77,10 @@ def replay(
     distinct_outputs({"--emit": emit, "-o": output, "--html": html, "--timeline": timeline})
     for out in (emit, output, html, timeline):
         refuse_inputs(out, inputs)
-    if emit == "-" and output in (None, "-"):
+    to_stdout = [option for option, path in (("--emit", emit), ("--html", html), ("--timeline", timeline)) if path == "-"]
+    if len(to_stdout) > 1:
+        fail(f"{' and '.join(to_stdout)} both write to standard output (-); give one of them a file")
+    if to_stdout and output in (None, "-"):  # the report steps aside to stderr
         output = None
         report_stream = "stderr"
     else:
@@ -87,6 +96,8 @@ def replay(
             tracker = Tracker(writer)
         emit_fh = stack.enter_context(open_output(emit, inputs)) if emit else None
         result = replay_file(trace, options, emit_fh, progress=tick, observer=tracker)
+        if result.mmu is None and result.error:  # nothing replayed: only the error, and no output files
+            fail(result.error)
     if html:
         from kvmpfn.report.html import histories_of, replay_report
 
@@ -95,8 +106,6 @@ def replay(
         import traceback
 
         traceback.print_exception(result.exception)
-    if result.mmu is None and result.error:  # nothing replayed: only the error
-        fail(result.error)
     _warn_idle_options(options, result)
     _show(result, options, fmt, output, quiet, verbose, report_stream, inputs)
     if result.interrupted:
