@@ -77,7 +77,8 @@ def replay(
     distinct_outputs({"--emit": emit, "-o": output, "--html": html, "--timeline": timeline})
     for out in (emit, output, html, timeline):
         refuse_inputs(out, inputs)
-    to_stdout = [option for option, path in (("--emit", emit), ("--html", html), ("--timeline", timeline)) if path == "-"]
+    extra = {"--emit": emit, "--html": html, "--timeline": timeline}
+    to_stdout = [option for option, path in extra.items() if path == "-"]
     if len(to_stdout) > 1:
         fail(f"{' and '.join(to_stdout)} both write to standard output (-); give one of them a file")
     if to_stdout and output in (None, "-"):  # the report steps aside to stderr
