@@ -2,12 +2,13 @@
 processes, compare each trace's findings with the corpus baseline (docs/trace-format.md, Baselines), split the
 corpus into shards, rewrite the baseline.
 
-Corpus. Each directory argument is a corpus root: its traces are the files below it whose names end in
-``.jsonl``, ``.jsonl.gz`` or ``.jsonl.zst`` (symlinked directories are not followed), ordered by their paths
-relative to the root (POSIX separators, sorted as strings). A file argument is a trace as it is; its corpus
-root is the nearest directory holding it that has a ``kvmpfn-baseline.json`` (or is the directory of
-``--baseline FILE``), looking upwards no further than a repository root (a directory with ``.git``); failing
-that, the file's own directory. The selection is the arguments in order, each directory's traces sorted,
+Corpus. A directory argument's traces are the files below it whose names end in ``.jsonl``, ``.jsonl.gz`` or
+``.jsonl.zst`` (symlinked directories are not followed), ordered by their paths relative to it (POSIX
+separators, sorted as strings). A file argument is a trace as it is. The corpus root of a directory, or of a
+file's directory, is the nearest directory at or above it that has a ``kvmpfn-baseline.json`` (or is the
+directory of ``--baseline FILE``), looking upwards no further than a repository root (a directory with
+``.git``); failing that, the directory itself. So ``audit traces/findings`` checks those traces against
+``traces/kvmpfn-baseline.json``, as ``audit traces`` does. The selection is the arguments in order, each directory's traces sorted,
 duplicates dropped. A trace's path in reports is the argument joined with its relative path, so relative stays
 relative.
 
@@ -107,9 +108,9 @@ def find_traces(root: str) -> list[str]:
     return sorted(rels)
 
 
-def _file_root(path: str, baseline: str | None) -> str:
-    """The corpus root of a trace given as a file (see the module docstring), as an absolute path."""
-    start = os.path.dirname(os.path.abspath(path))
+def _corpus_root(start: str, baseline: str | None) -> str:
+    """The corpus root of a directory argument, or of a trace file's directory, ``start`` (absolute): see the
+    module docstring."""
     override = os.path.dirname(os.path.abspath(baseline)) if baseline else None
     here = start
     while True:
@@ -128,16 +129,17 @@ def discover(paths: Sequence[str], baseline: str | None = None) -> list[TraceRef
     owners: dict[tuple[str, str], str] = {}
     for arg in paths:
         if os.path.isdir(arg):
-            root = arg
-            found = [(os.path.join(arg, *rel.split("/")), rel) for rel in find_traces(arg)]
-            default = os.path.join(arg, BASELINE_NAME)
+            root_abs = _corpus_root(os.path.abspath(arg), baseline)
+            prefix = PurePath(os.path.relpath(os.path.abspath(arg), root_abs)).as_posix()
+            prefix = "" if prefix == "." else prefix + "/"
+            found = [(os.path.join(arg, *rel.split("/")), prefix + rel) for rel in find_traces(arg)]
         elif os.path.exists(arg):
-            root_abs = _file_root(arg, baseline)
-            root = root_abs if os.path.isabs(arg) else os.path.relpath(root_abs)
+            root_abs = _corpus_root(os.path.dirname(os.path.abspath(arg)), baseline)
             found = [(arg, PurePath(os.path.relpath(os.path.abspath(arg), root_abs)).as_posix())]
-            default = os.path.join(root, BASELINE_NAME)
         else:
             raise GateError(f"{arg}: no such file or directory")
+        root = root_abs if os.path.isabs(arg) else os.path.relpath(root_abs)
+        default = os.path.join(root, BASELINE_NAME)
         for path, key in found:
             ident = os.path.normpath(os.path.abspath(path))
             if ident in seen:

@@ -316,6 +316,28 @@ def test_a_trace_file_uses_the_baseline_of_its_corpus(corpus, monkeypatch):
     assert doc["expected"] == {"refcount-leak": 1}
 
 
+def test_a_subdirectory_uses_the_baseline_of_its_corpus(corpus, monkeypatch):
+    write_trace(corpus / "sub" / "x.jsonl")
+    write_trace(corpus / "sub" / "y.jsonl")
+    write_trace(corpus / "z.jsonl")
+    fake_replay(monkeypatch, {"x.jsonl": ["refcount-leak"], "y.jsonl": ["dirty-lost"]})
+    baseline = write_baseline(corpus, {"sub/x.jsonl": {"refcount-leak": 1}, "z.jsonl": {"dirty-lost": 1}})
+    result = invoke("corpus/sub", "--format", "json")
+    assert result.exit_code == 1, result.output  # y's finding is new
+    docs = json.loads(result.stdout)["traces"]
+    assert [(d["trace"], d["status"], d["expected"]) for d in docs] == [
+        ("corpus/sub/x.jsonl", "pass", {"refcount-leak": 1}),
+        ("corpus/sub/y.jsonl", "fail", {}),
+    ]
+    assert invoke("corpus/sub", "--update-baseline").exit_code == 0
+    assert not (corpus / "sub" / "kvmpfn-baseline.json").exists()
+    assert json.loads(baseline.read_text())["traces"] == {
+        "sub/x.jsonl": {"refcount-leak": 1},
+        "sub/y.jsonl": {"dirty-lost": 1},
+        "z.jsonl": {"dirty-lost": 1},
+    }
+
+
 def test_baseline_option(corpus, tmp_path, monkeypatch):
     write_trace(corpus / "a.jsonl")
     fake_replay(monkeypatch, {"a.jsonl": ["refcount-leak"]})
