@@ -8,9 +8,9 @@ separators, sorted as strings). A file argument is a trace as it is. The corpus 
 file's directory, is the nearest directory at or above it that has a ``kvmpfn-baseline.json`` (or is the
 directory of ``--baseline FILE``), looking upwards no further than a repository root (a directory with
 ``.git``); failing that, the directory itself. So ``audit traces/findings`` checks those traces against
-``traces/kvmpfn-baseline.json``, as ``audit traces`` does. The selection is the arguments in order, each directory's traces sorted,
-duplicates dropped. A trace's path in reports is the argument joined with its relative path, so relative stays
-relative.
+``traces/kvmpfn-baseline.json``, as ``audit traces`` does. The selection is the arguments in order, each
+directory's traces sorted, duplicates dropped. A trace's path in reports is the argument joined with its
+relative path, so relative stays relative.
 
 Baseline. ``kvmpfn-baseline.json`` in the corpus root, or ``--baseline FILE`` for every root: ``{"version": 1,
 "traces": {"rel/path.jsonl": {"code": count}}}``, keyed by the path relative to the corpus root. A trace
