@@ -19,8 +19,6 @@ output bytes.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from array import array
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -31,7 +29,7 @@ from msgspec.structs import replace as evolve
 
 from kvmpfn.errors import InputError, InternalError, KernelBug
 from kvmpfn.host import HostError
-from kvmpfn.outputs import OutputError, refuse_inputs
+from kvmpfn.outputs import refuse_inputs
 from kvmpfn.replay import Replayer, ReplayOptions, kernel_bug_finding
 from kvmpfn.trace import events as ev
 from kvmpfn.trace.reader import open_trace
@@ -313,27 +311,8 @@ def reduce_trace(
 def write_reduced(path: str, red: Reduction, inputs: Sequence[str], comment: str) -> None:
     """Write the reduced trace to ``path`` (never over an input; whole or not at all), ``comment`` first."""
     refuse_inputs(path, inputs)
-    if path == "-":
-        with TraceWriter("-") as w:
-            _write(w, red, comment)
-        return
-    directory = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=base, dir=directory)
-    except OSError as err:  # the directory is gone or not writable: name the output, not the temporary file
-        raise OutputError(path, (err.strerror or str(err)).lower()) from None
-    os.close(fd)
-    try:
-        with TraceWriter(tmp) as w:
-            _write(w, red, comment)
-        os.replace(tmp, path)
-    except OSError as err:
-        os.unlink(tmp)
-        raise OutputError(path, (err.strerror or str(err)).lower()) from None
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with TraceWriter(path) as w:  # atomic (kvmpfn.outputs.AtomicFile): a new file gets the umask's mode
+        _write(w, red, comment)
 
 
 def _write(w: TraceWriter, red: Reduction, comment: str) -> None:

@@ -5,6 +5,7 @@ for a seed. The full-size figures (20k-event traces, 2-minute hunts of every bug
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from pathlib import Path
 
@@ -215,6 +216,25 @@ def test_write_reduced_names_the_output_when_its_directory_is_gone(tmp_path):
     out = str(tmp_path / "gone" / "x.jsonl")
     with pytest.raises(KvmpfnError, match=re.escape(f"{out}: no such file or directory")):
         write_reduced(out, Reduction(header, events, len(events), 1), [], "comment")
+
+
+def test_write_reduced_gives_a_new_file_the_umasks_mode_and_keeps_an_old_ones(tmp_path):
+    from kvmpfn.reduce import Reduction, write_reduced
+
+    header, events = load_trace(str(ROOT / "traces/findings/refcount-leak.jsonl"))
+    red = Reduction(header, events, len(events), 1)
+    old = os.umask(0o022)
+    try:
+        write_reduced(str(tmp_path / "new.jsonl"), red, [], "comment")
+        kept = tmp_path / "kept.jsonl"
+        kept.write_text("")
+        kept.chmod(0o640)
+        write_reduced(str(kept), red, [], "comment")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.jsonl").stat().st_mode & 0o777 == 0o644
+    assert kept.stat().st_mode & 0o777 == 0o640 and kept.read_text().startswith("# comment")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.jsonl", "new.jsonl"]  # no temporary file left
 
 
 def test_hunt_mutations_never_remap_a_gfn_beyond_every_gfn():
