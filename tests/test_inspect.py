@@ -389,6 +389,20 @@ def test_bad_input_one_line_exit_2(tmp_path, command):
     assert len(errors) == 1 and f"{trace}:3" in errors[0] and "Traceback" not in res.output
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["explain", "--pfn", "0x100000"], ["explain", "--finding", "1"], ["show"], ["stat"], ["replay"]],
+    ids=lambda c: " ".join(c[:2]),
+)
+def test_a_header_error_is_the_only_output(tmp_path, command):
+    trace = tmp_path / "v2.jsonl"
+    trace.write_text('{"kvmpfn": 2}\n')
+    res = CliRunner().invoke(cli_main, [command[0], str(trace), *command[1:]])
+    assert res.exit_code == 2 and res.stdout == ""
+    why = 'field "kvmpfn": unsupported trace format version 2 (this kvmpfn reads version 1)'
+    assert res.stderr == f"kvmpfn: error: {trace}:1: header: {why}\n"
+
+
 # --- what a newcomer met: limits, teardown, exit statuses, words, Ctrl-C ------------------------------------
 
 

@@ -247,12 +247,13 @@ def explain(
     doc: dict = {"version": 1, "trace": path}
     target = None
     if finding is not None:
-        first = replay_file(path, options)
+        first = _replayed(replay_file(path, options))
         if first.interrupted:
             return _stopped(doc, first)
         findings = first.findings
         if not 1 <= finding <= len(findings):
-            raise InputError("--finding", f"{path}: the replay has {len(findings)} finding(s), not {finding}")
+            stopped = f" (it stopped at {first.error})" if first.error else ""
+            raise InputError("--finding", f"{path}: the replay has {len(findings)} finding(s), not {finding}{stopped}")
         target = findings[finding - 1]
         doc["finding"] = {"number": finding, **target}
         subject = finding_subject(target)
@@ -261,13 +262,20 @@ def explain(
     pfns = set() if pfn is None else {pfn}
     if gva is not None:
         walk = GvaFrames(gva)
-        found = replay_file(path, options, observer=walk)
+        found = _replayed(replay_file(path, options, observer=walk))
         if found.interrupted:
             return _stopped(doc, found)
         pfns |= walk.pfns
     history = FrameHistory(pfns, () if gfn is None else (gfn,))
-    result = replay_file(path, options, observer=history)
+    result = _replayed(replay_file(path, options, observer=history))
     return _document(doc, history.steps, sorted(history.pfns), result, target)
+
+
+def _replayed(result):
+    """``result``, unless its trace could not be opened or its header read: then that error alone."""
+    if result.mmu is None and result.error:
+        raise InputError(None, result.error)
+    return result
 
 
 def _stopped(doc: dict, result) -> dict:
