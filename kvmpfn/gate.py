@@ -36,7 +36,6 @@ entries and replaces the file atomically, so shards updating one baseline at onc
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import fcntl
 import json
@@ -440,13 +439,6 @@ def run(
     return outcomes
 
 
-def options_document(options: ReplayOptions) -> dict:
-    """The replay options as a report records them (``kvmpfn merge`` refuses reports that differ)."""
-    doc = dataclasses.asdict(options)
-    doc["bugs"] = sorted(options.bugs)
-    return doc
-
-
 def audit(
     paths: Sequence[str],
     options: ReplayOptions,
@@ -487,7 +479,7 @@ def audit(
         refs = select_shard(refs, *shard)
     expected = [baselines[r.baseline].get(r.key, {}) for r in refs]
     stop_on = frozenset({ERROR} if update else {ERROR, FAIL}) if fail_fast else frozenset()
-    meta = {"options": options_document(options), "shard": shard, "selection": selection}
+    meta = {"options": options.document(), "shard": shard, "selection": selection}
     try:
         with (progress or _no_progress)(len(refs)) as advance:
             outcomes = run(refs, expected, options, config, stop_on=stop_on, on_done=advance, warn=warn)

@@ -12,7 +12,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import IO, Any
 
 from kvmpfn.audit import Auditor
@@ -81,6 +81,12 @@ class ReplayOptions:
             out["bugs"] = sorted(self.bugs)
         return out
 
+    def document(self) -> dict[str, Any]:
+        """Every option, as reports record them (``kvmpfn merge`` refuses reports whose options differ)."""
+        doc = asdict(self)
+        doc["bugs"] = sorted(self.bugs)
+        return doc
+
     def with_model(self, model: dict[str, Any]) -> ReplayOptions:
         """These options with ``model`` (as :meth:`model` gives it) applied."""
         return replace(self, **{k: frozenset(v) if k == "bugs" else v for k, v in model.items()})
@@ -98,6 +104,7 @@ class ReplayResult:
     stats: dict[str, Any] = field(default_factory=dict)
     mmu: str | None = None  # as replayed (the header's, or the option that overrode it)
     kernel: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # ReplayOptions.document() of the replay
     interrupted: bool = False  # Ctrl-C: ``events`` is where the replay stopped
     exception: BaseException | None = None  # the defect behind an "internal error" (``--debug`` shows it)
 
@@ -497,7 +504,7 @@ def replay_file(
     with no teardown), ``finish(rp)`` at the end. Without one the loop pays a single test per event.
     While the trace is open the garbage collector runs with :data:`REPLAY_GC_THRESHOLD`."""
     options = options or ReplayOptions()
-    result = ReplayResult(trace=path)
+    result = ReplayResult(trace=path, options=options.document())
     limit = resolve_max_memory(options.max_memory) or 1 << 63  # 0: no limit
     out_of_memory = implicit_teardown = False
     rp = None

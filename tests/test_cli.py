@@ -58,6 +58,30 @@ def test_replay_clean_and_quiet():
     assert quiet_found.exit_code == 1 and quiet_found.stdout.startswith("  [1] refcount-leak")
 
 
+def test_json_and_html_reports_record_the_options_they_replayed_with(tmp_path: Path):
+    from kvmpfn.replay import ReplayOptions
+
+    html = tmp_path / "r.html"
+    res = invoke(
+        "replay",
+        str(LEAK),
+        "--bug",
+        "same-pfn-no-release",
+        "--audit-every",
+        "2",
+        "--format",
+        "json",
+        "--html",
+        str(html),
+    )
+    assert res.exit_code == 1
+    options = ReplayOptions(bugs=frozenset({"same-pfn-no-release"}), audit_every=2)
+    assert json.loads(res.stdout)["options"] == options.document()
+    assert options.document()["bugs"] == ["same-pfn-no-release"] and options.document()["mmu"] is None
+    command = f"kvmpfn replay {LEAK} --audit-every 2 --bug same-pfn-no-release"
+    assert f"<title>{command}</title>" in html.read_text()
+
+
 def test_replay_caps_the_text_list_and_verbose_shows_all(tmp_path: Path):
     trace = tmp_path / "many.jsonl"
     assert invoke("synth", "--workload", "steady", "--events", "3000", "-o", str(trace)).exit_code == 0

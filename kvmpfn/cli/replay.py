@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 
 import click
 
-from kvmpfn.cli.options import fail, replay_options, report_options, warn
+from kvmpfn.cli.options import fail, options_text, replay_options, report_options, warn
 from kvmpfn.outputs import distinct_outputs, open_output, refuse_inputs, write_output
 from kvmpfn.replay import ReplayOptions, replay_file
 from kvmpfn.report import replay as render
@@ -102,7 +103,8 @@ def replay(
     if html:
         from kvmpfn.report.html import histories_of, replay_report
 
-        write_output(html, replay_report(result, tracker, histories_of(trace, options, result)), inputs)
+        command = " ".join(w for w in ("kvmpfn replay", shlex.quote(trace), options_text(options)) if w)
+        write_output(html, replay_report(result, tracker, histories_of(trace, options, result), command), inputs)
     if result.exception is not None and DEBUG:
         import traceback
 
@@ -136,10 +138,6 @@ def _warn_idle_options(options: ReplayOptions, result) -> None:
 
 
 def _show(result, options, fmt: str, output, quiet: bool, verbose: bool, stream: str, inputs: list[str]) -> None:
-    import shlex
-
-    from kvmpfn.cli.options import options_text
-
     hint = " ".join(w for w in ("kvmpfn explain", shlex.quote(result.trace), "--finding N", options_text(options)) if w)
     if fmt == "json":
         text = render.replay_json(result)

@@ -151,15 +151,15 @@ def trace_section(result, tracker, histories: list[dict | None], anchor: str) ->
     return body
 
 
-def replay_report(result, tracker, histories: list[dict | None]) -> str:
-    """The report of one replay (``kvmpfn replay --html``)."""
+def replay_report(result, tracker, histories: list[dict | None], command: str) -> str:
+    """The report of one replay (``kvmpfn replay --html``); ``command``: the command line that replays it so."""
     counts = result.summary()["results"]
-    body = [f"<h1>kvmpfn replay: {escape(result.trace)}</h1>"]
+    body = [f"<h1>kvmpfn replay: {escape(result.trace)}</h1>", f"<p><code>{escape(command)}</code></p>"]
     body.append("<table><tr><th>result</th><th>events</th></tr>")
     body += [f"<tr><td>{escape(k)}</td><td>{n}</td></tr>" for k, n in counts.items()]
     body.append("</table>")
     body += trace_section(result, tracker, histories, "trace")
-    return page(f"kvmpfn replay {result.trace}", body)
+    return page(command, body)
 
 
 def audit_report(report, sections: dict[str, list[str]]) -> str:

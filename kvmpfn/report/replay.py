@@ -23,6 +23,7 @@ def replay_doc(result: Any) -> dict[str, Any]:
         "trace": result.trace,
         "mmu": result.mmu,
         "kernel": result.kernel,
+        "options": result.options,
         "events": result.events,
         "findings": result.findings,
         "summary": result.summary(),
