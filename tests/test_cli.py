@@ -554,3 +554,35 @@ def test_ctrl_c_stops_between_events_every_counted_event_has_its_record(tmp_path
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     lines = emit.getvalue().splitlines()
     assert [json.loads(line)["seq"] for line in lines] == list(range(100 if presses == 1 else 99))
+
+
+# --- mutants ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("base", "bug", "words"),
+    [
+        (
+            "--kernel pfn-io",
+            "memslot-delete-no-flush",
+            "--bug memslot-delete-no-flush does nothing under kernel pfn-io",
+        ),
+        ("--bug same-pfn-no-release", "same-pfn-no-release", "--bug same-pfn-no-release is also in --base"),
+    ],
+)
+def test_mutants_refuses_a_mutant_that_cannot_differ_from_its_base(base, bug, words):
+    res = invoke("mutants", str(LEAK), "--base", base, "--bug", bug)
+    assert res.exit_code == 2 and words in res.stderr and res.stdout == ""
+
+
+def test_mutants_leaves_out_what_its_base_makes_idle():
+    from kvmpfn.kvm.bugs import BUGS
+
+    res = invoke(
+        "mutants", str(LEAK), "--base", "--kernel pfn-io --bug same-pfn-no-release", "--jobs", "1", "--format", "json"
+    )
+    assert res.exit_code == 0, res.stderr
+    idle = sorted({"same-pfn-no-release"} | {name for name, bug in BUGS.items() if "pfn-io" not in bug.kernels})
+    assert len(idle) > 1
+    assert f"mutant(s) not run (they do nothing under it, or it turns them on already): {', '.join(idle)}" in res.stderr
+    assert sorted(m["bug"] for m in json.loads(res.stdout)["mutants"]) == sorted(set(BUGS) - set(idle))

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 import click
 
 from kvmpfn.cli.options import (
+    check_bug_applies,
     jobs_option,
     options_text,
     parse_replay_options,
@@ -23,6 +25,15 @@ def _corpus(paths: tuple[str, ...]) -> list[str]:
     from kvmpfn import gate
 
     return [ref.path for ref in gate.discover(paths or ("traces/",))]
+
+
+def _applies(name: str, base) -> bool:
+    """Whether bug ``name`` can change anything under the MMU and kernel ``base`` forces (if it forces any)."""
+    try:
+        check_bug_applies(name, base.mmu, base.kernel)
+    except click.UsageError:
+        return False
+    return True
 
 
 @click.command()
@@ -47,11 +58,18 @@ def mutants(
         if name not in BUGS:
             raise click.BadParameter(f"unknown bug {name!r}{suggest(name, BUGS)}", param_hint="'--bug'")
     base_opts = parse_replay_options(base, "--base")
+    for name in only:
+        if name in base_opts.bugs:
+            raise click.UsageError(f"--bug {name} is also in --base: its mutant would be the base itself")
+        check_bug_applies(name, base_opts.mmu, base_opts.kernel)
+    bugs = list(only) or [name for name in sorted(BUGS) if name not in base_opts.bugs and _applies(name, base_opts)]
+    if not only and len(bugs) < len(BUGS):
+        idle = sorted(set(BUGS) - set(bugs))
+        why = "they do nothing under it, or it turns them on already"
+        warn(f"--base {shlex.quote(base)}: {len(idle)} mutant(s) not run ({why}): {', '.join(idle)}")
     corpus = _corpus(paths)
-    with progress("mutants", total=len(corpus) * (1 + len(only or BUGS)), unit="replays") as update:
-        results = run_mutants(
-            corpus, list(only) or sorted(BUGS), base_opts, config, warn, lambda done, total: update(done, "")
-        )
+    with progress("mutants", total=len(corpus) * (1 + len(bugs)), unit="replays") as update:
+        results = run_mutants(corpus, bugs, base_opts, config, warn, lambda done, total: update(done, ""))
     text = mutants_json(results, corpus) if fmt == "json" else mutants_text(results)
     write_output(output or "-", text, corpus)
     sys.exit(1 if require_all and any(r.verdict != "killed" for r in results) else 0)

@@ -229,3 +229,17 @@ def runner_options(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(_RUNNER_OPTIONS):
         wrapper = option(wrapper)
     return wrapper
+
+
+def check_bug_applies(bug: str, mmu: str | None, kernel: str | None) -> None:
+    """Refuse ``--bug`` under an MMU or kernel where the bug's code is never compiled in: it could only survive."""
+    from kvmpfn.kvm.bugs import BUGS, KERNELS, MMUS
+
+    where = BUGS[bug]
+    mmus = "either MMU" if where.mmu == MMUS else f"the {'/'.join(where.mmu)} MMU"
+    kernels = "any kernel" if where.kernels == KERNELS else f"kernel {'/'.join(where.kernels)}"
+    applies = f"it applies to {mmus} with {kernels}"
+    if mmu is not None and mmu not in where.mmu:
+        raise click.UsageError(f"--bug {bug} does nothing under the {mmu} MMU ({applies})")
+    if kernel is not None and kernel not in where.kernels:
+        raise click.UsageError(f"--bug {bug} does nothing under kernel {kernel} ({applies})")

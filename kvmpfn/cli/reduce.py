@@ -11,7 +11,15 @@ import time
 import click
 
 from kvmpfn import native
-from kvmpfn.cli.options import MMUS, fail, options_text, parse_replay_options, replay_options, suggest
+from kvmpfn.cli.options import (
+    MMUS,
+    check_bug_applies,
+    fail,
+    options_text,
+    parse_replay_options,
+    replay_options,
+    suggest,
+)
 from kvmpfn.replay import ReplayOptions
 
 REDUCE_EXAMPLES = """
@@ -119,7 +127,7 @@ def hunt(bug: str, mmu, base: str, budget: float, seed: int, corpus_dir, output:
     from kvmpfn.report.progress import progress
 
     base_opts = parse_replay_options(base, "--base")
-    _check_applies(bug, mmu or base_opts.mmu, base_opts.kernel)
+    check_bug_applies(bug, mmu or base_opts.mmu, base_opts.kernel)
     refuse_inputs(output, [corpus_dir])
     seeds = _corpus(corpus_dir) if corpus_dir else []
     with progress(f"hunting {bug}", unit="traces") as update:
@@ -139,20 +147,6 @@ def hunt(bug: str, mmu, base: str, budget: float, seed: int, corpus_dir, output:
         err=True,
     )
     sys.exit(0 if result.verdict == "killed" else 1)
-
-
-def _check_applies(bug: str, mmu: str | None, kernel: str | None) -> None:
-    """Refuse a hunt under an MMU or kernel where ``bug``'s code is never compiled in: it could only survive."""
-    from kvmpfn.kvm.bugs import BUGS, KERNELS, MMUS
-
-    where = BUGS[bug]
-    mmus = "either MMU" if where.mmu == MMUS else f"the {'/'.join(where.mmu)} MMU"
-    kernels = "any kernel" if where.kernels == KERNELS else f"kernel {'/'.join(where.kernels)}"
-    applies = f"it applies to {mmus} with {kernels}"
-    if mmu is not None and mmu not in where.mmu:
-        raise click.UsageError(f"--bug {bug} does nothing under the {mmu} MMU ({applies})")
-    if kernel is not None and kernel not in where.kernels:
-        raise click.UsageError(f"--bug {bug} does nothing under kernel {kernel} ({applies})")
 
 
 def _sites_text(sites: dict[str, int]) -> str:
