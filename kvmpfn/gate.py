@@ -292,8 +292,14 @@ def _check_model(path: str, model: object) -> None:
             for bug in value:
                 if bug not in BUGS:
                     raise GateError(f"{path}: options.bugs: unknown bug {json.dumps(bug)}{_close(bug, BUGS)}")
-        elif name not in known or value not in known[name]:
-            raise GateError(f"{path}: options.{name}: {json.dumps(value)} is not a replay option value")
+        elif name not in known and name != "bugs":
+            hint = _close(name, [*known, "bugs"])
+            raise GateError(f"{path}: options: unknown option {json.dumps(name)}{hint} (known: mmu, kernel, tdp, bugs)")
+        elif name == "bugs":
+            raise GateError(f"{path}: options.bugs: {json.dumps(value)} is not a list of bug names")
+        elif value not in known[name]:
+            expected = ", ".join(json.dumps(v) for v in known[name])
+            raise GateError(f"{path}: options.{name}: {json.dumps(value)} is not one of {expected}")
 
 
 def baseline_text(entries: Baseline, model: dict | None = None) -> str:

@@ -455,7 +455,12 @@ def test_a_baseline_records_its_mmu_options_and_refuses_others(tmp_path: Path):
             'unknown finding code "refcount-lek" (did you mean "refcount-leak"?)',
         ),
         ({"version": 1, "options": {"bugs": ["same-pfn"]}, "traces": {}}, 'unknown bug "same-pfn"'),
-        ({"version": 1, "options": {"mmu": "ept"}, "traces": {}}, 'options.mmu: "ept" is not a replay option value'),
+        ({"version": 1, "options": {"mmu": "ept"}, "traces": {}}, 'options.mmu: "ept" is not one of "shadow", "tdp"'),
+        (
+            {"version": 1, "options": {"kernal": "pfn"}, "traces": {}},
+            'options: unknown option "kernal" (did you mean "kernel"?) (known: mmu, kernel, tdp, bugs)',
+        ),
+        ({"version": 1, "options": {"bugs": "x"}, "traces": {}}, 'options.bugs: "x" is not a list of bug names'),
     ],
 )
 def test_baseline_codes_and_options_are_validated(tmp_path: Path, doc, words):
