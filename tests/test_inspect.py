@@ -425,6 +425,16 @@ def test_show_gva_outside_the_paging_mode_is_an_input_error():
     assert CliRunner().invoke(cli_main, ["show", trace, "--gva", "0xfffff000"]).exit_code == 0
 
 
+def test_show_vcpu_beyond_kvm_max_vcpus_is_a_usage_error_and_an_idle_one_has_no_walk_table():
+    trace = str(FINDINGS / "refcount-leak.jsonl")
+    res = CliRunner().invoke(cli_main, ["show", trace, "--gva", "0", "--vcpu", "16"])
+    assert res.exit_code == 2 and "'--vcpu': 16 is not in the range 0<=x<=15" in res.stderr
+    idle = CliRunner().invoke(cli_main, ["show", trace, "--gva", "0", "--vcpu", "15"])
+    assert idle.exit_code == 0
+    walk = idle.stdout.split("  walk of gva 0x0 on vcpu 15: ")[1].splitlines()
+    assert walk == ["guest vcpu 15 has not run"]
+
+
 def test_explain_labels_the_teardown_after_the_last_event():
     """The implicit teardown has no line of its own: its steps say "teardown", never a seq past the last event."""
     trace = str(FINDINGS / "refcount-leak.jsonl")  # 4 events: seq 0 to 3, then the teardown

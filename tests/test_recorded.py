@@ -326,6 +326,17 @@ def test_check_exit_codes_and_json(tmp_path):
     assert "Traceback" not in nothing.output + nothing.stderr
 
 
+def test_check_quiet_names_the_file_of_each_finding_when_there_are_several():
+    loop, clean = str(RECORDED / "tdp-fault-loop.txt"), str(RECORDED / "shadow-2.6.32.txt")
+    one = CliRunner().invoke(main, ["check", loop, "-q"])
+    assert one.exit_code == 1 and one.stdout.startswith("  [1] fault-loop")
+    several = CliRunner().invoke(main, ["check", clean, loop, "-q"])
+    assert several.exit_code == 1
+    lines = several.stdout.splitlines()
+    assert lines[0] == f"{loop}: 17 records checked, 1 finding" and lines[1].startswith("  [1] fault-loop")
+    assert clean not in several.stdout
+
+
 def test_check_of_a_converted_trace_and_its_input_errors(tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["check", str(RECORDED / "tdp-pfn-change.jsonl")])

@@ -11,6 +11,7 @@ import click
 
 from kvmpfn.cli.options import fail, replay_options, report_options
 from kvmpfn.replay import ReplayOptions
+from kvmpfn.x86 import KVM_MAX_VCPUS
 
 
 def _address(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -115,7 +116,13 @@ Examples:
 @click.argument("trace")
 @click.option("--at", "seq", type=click.IntRange(min=0), help="Right after event SEQ (default: the last event).")
 @click.option("--gva", callback=_address, help="Also the guest and shadow walks of this address.")
-@click.option("--vcpu", type=click.IntRange(min=0), default=0, show_default=True, help="The vcpu of --gva.")
+@click.option(
+    "--vcpu",
+    type=click.IntRange(0, KVM_MAX_VCPUS - 1),
+    default=0,
+    show_default=True,
+    help="The vcpu of --gva.",
+)
 @replay_options
 @report_options("text", "json")
 def show(trace, seq, gva, vcpu, options: ReplayOptions, fmt, output, quiet, verbose) -> None:
@@ -177,9 +184,10 @@ def stat(traces, top, timing, options: ReplayOptions, fmt, output, quiet, verbos
     from kvmpfn.replay import replay_file
     from kvmpfn.report.stat import stat_lines
 
+    for trace in traces:
+        _check_trace(trace)  # every one before any replay
     docs, lines = [], []
     for trace in traces:
-        _check_trace(trace)
         tracker = Tracker()
         result = replay_file(trace, options, observer=tracker)
         if result.mmu is None:

@@ -209,7 +209,7 @@ def check(
         lines = []
         for doc in docs:
             n = len(doc["findings"])
-            if not quiet:
+            if not quiet or (n and len(files) > 1):  # -q: which file, only above findings of several files
                 lines.append(f"{safe(doc['trace'])}: {doc['records']} records checked, {n} finding{'s' * (n != 1)}")
             for i, f in enumerate(doc["findings"], 1):
                 lines.append(f"  [{i}] {finding_text(f)}")

@@ -122,7 +122,8 @@ def walk_lines(walk: dict) -> list[tuple[str, str]]:
     ]
     if "gpa" in walk:
         lines[-1] = (lines[-1][0], lines[-1][1] + f" -> gpa {walk['gpa']}")
-    lines.append(("", f"    {'level':<6} {'guest pte (at gpa)':<44} shadow pte"))
+    if walk["levels"]:
+        lines.append(("", f"    {'level':<6} {'guest pte (at gpa)':<44} shadow pte"))
     for lv in walk["levels"]:
         g = lv.get("gpte")
         s = lv.get("spte")
