@@ -133,6 +133,13 @@ def test_flags_are_bools(tmp_path, spelling, value):
     assert stop is value
 
 
+def test_a_field_given_twice_takes_the_last_value(tmp_path):
+    """As docs/trace-format.md says (Values): the last value counts, hex or not, in a block or alone."""
+    assert events_of(tmp_path, b'{"op": "audit", "op": "teardown"}') == [Teardown()]
+    twice = b'{"op": "cr3", "val": "0x1000", "val": 8192}'
+    assert events_of(tmp_path, twice, twice) == [Cr3(val=8192), Cr3(val=8192)]
+
+
 def test_defaults(tmp_path):
     access, dirty, inject, memslot, audit, paging = events_of(
         tmp_path,
