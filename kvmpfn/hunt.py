@@ -379,10 +379,15 @@ def hunt(
 ) -> HuntResult:
     """Search for a trace that kills ``bug`` within ``budget`` seconds, then reduce it. The probe
     (:class:`ProbedBugs`) reads the caller's source line: only the pure-Python simulator has one
-    (``KVMPFN_PURE=1``; ``kvmpfn hunt`` sets it itself)."""
+    (``KVMPFN_PURE=1``; ``kvmpfn hunt`` sets it itself). Without ``mmu`` (nor one in ``base``), a bug of one MMU
+    is hunted under that MMU alone."""
     if native.MODE == "compiled":
         raise InternalError("hunt needs the pure-Python simulator: run it with KVMPFN_PURE=1 in the environment")
+    from kvmpfn.kvm.bugs import BUGS
+
     base = base or ReplayOptions()
+    if mmu is None and base.mmu is None and len(BUGS[bug].mmu) == 1:
+        mmu = BUGS[bug].mmu[0]  # traces of the other MMU never reach the bug's code
     rng = random.Random(f"kvmpfn-hunt/{bug}/{seed}")
     gen = GuestGen(rng, mmu)
     result = HuntResult(bug)

@@ -132,6 +132,14 @@ def test_hunt_cli_writes_a_killing_trace(tmp_path):
     assert replay_file(str(out), ReplayOptions(bugs=frozenset({"double-release"}))).findings
 
 
+def test_hunt_of_a_one_mmu_bug_tries_only_that_mmu():
+    """tdp-gpa-32bit applies to tdp alone: without --mmu the hunt generates tdp traces only (it spent two
+    thirds of its budget on shadow ones, and 90 s instead of 1 to kill)."""
+    result = hunt("tdp-gpa-32bit", seed=0, budget=60)
+    assert result.verdict == "killed" and result.reduced.header.mmu == "tdp"
+    assert result.candidates < 2000
+
+
 def test_reduce_cuts_after_the_detecting_event_first():
     """A finding detected by an audit in the middle: everything after it goes in the first replay."""
     from kvmpfn.reduce import choose_goal, reduce_trace

@@ -99,7 +99,11 @@ def _check_bug(ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 @click.command(epilog=HUNT_EXAMPLES)
 @click.option("--bug", required=True, metavar="NAME", callback=_check_bug, help="The historical bug to hunt.")
-@click.option("--mmu", type=click.Choice(MMUS), help="Only traces of this MMU [default: both].")
+@click.option(
+    "--mmu",
+    type=click.Choice(MMUS),
+    help="Only traces of this MMU [default: the bug's, if it applies to one; else both].",
+)
 @click.option("--base", default="", metavar="OPTIONS", help='Replay options of both runs, e.g. "--kernel-audit".')
 @click.option(
     "--budget", type=click.FloatRange(min=0, min_open=True), default=120, show_default=True, help="Seconds to search."
